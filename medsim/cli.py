@@ -1,0 +1,206 @@
+"""The ``medsim`` command line. Thin: each command parses, then calls one library function.
+
+Imports of torch/MONAI happen inside the commands so ``medsim --help`` is instant. Errors caused by the input
+(:class:`~medsim.errors.MedsimError`) print one line per problem and exit 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from medsim.errors import MedsimError
+
+LAYOUT_CHOICES = ["auto", "ham10000", "isic2019", "folder", "csv", "dicom", "nifti", "tiff"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="medsim")
+def cli(debug: bool, verbose: int) -> None:
+    """medsim: learn what makes medical images similar, show where the model looked, serve it.
+
+    \b
+    Groups and commands:
+      data       inspect, check, split and prepare sources (DICOM, NIfTI, dermoscopy, histology, CSV)
+      train      train a bundle (DSL, MML, baselines)
+      evaluate   retrieval / clustering metrics of a run
+      export     ONNX / TensorRT export with parity checks
+      index      build a case index (faiss) from an exported model
+      search     query similar cases
+      localize   attention-derived lesion masks, boxes and overlays
+    """
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------------------------------------------------ data
+@cli.group()
+def data() -> None:
+    """Read, check and split data sources."""
+
+
+def _source_options(f):
+    f = click.option("--layout", type=click.Choice(LAYOUT_CHOICES), default="auto", show_default=True,
+                     help="Dataset layout (detected when auto).")(f)
+    f = click.option("--image-column", default=None, help="CSV: the image path column.")(f)
+    f = click.option("--label-column", default=None, help="CSV: the label column.")(f)
+    return f
+
+
+def _csv_options(image_column: str | None, label_column: str | None) -> dict:
+    return {k: v for k, v in (("image_column", image_column), ("label_column", label_column)) if v}
+
+
+@data.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@_source_options
+@click.option("--no-decode", is_flag=True, help="Read tables and headers only; do not open every image.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the report as JSON.")
+@click.option("--strict", is_flag=True, help="Exit 2 when any file is unreadable.")
+def data_inspect(path: Path, layout: str, image_column: str | None, label_column: str | None, no_decode: bool,
+                 json_out: Path | None, strict: bool) -> None:
+    """Report what PATH holds: count, classes, shapes, spacing, series, unreadable files."""
+    from medsim.data.inspect import format_report, inspect_source
+    from medsim.errors import atomic_write_text
+
+    report = inspect_source(path, layout=layout, decode=not no_decode, progress=sys.stderr.isatty(),
+                            **_csv_options(image_column, label_column))
+    click.echo(format_report(report))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(report, indent=2))
+    if strict and report["unreadable"]:
+        sys.exit(2)
+
+
+@data.command("check")
+@click.argument("source", type=click.Path(path_type=Path))
+@_source_options
+@click.option("--lenient", is_flag=True, help="Skip bad items, continue, and write a report of them.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Where lenient mode writes the skip report (default: SOURCE-skipped.json in the cwd).")
+def data_check(source: Path, layout: str, image_column: str | None, label_column: str | None, lenient: bool,
+               report: Path | None) -> None:
+    """Open every file of SOURCE as training would; strict mode exits 2 listing every bad file."""
+    from medsim.data.prepare import load_checked
+
+    src, result = load_checked(source, layout=layout, lenient=lenient, report_path=report,
+                               **_csv_options(image_column, label_column))
+    click.echo(f"{len(src.items)} usable item(s) in {source}" +
+               (f"; {len(result.report.skipped)} skipped (see {result.report_path})" if result.report.skipped
+                else ""))
+
+
+@data.command("split")
+@click.argument("source", type=click.Path(path_type=Path))
+@_source_options
+@click.option("--by", default="lesion_id", show_default=True,
+              help="Grouping kept within one split: lesion_id, patient_id, study, series, image.")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Split datalist JSON.")
+@click.option("--fractions", nargs=3, type=float, default=(0.7, 0.15, 0.15), show_default=True,
+              help="Train, validation, test fractions.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lenient", is_flag=True, help="Skip bad items (reported) instead of stopping.")
+@click.option("--no-decode", is_flag=True, help="Check tables only; do not open every image.")
+def data_split(source: Path, layout: str, image_column: str | None, label_column: str | None, by: str, out: Path,
+               fractions: tuple[float, float, float], seed: int, lenient: bool, no_decode: bool) -> None:
+    """Group-aware stratified train/validation/test split of SOURCE, saved as a datalist JSON."""
+    from medsim.data.prepare import make_split
+
+    summary = make_split(source, out, by=by, fractions=fractions, seed=seed, layout=layout, lenient=lenient,
+                         decode=not no_decode, **_csv_options(image_column, label_column))
+    click.echo(format_split_table(summary))
+    click.echo(f"wrote {out}")
+
+
+def format_split_table(summary: dict) -> str:
+    classes = sorted({c for s in summary.values() for c in s["classes"]}, key=str)
+    head = f"{'split':<11} {'items':>6} {'groups':>7}  " + "  ".join(f"{str(c):>7}" for c in classes)
+    rows = [f"{k:<11} {v['items']:>6} {v['groups']:>7}  " + "  ".join(f"{v['classes'].get(c, 0):>7}"
+                                                                          for c in classes)
+            for k, v in summary.items()]
+    return "\n".join([head, *rows])
+
+
+@data.command("sample")
+@click.argument("out", type=click.Path(path_type=Path), required=False)
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_sample(out: Path | None, seed: int) -> None:
+    """Write the embedded synthetic sample (dermoscopy-like with masks, DICOM, CT volume) to OUT."""
+    from medsim.data.sample import default_sample_dir, make_sample
+
+    paths = make_sample(out or default_sample_dir(), seed=seed)
+    for k, p in paths.items():
+        click.echo(f"{k:<6} {p}")
+
+
+@data.command("prepare")
+@click.argument("source", type=click.Path(path_type=Path), required=False)
+@_source_options
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/prepare"), show_default=True)
+@click.option("--by", default="lesion_id", show_default=True)
+@click.option("--size", type=int, default=64, show_default=True, help="2D side length (3D: ROI edge).")
+@click.option("--lenient", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_prepare(source: Path | None, layout: str, image_column: str | None, label_column: str | None, out: Path,
+                 by: str, size: int, lenient: bool, seed: int) -> None:
+    """Check, split and run SOURCE (default: the embedded sample) through its MONAI pipeline; write the split,
+    a preview image of transformed samples and a summary."""
+    from medsim.data.prepare import prepare
+
+    result = prepare(source, out, by=by, size=size, lenient=lenient, seed=seed, layout=layout,
+                     **_csv_options(image_column, label_column))
+    for line in result["lines"]:
+        click.echo(line)
+
+
+# ---------------------------------------------------------------------------------------- later capabilities
+def _not_yet(name: str, issue: int, what: str):
+    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 help=f"{what} (arrives with issue #{issue}).")
+    def _cmd() -> None:
+        raise MedsimError(f"`medsim {name}` is not available in this version yet: it arrives with issue #{issue}")
+
+    return _cmd
+
+
+_not_yet("train", 3, "Train a bundle: DSL, MML and baselines")
+_not_yet("evaluate", 3, "Retrieval and clustering metrics of a run")
+_not_yet("export", 4, "ONNX / TensorRT export with parity checks")
+_not_yet("index", 4, "Build a faiss case index from an exported model")
+_not_yet("search", 4, "Query similar cases")
+_not_yet("localize", 4, "Attention-derived lesion masks, boxes and overlays")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the CLI, turning input errors into one-line messages and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or bool(os.environ.get("MEDSIM_DEBUG"))
+    try:
+        rv = cli.main(args=args, prog_name="medsim", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MedsimError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except Exception as e:  # a bug, not bad input: say so, keep the traceback behind --debug
+        if debug:
+            raise
+        click.echo(f"internal error: {type(e).__name__}: {e}\n(rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

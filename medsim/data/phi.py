@@ -1,0 +1,68 @@
+"""Patient identifiers never reach a datalist, an index, an export or a log in clear.
+
+Identifiers (patient id, study/series UIDs, lesion ids from a hospital system) are replaced by a keyed hash
+(HMAC-SHA256 with a per-project salt), so the same patient maps to the same token inside one project, and tokens
+from two projects cannot be joined. Names and birth dates are never copied at all: only the fields in
+:data:`SAFE_FIELDS` ever leave a source reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["SAFE_FIELDS", "HASHED_FIELDS", "Anonymizer", "load_or_create_salt"]
+
+#: metadata keys a datalist item may carry; anything else a reader finds is dropped.
+HASHED_FIELDS = ("patient", "study", "series", "group")
+SAFE_FIELDS = ("id", "image", "mask", "label", "label_name", *HASHED_FIELDS, "view", "laterality", "follow_up",
+               "location", "size", "level", "tissue_fraction")
+
+SALT_ENV = "MEDSIM_SALT"
+DEFAULT_SALT_FILE = ".medsim-salt"
+
+
+def load_or_create_salt(path: str | os.PathLike | None = None) -> bytes:
+    """The project's salt: ``$MEDSIM_SALT`` if set, else the file ``path`` (created with 32 random bytes,
+    mode 0600, when missing). Keep the file with the project and out of version control."""
+    env = os.environ.get(SALT_ENV)
+    if env:
+        return env.encode()
+    p = Path(path if path is not None else DEFAULT_SALT_FILE)
+    if p.exists():
+        return p.read_bytes().strip()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    salt = secrets.token_hex(32).encode()
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(salt)
+    return salt
+
+
+class Anonymizer:
+    """Keyed hashing of identifiers: ``Anonymizer(salt)("PAT-001") -> "p-3fa4…"`` (16 hex digits)."""
+
+    def __init__(self, salt: bytes):
+        if not salt:
+            raise ValueError("the anonymisation salt is empty; set MEDSIM_SALT or give a salt file")
+        self._salt = salt
+
+    def __call__(self, value: object, prefix: str = "h") -> str | None:
+        if value is None:
+            return None
+        text = str(value).strip()
+        if not text or text.lower() == "nan":
+            return None
+        digest = hmac.new(self._salt, text.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+        return f"{prefix}-{digest}"
+
+    def item(self, item: dict) -> dict:
+        """A copy of a datalist item keeping only :data:`SAFE_FIELDS`, with identifiers hashed."""
+        out = {}
+        for key in SAFE_FIELDS:
+            if key in item and item[key] is not None:
+                out[key] = self(item[key], key[0]) if key in HASHED_FIELDS else item[key]
+        return out

@@ -1,0 +1,167 @@
+"""MONAI dictionary pipelines for the three kinds of input medsim trains on.
+
+=========  ===============================================  ==============================================
+kind       eval (deterministic)                             train-time augmentation added
+=========  ===============================================  ==============================================
+rgb2d      load RGB, [0, 1], resize, per-channel normalise  flips, 90° rotations, affine, colour/contrast
+gray2d     load (DICOM: window + MONOCHROME1), [0, 1],      small affine, contrast, noise (no flips: the
+           resize                                           heart's side carries meaning)
+ct3d       load, RAS orientation, resample to spacing,      random crop, flips, affine, intensity shift
+           HU window → [0, 1], pad/crop to the ROI
+=========  ===============================================  ==============================================
+
+Masks (``mask`` key) follow the image through every spatial transform with nearest-neighbour interpolation,
+so the lesion masks used to score localization stay aligned.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = ["rgb2d_transforms", "gray2d_transforms", "ct3d_transforms", "make_transforms", "IMAGENET_MEAN",
+           "IMAGENET_STD", "KINDS"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KINDS = ("rgb2d", "gray2d", "ct3d")
+
+
+def _keys(with_mask: bool) -> tuple[list[str], list[str]]:
+    keys = ["image", "mask"] if with_mask else ["image"]
+    return keys, (["bilinear", "nearest"] if with_mask else ["bilinear"])
+
+
+def _readers():
+    from monai.data import PILReader
+
+    from medsim.data.dicom import DicomReader
+
+    # DICOM (files, series dirs, lists) first; PIL for 2D images; MONAI falls back to nibabel etc.
+    return [DicomReader(display=True), PILReader(reverse_indexing=True)]
+
+
+def rgb2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = False, with_mask: bool = False,
+                     normalize: bool = True):
+    """2D RGB (dermoscopy, histology tiles) → float (3, H, W). Masks → binary (1, H, W)."""
+    import monai.transforms as mt
+
+    keys, modes = _keys(with_mask)
+    xs: list = [
+        mt.LoadImaged(keys, image_only=True, ensure_channel_first=True),
+        mt.EnsureTyped(keys, dtype="float32", track_meta=False),
+        _ToRGBd("image"),
+        mt.ScaleIntensityRanged("image", 0.0, 255.0, 0.0, 1.0, clip=True),
+    ]
+    if with_mask:
+        xs += [_ChannelMaxd("mask"), mt.ThresholdIntensityd("mask", threshold=0.5, above=True, cval=0.0),
+               mt.ThresholdIntensityd("mask", threshold=0.5, above=False, cval=1.0)]
+    xs.append(mt.Resized(keys, spatial_size=tuple(spatial_size), mode=[
+        "area" if m == "bilinear" else "nearest" for m in modes]))
+    if train:
+        xs += [
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
+            mt.RandRotate90d(keys, prob=0.5, max_k=3),
+            mt.RandAffined(keys, prob=0.5, rotate_range=0.3, scale_range=0.1, translate_range=0.05 * spatial_size[0],
+                           mode=modes, padding_mode="border"),
+            mt.RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
+            mt.RandScaleIntensityd("image", factors=0.1, prob=0.3, channel_wise=True),
+        ]
+    if normalize:
+        xs.append(mt.NormalizeIntensityd("image", subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True))
+    return mt.Compose(xs)
+
+
+def gray2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = False, with_mask: bool = False):
+    """2D grayscale X-ray → float (1, H, W) in [0, 1] (DICOM: VOI window and MONOCHROME1 applied)."""
+    import monai.transforms as mt
+
+    keys, modes = _keys(with_mask)
+    xs: list = [
+        mt.LoadImaged(keys, reader=_readers(), image_only=True, ensure_channel_first=True),
+        mt.EnsureTyped(keys, dtype="float32", track_meta=False),
+        _ChannelMaxd("image"),
+        mt.ScaleIntensityd("image", minv=0.0, maxv=1.0),
+        mt.Resized(keys, spatial_size=tuple(spatial_size), mode=["area" if m == "bilinear" else "nearest"
+                                                                 for m in modes]),
+    ]
+    if train:
+        xs += [
+            mt.RandAffined(keys, prob=0.5, rotate_range=0.1, scale_range=0.1, translate_range=0.05 * spatial_size[0],
+                           mode=modes, padding_mode="zeros"),
+            mt.RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
+            mt.RandGaussianNoised("image", prob=0.2, std=0.02),
+        ]
+    return mt.Compose(xs)
+
+
+def ct3d_transforms(roi_size: Sequence[int] = (96, 96, 96), *, pixdim: Sequence[float] = (1.5, 1.5, 2.0),
+                    hu_window: tuple[float, float] = (-175.0, 250.0), train: bool = False, with_mask: bool = False):
+    """3D CT (NIfTI or DICOM series) → float (1, *roi_size) in [0, 1]; label maps resampled with nearest."""
+    import monai.transforms as mt
+
+    from medsim.data.dicom import DicomReader
+
+    keys, modes = _keys(with_mask)
+    xs: list = [
+        mt.LoadImaged(keys, reader=[DicomReader(display=False), "NibabelReader"], image_only=True,
+                      ensure_channel_first=True),
+        mt.EnsureTyped(keys, dtype="float32"),
+        mt.Orientationd(keys, axcodes="RAS", labels=None),
+        mt.Spacingd(keys, pixdim=tuple(pixdim), mode=modes),
+        mt.ScaleIntensityRanged("image", a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+        mt.SpatialPadd(keys, spatial_size=tuple(roi_size)),
+    ]
+    if train:
+        xs += [
+            mt.RandSpatialCropd(keys, roi_size=tuple(roi_size), random_size=False),
+            mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
+            mt.RandAffined(keys, prob=0.3, rotate_range=(0.1, 0.1, 0.1), scale_range=0.1, mode=modes,
+                           padding_mode="zeros"),
+            mt.RandShiftIntensityd("image", offsets=0.05, prob=0.3),
+        ]
+    else:
+        xs.append(mt.CenterSpatialCropd(keys, roi_size=tuple(roi_size)))
+    xs.append(mt.EnsureTyped(keys, track_meta=False))
+    return mt.Compose(xs)
+
+
+def make_transforms(kind: str, *, train: bool = False, **kwargs):
+    """The pipeline for a source kind (see :data:`KINDS`); unknown kinds get a "did you mean"."""
+    from monai.utils import look_up_option
+
+    fn = look_up_option(kind, {"rgb2d": rgb2d_transforms, "gray2d": gray2d_transforms, "ct3d": ct3d_transforms})
+    return fn(train=train, **kwargs)
+
+
+def _transform_base():
+    from monai.transforms import MapTransform
+
+    return MapTransform
+
+
+class _ToRGBd(_transform_base()):  # type: ignore[misc]
+    """Make a channel-first tensor 3-channel RGB: drop alpha, repeat a single gray channel."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for k in self.key_iterator(d):
+            img = d[k]
+            if img.shape[0] in (2, 4):  # gray+alpha, RGBA
+                img = img[:1] if img.shape[0] == 2 else img[:3]
+            if img.shape[0] == 1:
+                img = img.repeat(3, *([1] * (img.ndim - 1)))
+            d[k] = img
+        return d
+
+
+class _ChannelMaxd(_transform_base()):  # type: ignore[misc]
+    """Collapse channels to one (max over colour channels): masks or X-rays saved as RGB(A) PNG."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for k in self.key_iterator(d):
+            img = d[k]
+            if img.shape[0] > 1:
+                d[k] = img[: min(3, img.shape[0])].amax(0, keepdim=True)
+        return d

@@ -1,0 +1,1 @@
+"""medsim.viz: pictures a person can look at (contact sheets, overlays)."""
