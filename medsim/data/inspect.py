@@ -46,7 +46,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines += ["", f"{'class':<{width}}  {'count':>7}  share"]
         lines += [f"{c:<{width}}  {n:>7}  {n / total:6.1%}" for c, n in r["classes"].items()]
     if r["groups"]:
-        lines += ["", "groups   " + ", ".join(f"{v} distinct {k}" for k, v in r["groups"].items())]
+        names = {"group": "lesions/groups", "patient": "patients", "study": "studies"}
+        lines += ["", "groups   " + ", ".join(f"{v} {names.get(k, k)}" for k, v in r["groups"].items())]
     if r.get("shapes"):
         shapes = list(r["shapes"].items())
         lines += ["", "shapes   " + ", ".join(f"{s} ({n})" for s, n in shapes[:6])

@@ -327,9 +327,35 @@ def read_csv_datalist(table: Path, anon: Anonymizer, *, lenient: bool = False, i
     names = list(classes) if classes is not None else sorted({it["label_name"] for it in items
                                                               if "label_name" in it})
     if kind is None:
-        kind = "ct3d" if all(str(it["image"]).endswith(NIFTI_SUFFIXES) for it in items) and items else "rgb2d"
+        kind = _guess_kind(items)
     return _finish(table.parent, "csv", kind, _clean(_labelled(items, names), anon), rows.bad, names, lenient,
                    {"table": str(table), "columns": {k: v for k, v in cols.items() if v}})
+
+
+def _guess_kind(items: list[dict]) -> str:
+    """ct3d for NIfTI/series, gray2d when the first 2D image is single-channel (or DICOM), else rgb2d."""
+    if not items:
+        return "rgb2d"
+    first = items[0]["image"]
+    if isinstance(first, list) or str(first).endswith(NIFTI_SUFFIXES):
+        return "ct3d"
+    if Path(first).suffix.lower() in (".dcm", ".dicom"):
+        return "gray2d"
+    try:
+        from PIL import Image
+
+        with Image.open(first) as im:
+            if im.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F", "1"):
+                return "gray2d"
+            if im.mode == "RGB":  # grayscale saved as RGB (e.g. the NIH chest X-ray PNGs)
+                import numpy as np
+
+                a = np.asarray(im)
+                return "gray2d" if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2]) \
+                    else "rgb2d"
+            return "rgb2d"
+    except Exception:  # unreadable: validation reports it; assume colour
+        return "rgb2d"
 
 
 def read_dicom_source(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Source:

@@ -1,0 +1,104 @@
+"""The CLI: fast help, one-line errors with exit code 2, --debug tracebacks, strict vs lenient runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from medsim.cli import main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_help_is_lazy():
+    code = ("import sys, medsim.cli; from click.testing import CliRunner; "
+            "r = CliRunner().invoke(medsim.cli.cli, ['--help']); "
+            "print(r.exit_code, 'torch' in sys.modules, 'monai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "False", "False"]
+
+
+def test_help_lists_groups(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for group in ("data", "train", "evaluate", "export", "index", "search", "localize"):
+        assert f"\n  {group} " in out
+
+
+def test_inspect_sample(sample_root, capsys):
+    code, out, _ = run(["data", "inspect", str(sample_root / "derm")], capsys)
+    assert code == 0
+    assert "items    48 usable" in out
+    for c in ("round", "ring", "lobed", "streaks"):
+        assert any(ln.split() == [c, "12", "25.0%"] for ln in out.splitlines())
+    assert "shapes   32x32 (48)" in out
+
+
+@pytest.fixture
+def broken_folder(sample_root, tmp_path):
+    """The sample's derm folder under a path with spaces and unicode, with two corrupt images."""
+    root = tmp_path / "Dermatologie ü" / "derm set"
+    shutil.copytree(sample_root / "derm", root)
+    imgs = sorted((root / "images").glob("*.png"))
+    imgs[0].write_bytes(imgs[0].read_bytes()[:50])
+    imgs[1].write_bytes(b"")
+    return root, [imgs[0].name, imgs[1].name]
+
+
+def test_split_strict_stops_with_every_bad_file(broken_folder, tmp_path, capsys):
+    root, bad = broken_folder
+    out_json = tmp_path / "split.json"
+    code, out, err = run(["data", "split", str(root), "--by", "lesion_id", "--out", str(out_json)], capsys)
+    assert code == 2
+    assert "Traceback" not in err and "nothing was trained" in err
+    assert all(name in err for name in bad)
+    assert not out_json.exists()
+
+
+def test_split_lenient_continues_and_reports(broken_folder, tmp_path, capsys):
+    root, bad = broken_folder
+    out_json = tmp_path / "split.json"
+    code, out, err = run(["data", "split", str(root), "--out", str(out_json), "--lenient"], capsys)
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    assert sum(doc["meta"]["counts"].values()) == 46 and doc["meta"]["skipped"] == 2
+    report = json.loads(out_json.with_suffix(".skipped.json").read_text())
+    assert sorted(s["path"].rsplit("/", 1)[-1] for s in report["skipped"]) == sorted(bad)
+    assert "training" in out and "validation" in out
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    code, _, err = run(["data", "inspect", str(tmp_path / "nope")], capsys)
+    assert code == 2 and err.startswith("error: ") and "no such file or directory" in err
+    with pytest.raises(Exception) as e:
+        main(["--debug", "data", "inspect", str(tmp_path / "nope")])
+    assert "no such file" in str(e.value)
+
+
+def test_later_commands_say_when(capsys):
+    code, _, err = run(["export", "x"], capsys)
+    assert code == 2 and "arrives with issue #4" in err
+
+
+def test_sample_command(tmp_path, capsys):
+    code, out, _ = run(["data", "sample", str(tmp_path / "s")], capsys)
+    assert code == 0 and (tmp_path / "s" / "derm" / "HAM10000_metadata.csv").is_file()
+    assert (tmp_path / "s" / "dicom").is_dir() and (tmp_path / "s" / "ct" / "labels.nii.gz").is_file()
+
+
+def test_prepare_on_source(sample_root, tmp_path, capsys):
+    code, out, err = run(["data", "prepare", str(sample_root / "derm"), "--out", str(tmp_path / "p"),
+                          "--size", "32"], capsys)
+    assert code == 0, err
+    assert "batch (8, 3, 32, 32)" in out and "masks (8, 1, 32, 32)" in out
+    assert (tmp_path / "p" / "derm_preview.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "p" / "derm_split.json").read_text())["meta"]["by"] == "lesion_id"
