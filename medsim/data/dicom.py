@@ -51,9 +51,14 @@ def read_dataset(path: str | os.PathLike, *, header_only: bool = False):
 
     path = str(path)
     try:
-        if os.path.getsize(path) == 0:
+        size = os.path.getsize(path)
+        if size == 0:
             raise DataError(path, "empty file (0 bytes)")
-        return pydicom.dcmread(path, stop_before_pixels=header_only)
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+        cut = _truncation(ds, size, header_only)
+        if cut:
+            raise DataError(path, f"unreadable DICOM: {cut}")
+        return ds
     except DataError:
         raise
     except InvalidDicomError as e:
@@ -62,6 +67,33 @@ def read_dataset(path: str | os.PathLike, *, header_only: bool = False):
         raise DataError(path, "file not found") from e
     except Exception as e:  # truncated headers raise EOFError/OSError/struct.error/ValueError inside pydicom
         raise DataError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from e
+
+
+def _truncation(ds, size: int, header_only: bool) -> str | None:
+    """Why a dataset pydicom read without an error is cut short, or None. pydicom keeps a value shorter than its
+    declared length, stops quietly when the file ends inside an element header, and drops every element (with
+    only a warning) when it ends inside an undefined-length element such as encapsulated pixel data."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import keyword_for_tag
+
+    def name(e) -> str:
+        return f"{e.tag} {keyword_for_tag(e.tag)}".strip()
+
+    if len(ds) == 0:
+        return "file truncated: no data elements after the file meta information"
+    meta = getattr(ds, "file_meta", None)
+    elems = [*(meta.elements() if meta is not None else ()), *ds.elements()]
+    for e in elems:
+        if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF and e.value is not None \
+                and len(e.value) < e.length:
+            return f"file truncated in {name(e)}: {len(e.value)} of {e.length} bytes"
+    last = max(ds.elements(), key=lambda e: getattr(e, "value_tell", None) or getattr(e, "file_tell", None) or 0)
+    if not header_only and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")) \
+            and isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF and last.value_tell is not None:
+        stray = size - (last.value_tell + last.length)
+        if 0 < stray < 8:  # a partial tag / VR / length: the file ends inside the next element's header
+            return f"file truncated after {name(last)} ({stray} bytes of a cut element)"
+    return None
 
 
 def _n_frames(ds) -> int:
@@ -118,13 +150,20 @@ def check_pixels(ds, path: str | os.PathLike, *, max_pixels: int | None = None) 
 def apply_window(arr: np.ndarray, ds) -> np.ndarray:
     """Display-normalise modality values to [0, 1]: VOI LUT Sequence if present, else the first
     WindowCenter/WindowWidth (linear function of PS3.3 C.11.2.1.2.1), else min–max."""
-    from pydicom.pixels import apply_voi
-
     if "VOILUTSequence" in ds:
+        # looked up here rather than with pydicom's apply_voi, which indexes the LUT with an array of the LUT's
+        # *output* dtype: an 8-bit LUT of more than 256 entries (common in CR/DX) wraps around at input 256
         lut = ds.VOILUTSequence[0]
-        out = apply_voi(arr, ds).astype(np.float32)
-        bits = int(lut.LUTDescriptor[2])
-        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+        n_entries, first_map, bits = (int(v) for v in lut.LUTDescriptor)
+        data = lut["LUTData"].value
+        if isinstance(data, bytes):  # OW: 16-bit words in the file's byte order
+            ts = getattr(ds.get("file_meta", None), "TransferSyntaxUID", None)
+            table = np.frombuffer(data, dtype="<u2" if ts is None or ts.is_little_endian else ">u2")
+        else:  # US: integers
+            table = np.atleast_1d(np.asarray(data, dtype=np.float64))
+        table = table[: n_entries or 2**16].astype(np.float32)
+        idx = np.clip(np.floor(arr) - first_map, 0, len(table) - 1).astype(np.int64)
+        return np.clip(table[idx] / float(2**bits - 1), 0.0, 1.0)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         wc = ds.WindowCenter
         ww = ds.WindowWidth

@@ -1,0 +1,142 @@
+"""Subspace learners: which embedding neurons each learner owns, which data each learner sees, and how DSL grows K.
+
+- **MML** (divide and conquer, Sanakoyeu et al., CVPR 2019): the D-dim embedding is cut into K equal slices; every
+  few epochs the training data are clustered (k-means on the full embedding) into K groups and cluster c trains
+  slice c only; a final phase fine-tunes the whole embedding on all data.
+- **DSL** (Dynamic Subspace Learners, MIDL 2022): start with K = 1 learner owning all neurons. When validation NMI
+  has not improved for ``patience`` epochs, score the neurons of the exploring learner by
+  s(e_i) = |∂L/∂e_i · e_i| (averaged over a pass, min–max scaled, Molchanov et al. 2017); the neurons above
+  ``threshold`` become a learner of their own, the rest are re-initialised and keep exploring; K += 1 and the data
+  are re-clustered into K groups. Splitting stops at ``max_k``, when too few neurons are left, or when a split did
+  not improve validation NMI; then the whole embedding is fine-tuned.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SubspaceState", "equal_slices", "neuron_scores", "split_learner", "cluster_counts"]
+
+logger = logging.getLogger(__name__)
+
+
+def equal_slices(dim: int, k: int) -> list[list[int]]:
+    """K contiguous, near-equal neuron slices of a ``dim``-neuron embedding (MML)."""
+    if not 1 <= k <= dim:
+        raise ValueError(f"need 1 <= k <= embedding dim, got k={k}, dim={dim}")
+    return [a.tolist() for a in np.array_split(np.arange(dim), k)]
+
+
+@dataclass
+class SubspaceState:
+    """Learner → neuron sets, item → cluster assignment, and the DSL bookkeeping. Checkpointable."""
+
+    learners: list[list[int]]
+    assignment: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (N_train,) cluster id
+    phase: str = "explore"  # "explore" (learners train on their clusters) | "finetune" (whole embedding, all data)
+    best_nmi: float = -1.0
+    bad_epochs: int = 0
+    nmi_at_last_split: float | None = None
+    splitting: bool = True
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return len(self.learners)
+
+    def neurons_for_cluster(self, cluster: int, dim: int) -> list[int]:
+        """The neurons a batch of ``cluster`` trains: its learner's, or all of them when fine-tuning."""
+        if self.phase == "finetune" or self.k == 1:
+            return list(range(dim))
+        return self.learners[int(cluster) % self.k]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"learners": self.learners, "assignment": torch.as_tensor(self.assignment), "phase": self.phase,
+                "best_nmi": self.best_nmi, "bad_epochs": self.bad_epochs, "nmi_at_last_split": self.nmi_at_last_split,
+                "splitting": self.splitting, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learners = [list(map(int, ln)) for ln in state["learners"]]
+        self.assignment = np.asarray(state["assignment"], dtype=np.int64)
+        self.phase = state["phase"]
+        self.best_nmi = float(state["best_nmi"])
+        self.bad_epochs = int(state["bad_epochs"])
+        self.nmi_at_last_split = state["nmi_at_last_split"]
+        self.splitting = bool(state["splitting"])
+        self.history = list(state["history"])
+
+
+def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Callable, device: torch.device | str,
+                  *, max_batches: int | None = None) -> torch.Tensor:
+    """s(e_i) = |mean over a pass of ∂L/∂e_i · e_i| for each embedding neuron i (D,), min–max scaled to [0, 1].
+
+    The loss is taken on the full (normalised) embedding; no optimiser step is made and parameter gradients are
+    cleared afterwards. Follows Molchanov et al. (ICLR 2017), as DSL does.
+    """
+    was_training = network.training
+    network.eval()
+    total, n = None, 0
+    for b, batch in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        x, y = batch["image"].to(device), torch.as_tensor(batch["label"]).to(device)
+        out = network(x)
+        raw = out["embedding"]
+        raw.retain_grad()
+        loss = loss_fn(raw, y, out.get("logits"))
+        if not loss.requires_grad:
+            continue
+        loss.backward()
+        contrib = (raw.grad * raw).detach().sum(0)
+        total = contrib if total is None else total + contrib
+        n += raw.shape[0]
+    network.zero_grad(set_to_none=True)
+    network.train(was_training)
+    if total is None or n == 0:
+        raise RuntimeError("no batch produced a loss with gradients: cannot score neurons")
+    s = (total / n).abs()
+    return (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
+
+
+def split_learner(state: SubspaceState, scores: torch.Tensor, *, threshold: float = 0.5,
+                  min_neurons: int = 8) -> tuple[list[int], list[int]] | None:
+    """Split the exploring (last) learner: neurons whose score, min–max scaled within that learner, exceeds
+    ``threshold`` stay as a learner of their own; the rest become the new exploring learner (the caller resets
+    them). Returns (kept, reset) or ``None`` when either part would have fewer than ``min_neurons``."""
+    free = torch.as_tensor(state.learners[-1])
+    s = scores[free]
+    s = (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
+    keep = free[s > threshold].tolist()
+    reset = free[s <= threshold].tolist()
+    if len(keep) < min_neurons or len(reset) < min_neurons:
+        return None
+    state.learners[-1] = sorted(keep)
+    state.learners.append(sorted(reset))
+    return keep, reset
+
+
+def cluster_counts(assignment: np.ndarray, k: int) -> list[int]:
+    return np.bincount(np.asarray(assignment, dtype=np.int64), minlength=k).tolist()
+
+
+def embed_loader(network: torch.nn.Module, loader: Iterable[dict], device: torch.device | str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings (N, D), labels (N,), item indices (N,)) of a loader, in eval mode without gradients."""
+    was_training = network.training
+    network.eval()
+    embs, labels, index = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            out = network(batch["image"].to(device))
+            embs.append(F.normalize(out["embedding"], dim=1).cpu())
+            labels.append(torch.as_tensor(batch["label"]).cpu())
+            index.append(torch.as_tensor(batch["index"]).cpu() if "index" in batch else
+                         torch.arange(len(batch["label"])))
+    network.train(was_training)
+    return torch.cat(embs).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()

@@ -1,0 +1,324 @@
+"""MONAI/ignite engine parts for metric learning with subspace learners (MML, DSL) and single-learner baselines.
+
+- :class:`MetricLearningTrainer` — a MONAI ``SupervisedTrainer`` whose iteration routes each batch (drawn from
+  one cluster) through its learner's embedding subspace.
+- :class:`EmbeddingMetric` — an ignite metric for a MONAI ``SupervisedEvaluator``: NMI (key metric) or the full
+  retrieval/clustering set on the validation embeddings.
+- :class:`SubspaceHandler` — re-clustering every N epochs; DSL's split on a validation-NMI plateau; the final
+  fine-tune phase. Logs every epoch: K, each learner's neurons, cluster sizes, and the reason for each split.
+- :class:`Checkpointer` — atomic ``last.pt`` every epoch and ``best.pt`` on the best validation NMI (model,
+  optimiser, loss parameters, learner assignment, RNG state, engine state); resumes a killed run.
+- :class:`MetricsLogger` — one JSON line per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.engines import SupervisedTrainer
+
+from medsim.engines.subspaces import (SubspaceState, cluster_counts, embed_loader, equal_slices, neuron_scores,
+                                      split_learner)
+
+__all__ = ["MetricLearningTrainer", "EmbeddingMetric", "SubspaceHandler", "Checkpointer", "MetricsLogger",
+           "RNGState", "atomic_torch_save"]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class RNGState:
+    """torch / numpy / python RNG states as a checkpointable object."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+
+
+class MetricLearningTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` for embedders: each batch (all from one cluster, see
+    :class:`~medsim.engines.sampling.ClusterBatchSampler`) trains the neurons of its cluster's learner; the loss
+    sees that subspace re-normalised (Sanakoyeu et al. 2019). Stops on a non-finite loss.
+
+    Extra args:
+        subspaces: the shared :class:`SubspaceState`.
+        batch_sampler: its ``set_epoch`` is called at each epoch start (reproducible batches on resume).
+    """
+
+    def __init__(self, *args: Any, subspaces: SubspaceState, batch_sampler: Any = None, **kwargs: Any):
+        kwargs.setdefault("decollate", False)
+        super().__init__(*args, **kwargs)
+        self.subspaces = subspaces
+        self.batch_sampler = batch_sampler
+        self.epoch_loss: list[float] = []
+        self.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self.epoch_loss = []
+        if self.batch_sampler is not None and hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(engine.state.epoch)
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
+        device = engine.state.device
+        x = batchdata["image"].to(device)
+        y = torch.as_tensor(batchdata["label"]).to(device)
+        first = int(torch.as_tensor(batchdata["index"])[0]) if "index" in batchdata else 0
+        asg = self.subspaces.assignment
+        cluster = int(asg[first]) if len(asg) > first else 0
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.network(x)
+        emb = out["embedding"]
+        neurons = self.subspaces.neurons_for_cluster(cluster, emb.shape[1])
+        if len(neurons) < emb.shape[1]:
+            emb = F.normalize(emb[:, neurons], dim=1)
+        loss = self.loss_function(emb, y, out.get("logits"))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {engine.state.epoch}, iteration "
+                                     f"{engine.state.iteration}: stopping (lower the learning rate?)")
+        if loss.requires_grad:
+            loss.backward()
+            self.optimizer.step()
+        self.epoch_loss.append(float(loss.detach()))
+        return {"image": x, "label": y, "pred": out, "loss": loss.detach()}
+
+
+class EmbeddingMetric(Metric):
+    """Retrieval/clustering metrics over all validation embeddings (ignite ``Metric`` for MONAI evaluators).
+
+    ``mode="nmi"`` computes NMI (faiss k-means with the number of classes; the key metric for model selection),
+    ``mode="all"`` returns a mapping ``{prefix + name: value}`` with NMI, AMI, R@1/2/4/8, MAP@R and P@1.
+    """
+
+    def __init__(self, mode: str = "nmi", prefix: str = "val_", seed: int = 0,
+                 output_transform: Callable = lambda o: (o["pred"]["embedding"], o["label"])):
+        self.mode, self.prefix, self.seed = mode, prefix, seed
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self._emb: list[torch.Tensor] = []
+        self._lab: list[torch.Tensor] = []
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        emb, lab = output
+        self._emb.append(F.normalize(emb.detach().float(), dim=1).cpu())
+        self._lab.append(torch.as_tensor(lab).detach().cpu())
+
+    def compute(self) -> float | dict[str, float]:
+        from medsim.metrics.retrieval import evaluate_embeddings, nmi_ami
+
+        emb = torch.cat(self._emb).numpy()
+        lab = torch.cat(self._lab).numpy()
+        if self.mode == "nmi":
+            return float(nmi_ami(emb, lab, seed=self.seed)["nmi"])
+        return {self.prefix + k: float(v) for k, v in evaluate_embeddings(emb, lab, seed=self.seed).items()}
+
+
+class SubspaceHandler:
+    """Drives learners and data assignment (attach to the trainer *after* the ValidationHandler).
+
+    Args:
+        mode: ``"dsl"`` (K grows from 1) or ``"mml"`` (fixed ``k``; ``k=1`` is plain single-learner training).
+        validator: the evaluator whose ``val_nmi`` drives DSL and model selection.
+        cluster_loader: deterministic (no augmentation) loader over the training items, yielding ``index``.
+        score_loader: loader for neuron scoring (defaults to ``cluster_loader``).
+        loss_function: the training loss (for neuron scores).
+        k: number of learners for MML.
+        max_k, patience, threshold, min_neurons: DSL's split rule.
+        recluster_every: epochs between re-clusterings (exploration phase).
+        finetune_epochs: the last epochs train the whole embedding on all data.
+        min_delta: smallest NMI gain that counts as an improvement.
+    """
+
+    def __init__(self, validator: Engine, cluster_loader: Any, loss_function: Callable, *, mode: str = "dsl",
+                 k: int = 1, max_k: int = 8, patience: int = 3, threshold: float = 0.5, min_neurons: int = 8,
+                 recluster_every: int = 2, finetune_epochs: int = 2, min_delta: float = 1e-3,
+                 score_loader: Any = None, score_batches: int | None = None, seed: int = 0):
+        if mode not in ("dsl", "mml"):
+            raise ValueError(f"mode must be 'dsl' or 'mml', got mode={mode!r}")
+        self.validator, self.cluster_loader, self.loss_function = validator, cluster_loader, loss_function
+        self.score_loader = score_loader or cluster_loader
+        self.mode, self.k, self.max_k, self.patience = mode, k, max_k, patience
+        self.threshold, self.min_neurons, self.recluster_every = threshold, min_neurons, recluster_every
+        self.finetune_epochs, self.min_delta, self.score_batches, self.seed = finetune_epochs, min_delta, \
+            score_batches, seed
+
+    def attach(self, engine: MetricLearningTrainer) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    # -- steps
+    def _recluster(self, engine: MetricLearningTrainer, epoch: int) -> list[int]:
+        from medsim.metrics.retrieval import kmeans
+
+        st = engine.subspaces
+        emb, _, index = embed_loader(engine.network, self.cluster_loader, engine.state.device)
+        n = int(index.max()) + 1
+        asg = np.zeros(n, dtype=np.int64)
+        if st.k > 1:
+            labels, _ = kmeans(emb, st.k, seed=self.seed + epoch)
+            asg[index] = labels
+        st.assignment = asg
+        return cluster_counts(asg, st.k)
+
+    def started(self, engine: MetricLearningTrainer) -> None:
+        st = engine.subspaces
+        if st.history:  # resumed: the checkpoint restored learners and assignment
+            return
+        dim = engine.network.embedding_dim
+        st.learners = equal_slices(dim, self.k) if self.mode == "mml" else [list(range(dim))]
+        sizes = self._recluster(engine, 0)
+        logger.info("start: %s with K=%d learners of %s neurons; clusters %s", self.mode, st.k,
+                    [len(ln) for ln in st.learners], sizes)
+
+    def epoch_completed(self, engine: MetricLearningTrainer) -> None:
+        st = engine.subspaces
+        epoch, max_epochs = engine.state.epoch, engine.state.max_epochs
+        metrics = dict(self.validator.state.metrics) if self.validator.state is not None else {}
+        nmi = float(metrics.get("val_nmi", float("nan")))
+        rec: dict[str, Any] = {"epoch": epoch, "phase": st.phase, "K": st.k,
+                               "loss": float(np.mean(engine.epoch_loss)) if engine.epoch_loss else None,
+                               "learner_neurons": [len(ln) for ln in st.learners],
+                               "cluster_sizes": cluster_counts(st.assignment, st.k) if st.phase == "explore"
+                               else [int(len(st.assignment))],
+                               **{k: round(float(v), 5) for k, v in metrics.items() if isinstance(v, (int, float))}}
+        improved = nmi > st.best_nmi + self.min_delta
+        if nmi > st.best_nmi:
+            st.best_nmi = nmi
+        st.bad_epochs = 0 if improved else st.bad_epochs + 1
+        rec["improved"] = bool(nmi >= st.best_nmi and not np.isnan(nmi))
+        events = []
+        if st.phase == "explore":
+            if self.mode == "dsl" and st.splitting and st.bad_epochs >= self.patience:
+                events.append(self._try_split(engine, epoch))
+            elif st.k > 1 and epoch % self.recluster_every == 0:
+                events.append(f"re-clustered into {st.k}: sizes {self._recluster(engine, epoch)}")
+            if (self.mode == "dsl" and not st.splitting) or epoch >= max_epochs - self.finetune_epochs:
+                if st.phase != "finetune" and (self.mode == "dsl" or self.k > 1):
+                    st.phase = "finetune"
+                    why = "splitting stopped" if self.mode == "dsl" and not st.splitting else \
+                        f"last {self.finetune_epochs} epochs"
+                    events.append(f"final fine-tune of the whole embedding on all data ({why})")
+        rec["events"] = events
+        st.history.append(rec)
+        for e in events:
+            logger.info("epoch %d: %s", epoch, e)
+
+    def _try_split(self, engine: MetricLearningTrainer, epoch: int) -> str:
+        st = engine.subspaces
+        plateau = f"val NMI has not improved for {st.bad_epochs} epochs (best {st.best_nmi:.4f})"
+        if st.nmi_at_last_split is not None and st.best_nmi <= st.nmi_at_last_split + self.min_delta:
+            st.splitting = False
+            return (f"stop splitting: {plateau}, no better than before the last split "
+                    f"({st.nmi_at_last_split:.4f})")
+        if st.k >= self.max_k:
+            st.splitting = False
+            return f"stop splitting: {plateau} and K reached max_k={self.max_k}"
+        scores = neuron_scores(engine.network, self.score_loader, self.loss_function, engine.state.device,
+                               max_batches=self.score_batches)
+        parts = split_learner(st, scores, threshold=self.threshold, min_neurons=self.min_neurons)
+        if parts is None:
+            st.splitting = False
+            return (f"stop splitting: {plateau}, but the exploring learner's {len(st.learners[-1])} neurons "
+                    f"cannot form two parts of >= {self.min_neurons} at threshold {self.threshold}")
+        keep, reset = parts
+        engine.network.reset_neurons(torch.as_tensor(reset, device=engine.network.embed.weight.device))
+        st.nmi_at_last_split = st.best_nmi
+        st.bad_epochs = 0
+        sizes = self._recluster(engine, epoch)
+        return (f"split: {plateau}; {len(keep)} neurons with score > {self.threshold} form learner {st.k - 1}, "
+                f"{len(reset)} re-initialised as learner {st.k}; K={st.k}; re-clustered: sizes {sizes}")
+
+
+class Checkpointer:
+    """Atomic checkpoints: ``last.pt`` at every epoch end, ``best.pt`` when validation NMI improves.
+
+    Holds the state of every object in ``objects`` (anything with ``state_dict``/``load_state_dict``) plus the
+    engine's epoch/iteration. With ``resume=True`` a run whose ``last.pt`` exists continues from it.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, objects: Mapping[str, Any], *, resume: bool = True,
+                 subspaces: SubspaceState | None = None):
+        self.save_dir = Path(save_dir)
+        self.objects = dict(objects)
+        self.resume = resume
+        self.subspaces = subspaces
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def _payload(self, engine: Engine) -> dict[str, Any]:
+        return {"engine": {"epoch": engine.state.epoch, "iteration": engine.state.iteration},
+                **{k: v.state_dict() for k, v in self.objects.items()}}
+
+    def save(self, engine: Engine) -> None:
+        payload = self._payload(engine)
+        atomic_torch_save(payload, self.save_dir / "last.pt")
+        hist = self.subspaces.history if self.subspaces is not None else []
+        if hist and hist[-1].get("improved"):
+            atomic_torch_save(payload, self.save_dir / "best.pt")
+
+    def load(self, engine: Engine) -> None:
+        path = self.save_dir / "last.pt"
+        if not (self.resume and path.is_file()):
+            return
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        for k, obj in self.objects.items():
+            if k in ckpt:
+                obj.load_state_dict(ckpt[k])
+        engine.state.epoch = int(ckpt["engine"]["epoch"])
+        engine.state.iteration = int(ckpt["engine"]["iteration"])
+        logger.warning("resumed from %s at epoch %d", path, engine.state.epoch)
+
+
+class MetricsLogger:
+    """One JSON line per epoch (``metrics.jsonl``): the subspace handler's record (K, learners, clusters,
+    events/split reasons, loss, validation metrics)."""
+
+    def __init__(self, path: str | os.PathLike, subspaces: SubspaceState, echo: bool = True):
+        self.path = Path(path)
+        self.subspaces = subspaces
+        self.echo = echo
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.subspaces.history:
+            return
+        rec = self.subspaces.history[-1]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.echo:
+            logger.warning("epoch %d/%d  K=%d  loss %.4f  val NMI %.4f  R@1 %.4f%s", rec["epoch"],
+                           engine.state.max_epochs, rec["K"], rec["loss"] or float("nan"),
+                           rec.get("val_nmi", float("nan")), rec.get("val_R@1", float("nan")),
+                           "".join(f"\n    {e}" for e in rec["events"]))

@@ -1,0 +1,196 @@
+"""Bundle-facing functions: datalists for a run, the end-of-training test evaluation, ``medsim train``/``evaluate``.
+
+Bundle configs hold wiring; the logic they call lives here (one call per ``$`` expression).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from medsim.errors import MedsimError, atomic_write_text
+
+__all__ = ["bundle_datalists", "evaluate_checkpoint", "finish_training", "train_bundle", "evaluate_run",
+           "parse_overrides"]
+
+logger = logging.getLogger(__name__)
+
+
+def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os.PathLike, *,
+                     by: str = "lesion_id", fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
+                     lenient: bool = False, layout: str = "auto", max_items: int | None = None) -> dict[str, Any]:
+    """Check ``dataset_dir`` (the embedded sample's dermoscopy set when empty), split it by ``by`` and save the
+    split to ``output_dir/split.json``; a run directory that already has one reuses it (reproducible resumes).
+
+    Returns ``{"training", "validation", "test": [items with "index"], "classes": [...], "kind": str}``.
+    ``max_items`` keeps a stratified random subset (for quick runs and benchmarks), drawn before splitting.
+    """
+    from medsim.data.prepare import load_checked
+    from medsim.data.splits import load_split, save_split, split_items
+
+    out = Path(output_dir)
+    split_file = out / "split.json"
+    if split_file.is_file():
+        doc = load_split(split_file)
+        meta = doc["meta"]
+        logger.info("reusing split %s", split_file)
+    else:
+        if not dataset_dir:
+            from medsim.data.sample import ensure_sample
+
+            dataset_dir = ensure_sample() / "derm"
+        src, _ = load_checked(dataset_dir, layout=layout, lenient=lenient, report_path=out / "skipped.json")
+        items = src.items
+        if max_items is not None and len(items) > max_items:
+            items = _stratified_subset(items, max_items, seed)
+        splits = split_items(items, by=by, fractions=fractions, seed=seed)
+        meta = {"source": str(Path(dataset_dir).resolve()), "layout": src.layout, "kind": src.kind, "by": by,
+                "fractions": list(fractions), "seed": seed, "classes": src.classes, "skipped": len(src.bad)}
+        save_split(splits, split_file, dataset_dir=src.root, meta=meta)
+        doc = load_split(split_file)
+    result: dict[str, Any] = {"classes": meta["classes"], "kind": meta["kind"]}
+    for key in ("training", "validation", "test"):
+        result[key] = [{"image": it["image"], "label": it["label"], "index": i,
+                        **({"mask": it["mask"]} if "mask" in it else {})} for i, it in enumerate(doc.get(key, []))]
+    return result
+
+
+def _stratified_subset(items: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` items keeping whole groups and class proportions (sklearn's StratifiedGroupKFold on one fold)."""
+    from medsim.data.splits import split_items
+
+    frac = n / len(items)
+    keep = split_items(items, by="group" if any("group" in it for it in items) else "id",
+                       fractions=(1 - frac, 0.0, frac), seed=seed + 101)["test"]
+    return keep
+
+
+def evaluate_checkpoint(network: torch.nn.Module, loader: Any, device: str | torch.device, *, seed: int = 0
+                        ) -> dict[str, float]:
+    """Embed a loader with ``network`` and compute NMI/AMI, R@1/2/4/8, MAP@R, P@1."""
+    from medsim.engines.subspaces import embed_loader
+    from medsim.metrics.retrieval import evaluate_embeddings
+
+    emb, labels, _ = embed_loader(network, loader, device)
+    return evaluate_embeddings(emb, labels, seed=seed)
+
+
+def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, test_loader: Any,
+                    device: str | torch.device, *, name: str = "run", seed: int = 0) -> dict[str, float]:
+    """After training: load ``best.pt`` (chosen on validation NMI), evaluate on the test split, write
+    ``eval_test.json`` / ``eval_test.md`` and print NMI and R@1."""
+    from medsim.metrics.retrieval import metrics_table
+
+    out = Path(output_dir)
+    best = out / "best.pt"
+    if best.is_file():
+        network.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["network"])
+    res = evaluate_checkpoint(network, test_loader, device, seed=seed)
+    atomic_write_text(out / "eval_test.json", json.dumps({"split": "test", "checkpoint": str(best), **res},
+                                                         indent=2))
+    atomic_write_text(out / "eval_test.md", metrics_table({name: res}) + "\n")
+    print(f"test NMI {res['nmi']:.4f}  R@1 {res['R@1']:.4f}  (best checkpoint by validation NMI; {out})")
+    return res
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["train#trainer#max_epochs=1", "lr=1e-3"]`` -> ``{id: value}``; values parsed as JSON when they can be."""
+    out: dict[str, Any] = {}
+    for p in pairs:
+        if "=" not in p:
+            raise MedsimError(f"override '{p}' is not of the form id=value (e.g. train#trainer#max_epochs=1)")
+        k, v = p.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _bundle_files(bundle: Path, variant: str | None) -> list[str]:
+    cfg = bundle / "configs"
+    if not (cfg / "train.json").is_file():
+        raise MedsimError(f"{bundle}: not a bundle (no configs/train.json)")
+    files = [str(cfg / "train.json")]
+    if variant:
+        v = cfg / f"{variant}.json"
+        if not v.is_file():
+            import difflib
+
+            options = sorted(p.stem for p in cfg.glob("*.json") if p.stem not in ("train", "metadata", "evaluate",
+                                                                                   "inference"))
+            close = difflib.get_close_matches(variant, options, n=1)
+            raise MedsimError(f"{bundle}: no variant '{variant}' (available: {', '.join(options)})"
+                              + (f"; did you mean '{close[0]}'?" if close else ""))
+        files.append(str(v))
+    return files
+
+
+def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, dataset_dir: str | None = None,
+                 output_dir: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run a bundle's training workflow (initialize → run → finalize) through MONAI's ``ConfigWorkflow``."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = Path(bundle)
+    ov = dict(overrides or {})
+    ov["bundle_root"] = str(bundle.resolve())
+    if dataset_dir is not None:
+        ov["dataset_dir"] = str(Path(dataset_dir).resolve())
+    if output_dir is not None:
+        ov["output_dir"] = str(Path(output_dir).resolve())
+    wf = ConfigWorkflow(config_file=_bundle_files(bundle, variant), meta_file=str(bundle / "configs" / "metadata.json"),
+                        workflow_type="train", **ov)
+    t0 = time.time()
+    wf.initialize()
+    out = Path(wf.parser.get_parsed_content("output_dir"))
+    out.mkdir(parents=True, exist_ok=True)
+    wf.parser.export_config_file(wf.parser.get(), str(out / "config.json"), indent=1)
+    wf.run()
+    result = wf.finalize()
+    summary = {"output_dir": str(out), "seconds": round(time.time() - t0, 1)}
+    test = out / "eval_test.json"
+    if test.is_file():
+        summary.update(json.loads(test.read_text()))
+    return summary
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint: str = "best.pt",
+                 seed: int = 0) -> dict[str, float]:
+    """Evaluate a finished run on one split of its own ``split.json``; writes ``eval_<split>.json`` and ``.md``."""
+    from monai.bundle import ConfigParser
+    from monai.data import DataLoader
+
+    from medsim.data.datasets import make_dataset
+    from medsim.metrics.retrieval import metrics_table
+
+    run = Path(run_dir)
+    cfg_file, ckpt = run / "config.json", run / checkpoint
+    for f in (cfg_file, ckpt, run / "split.json"):
+        if not f.is_file():
+            raise MedsimError(f"{f}: not found — is {run} a finished `medsim train` run directory?")
+    parser = ConfigParser()
+    parser.read_config(str(cfg_file))
+    parser["output_dir"] = str(run.resolve())
+    key = {"test": "test", "validation": "validation", "val": "validation", "train": "training",
+           "training": "training"}.get(split)
+    if key is None:
+        raise MedsimError(f"unknown split '{split}'; choose test, validation or training")
+    items = parser.get_parsed_content("datalists")[key]
+    if not items:
+        raise MedsimError(f"split '{split}' of {run / 'split.json'} is empty")
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["network"])
+    loader = DataLoader(make_dataset(items, parser.get_parsed_content("eval#preprocessing")),
+                        batch_size=int(parser.get_parsed_content("eval_batch_size")), num_workers=0)
+    res = evaluate_checkpoint(network, loader, parser.get_parsed_content("device"), seed=seed)
+    atomic_write_text(run / f"eval_{key}.json", json.dumps({"split": key, "checkpoint": str(ckpt), **res},
+                                                           indent=2))
+    atomic_write_text(run / f"eval_{key}.md", metrics_table({run.name: res}) + "\n")
+    return res

@@ -1,0 +1,76 @@
+"""The Embedder: backbone → attention → global average pooling → linear embedding (→ logits).
+
+Every medsim model returns the same structure (export, retrieval, localization and MONAI Label rely on it)::
+
+    {"embedding": (B, D) L2-normalised, "attention": (B, 1, *S_feat) in [0, 1], "logits": (B, n_classes)?}
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medsim.nn.attention import create_attention
+from medsim.nn.backbones import make_backbone
+
+__all__ = ["Embedder", "upsample_attention"]
+
+
+class Embedder(nn.Module):
+    """Attention-based metric-learning network of Dynamic Subspace Learners (DSL, MIDL 2022).
+
+    Args:
+        backbone: ``monai.networks.nets`` ResNet name (``resnet10/18/34/50``).
+        spatial_dims: 2 (images) or 3 (volumes).
+        in_channels: input channels.
+        cut: backbone stage whose output feeds attention (``layer3`` as in DSL).
+        embedding_dim: D (128 in DSL).
+        attention: ``"dsl"`` or ``"none"``.
+        n_classes: adds a classification head on the (unnormalised) embedding when set (classifier baseline:
+            the embedding is then the penultimate layer).
+        widen_factor: backbone width multiplier.
+        normalize: L2-normalise the embedding.
+
+    Shapes: x (B, in_channels, *S) -> embedding (B, D), attention (B, 1, *S/16 for layer3), logits (B, n_classes).
+    """
+
+    def __init__(self, backbone: str = "resnet18", *, spatial_dims: int = 2, in_channels: int = 3,
+                 cut: str = "layer3", embedding_dim: int = 128, attention: str = "dsl", n_classes: int | None = None,
+                 widen_factor: float = 1.0, normalize: bool = True, attention_kwargs: dict | None = None):
+        super().__init__()
+        self.backbone, channels = make_backbone(backbone, spatial_dims=spatial_dims, in_channels=in_channels,
+                                                cut=cut, widen_factor=widen_factor)
+        self.attention = create_attention(attention, channels, spatial_dims=spatial_dims, **(attention_kwargs or {}))
+        self.embed = nn.Linear(channels, embedding_dim)
+        self.classifier = nn.Linear(embedding_dim, n_classes) if n_classes else None
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.embedding_dim = embedding_dim
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected a (B, {self.in_channels}, {', '.join(['*'] * self.spatial_dims)}) batch, "
+                             f"got shape {tuple(x.shape)}")
+        feats, att = self.attention(self.backbone(x))
+        pooled = feats.flatten(2).mean(-1)
+        raw = self.embed(pooled)
+        out = {"embedding": F.normalize(raw, dim=1) if self.normalize else raw, "attention": att}
+        if self.classifier is not None:
+            out["logits"] = self.classifier(raw)
+        return out
+
+    @torch.no_grad()
+    def reset_neurons(self, index: torch.Tensor) -> None:
+        """Re-initialise the embedding neurons ``index`` (rows of the linear layer), as DSL does for the neurons
+        left over after a split (default PyTorch Linear initialisation, drawn from torch's global RNG)."""
+        fresh = nn.Linear(self.embed.in_features, self.embed.out_features).to(self.embed.weight)
+        self.embed.weight[index] = fresh.weight[index]
+        self.embed.bias[index] = fresh.bias[index]
+
+
+def upsample_attention(attention: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Attention (B, 1, *S_feat) → (B, 1, *size) by (bi/tri)linear interpolation, for overlays on the input."""
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[attention.ndim - 2]
+    return F.interpolate(attention, size=tuple(size), mode=mode, align_corners=False)
