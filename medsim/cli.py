@@ -169,8 +169,40 @@ def _not_yet(name: str, issue: int, what: str):
     return _cmd
 
 
-_not_yet("train", 3, "Train a bundle: DSL, MML and baselines")
-_not_yet("evaluate", 3, "Retrieval and clustering metrics of a run")
+@cli.command("train")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--variant", default=None, help="Override config in the bundle's configs/ (margin, mml, triplet, "
+                                               "contrastive, classifier).")
+@click.option("--dataset-dir", default=None, help="Dataset folder (ISIC 2019 or HAM10000 layout); default: the "
+                                                  "embedded sample.")
+@click.option("--output", "output", default=None, help="Run directory (checkpoints, metrics, split).")
+@click.option("-o", "overrides", multiple=True, metavar="ID=VALUE",
+              help="Override a config id, e.g. -o train#trainer#max_epochs=1 or -o max_k=4 (repeatable).")
+def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: str | None,
+          overrides: tuple[str, ...]) -> None:
+    """Train BUNDLE (e.g. bundles/isic_dsl); prints test NMI and R@1 of the best validation checkpoint.
+
+    A run directory that holds last.pt resumes from it."""
+    from medsim.engines.workflow import parse_overrides, train_bundle
+
+    summary = train_bundle(bundle, variant=variant, dataset_dir=dataset_dir, output_dir=output,
+                           overrides=parse_overrides(overrides))
+    click.echo(f"run: {summary['output_dir']} ({summary['seconds']} s)")
+    if "nmi" in summary:
+        click.echo(f"NMI {summary['nmi']:.4f}  R@1 {summary['R@1']:.4f}  (test split)")
+
+
+@cli.command("evaluate")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "validation", "training"]))
+@click.option("--checkpoint", default="best.pt", show_default=True, help="best.pt (validation-selected) or last.pt")
+def evaluate(run_dir: Path, split: str, checkpoint: str) -> None:
+    """Retrieval and clustering metrics of a run on one split; writes eval_<split>.json and .md."""
+    from medsim.engines.workflow import evaluate_run
+    from medsim.metrics.retrieval import metrics_table
+
+    res = evaluate_run(run_dir, split=split, checkpoint=checkpoint)
+    click.echo(metrics_table({f"{run_dir.name} ({split})": res}))
 _not_yet("export", 4, "ONNX / TensorRT export with parity checks")
 _not_yet("index", 4, "Build a faiss case index from an exported model")
 _not_yet("search", 4, "Query similar cases")

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -69,20 +70,28 @@ class MetricLearningTrainer(SupervisedTrainer):
     Extra args:
         subspaces: the shared :class:`SubspaceState`.
         batch_sampler: its ``set_epoch`` is called at each epoch start (reproducible batches on resume).
+        transform: the training augmentation, re-seeded from (seed, epoch) at each epoch start.
     """
 
-    def __init__(self, *args: Any, subspaces: SubspaceState, batch_sampler: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, subspaces: SubspaceState, batch_sampler: Any = None, transform: Any = None,
+                 seed: int = 0, **kwargs: Any):
         kwargs.setdefault("decollate", False)
         super().__init__(*args, **kwargs)
         self.subspaces = subspaces
         self.batch_sampler = batch_sampler
+        self.transform = transform
+        self.seed = seed
         self.epoch_loss: list[float] = []
         self.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
 
     def _epoch_started(self, engine: Engine) -> None:
         self.epoch_loss = []
+        self.epoch_t0 = time.perf_counter()
         if self.batch_sampler is not None and hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(engine.state.epoch)
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            # augmentation depends on (seed, epoch) only, so a resumed run augments exactly as the original
+            self.transform.set_random_state(seed=(self.seed * 100_003 + engine.state.epoch) % 2**32)
 
     def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
         device = engine.state.device
@@ -314,6 +323,8 @@ class MetricsLogger:
         if not self.subspaces.history:
             return
         rec = self.subspaces.history[-1]
+        if hasattr(engine, "epoch_t0"):  # wall time of the epoch: training, validation, re-clustering, splits
+            rec["seconds"] = round(time.perf_counter() - engine.epoch_t0, 2)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")

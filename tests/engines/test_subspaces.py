@@ -1,0 +1,174 @@
+"""DSL/MML mechanics on toy problems where the right answer is known."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medsim.engines.sampling import ClusterBatchSampler
+from medsim.engines.subspaces import SubspaceState, equal_slices, neuron_scores, split_learner
+from medsim.engines.trainer import SubspaceHandler
+
+
+class ToyEmbedder(nn.Module):
+    """embedding = W x (no normalisation), the interface the handlers use."""
+
+    def __init__(self, d_in=6, dim=16):
+        super().__init__()
+        self.embed = nn.Linear(d_in, dim)
+        self.embedding_dim = dim
+
+    def forward(self, x):
+        return {"embedding": self.embed(x)}
+
+    @torch.no_grad()
+    def reset_neurons(self, index):
+        self.embed.weight[index] = 0.123
+        self.embed.bias[index] = 0.0
+
+
+def _loader(n=40, d_in=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.arange(n) % 4
+    return [{"image": x[i:i + 10], "label": y[i:i + 10], "index": torch.arange(i, i + 10)} for i in range(0, n, 10)]
+
+
+def _relevant_loss(relevant):
+    def loss(e, y, logits=None):  # only the `relevant` neurons influence the loss
+        return (e[:, relevant] ** 2).sum()
+    return loss
+
+
+def test_neuron_scores_find_the_neurons_the_loss_uses():
+    torch.manual_seed(0)
+    net = ToyEmbedder()
+    with torch.no_grad():  # relevant neurons share one weight row: equal scores
+        net.embed.weight[[2, 5, 11]] = net.embed.weight[2].clone()
+        net.embed.bias[[2, 5, 11]] = net.embed.bias[2].clone()
+    s = neuron_scores(net, _loader(), _relevant_loss([2, 5, 11]), "cpu")
+    assert s.shape == (16,)
+    np.testing.assert_allclose(s[[2, 5, 11]].numpy(), 1.0, atol=1e-6)
+    assert float(s[[i for i in range(16) if i not in (2, 5, 11)]].abs().max()) == 0.0
+    assert all(p.grad is None for p in net.parameters())  # no gradients left behind
+
+
+def test_neuron_score_formula_against_a_loop():
+    torch.manual_seed(1)
+    net = ToyEmbedder()
+    loader = _loader()
+    loss = lambda e, y, logits=None: ((e - 0.3) ** 3).sum()  # noqa: E731
+    s = neuron_scores(net, loader, loss, "cpu")
+    total = torch.zeros(16)
+    for b in loader:
+        e = net.embed(b["image"]).detach()
+        total += (3 * (e - 0.3) ** 2 * e).sum(0)  # dL/de_i * e_i, summed over samples
+    raw = (total / 40).abs()
+    np.testing.assert_allclose(s.numpy(), ((raw - raw.min()) / (raw.max() - raw.min())).numpy(), atol=1e-5)
+
+
+def test_split_keeps_high_scoring_neurons_and_resets_the_rest():
+    st = SubspaceState(learners=[list(range(16))])
+    scores = torch.zeros(16)
+    scores[[1, 3, 4, 8, 9, 10, 12, 15]] = torch.tensor([0.9, 1.0, 0.8, 0.7, 0.95, 0.6, 0.51, 0.99])
+    keep, reset = split_learner(st, scores, threshold=0.5, min_neurons=4)
+    assert keep == [1, 3, 4, 8, 9, 10, 12, 15]
+    assert reset == [0, 2, 5, 6, 7, 11, 13, 14]
+    assert st.learners == [keep, reset] and st.k == 2
+    # the second split works inside the exploring learner only, scaled within it
+    scores2 = torch.zeros(16)
+    scores2[[0, 2, 5, 6]] = 1.0
+    scores2[[1, 3]] = 50.0  # large scores of the frozen learner must not matter
+    keep2, reset2 = split_learner(st, scores2, threshold=0.5, min_neurons=2)
+    assert keep2 == [0, 2, 5, 6] and reset2 == [7, 11, 13, 14] and st.k == 3
+    assert split_learner(st, scores2, threshold=0.5, min_neurons=3) is None  # 4 neurons cannot make 2×3
+
+
+def test_equal_slices():
+    assert equal_slices(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with pytest.raises(ValueError, match="k=11, dim=10"):
+        equal_slices(10, 11)
+
+
+def test_state_roundtrip():
+    st = SubspaceState(learners=[[0, 1], [2, 3]], assignment=np.array([0, 1, 1]), phase="finetune", best_nmi=0.4,
+                       history=[{"epoch": 1}])
+    other = SubspaceState(learners=[])
+    other.load_state_dict(st.state_dict())
+    assert other.learners == st.learners and other.assignment.tolist() == [0, 1, 1]
+    assert other.phase == "finetune" and other.history == [{"epoch": 1}]
+
+
+def _engine(net, st, epoch, max_epochs=20):
+    return SimpleNamespace(subspaces=st, network=net, epoch_loss=[1.0],
+                           state=SimpleNamespace(epoch=epoch, max_epochs=max_epochs, device="cpu"))
+
+
+def test_dsl_handler_splits_on_plateau_and_stops_when_splits_stop_helping():
+    torch.manual_seed(0)
+    net = ToyEmbedder(dim=16)
+    st = SubspaceState(learners=[])
+    validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
+    h = SubspaceHandler(validator, _loader(), _relevant_loss(list(range(8))), mode="dsl", patience=2,
+                        min_neurons=2, max_k=4, finetune_epochs=0)
+    h.started(_engine(net, st, 0))
+    assert st.k == 1 and st.assignment.tolist() == [0] * 40
+    h.epoch_completed(_engine(net, st, 1))  # first value: improvement
+    h.epoch_completed(_engine(net, st, 2))  # plateau 1
+    assert st.k == 1
+    before = net.embed.weight.detach().clone()
+    h.epoch_completed(_engine(net, st, 3))  # plateau 2 = patience: split
+    assert st.k == 2
+    assert "split: val NMI has not improved for 2 epochs" in st.history[-1]["events"][0]
+    assert sorted(st.assignment.tolist()) != [0] * 40 and set(st.assignment.tolist()) == {0, 1}
+    reset = st.learners[-1]
+    assert torch.all(net.embed.weight[reset] == 0.123)  # re-initialised
+    kept = st.learners[0]
+    assert torch.equal(net.embed.weight[kept], before[kept])  # untouched
+    # NMI never beats the value at the split: after `patience` more epochs splitting stops, fine-tune starts
+    h.epoch_completed(_engine(net, st, 4))
+    h.epoch_completed(_engine(net, st, 5))
+    assert st.k == 2 and not st.splitting and st.phase == "finetune"
+    assert "no better than before the last split" in st.history[-1]["events"][0]
+    assert st.neurons_for_cluster(1, 16) == list(range(16))
+
+
+def test_mml_handler_reclusters_every_n_epochs_and_finetunes_at_the_end():
+    net = ToyEmbedder(dim=16)
+    st = SubspaceState(learners=[])
+    validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
+    h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), mode="mml", k=4, recluster_every=2,
+                        finetune_epochs=2)
+    h.started(_engine(net, st, 0, max_epochs=6))
+    assert st.learners == equal_slices(16, 4) and set(st.assignment.tolist()) == {0, 1, 2, 3}
+    h.epoch_completed(_engine(net, st, 1, 6))
+    assert st.history[-1]["events"] == []
+    h.epoch_completed(_engine(net, st, 2, 6))
+    assert st.history[-1]["events"][0].startswith("re-clustered into 4")
+    h.epoch_completed(_engine(net, st, 3, 6))
+    h.epoch_completed(_engine(net, st, 4, 6))
+    assert st.phase == "finetune" and st.k == 4
+    assert st.history[-1]["cluster_sizes"] != [40]  # epoch 4 itself still trained the learners
+    h.epoch_completed(_engine(net, st, 5, 6))
+    assert st.history[-1]["cluster_sizes"] == [40] and st.history[-1]["phase"] == "finetune"
+
+
+def test_cluster_batches_single_cluster_constant_length_reproducible():
+    labels = np.repeat(np.arange(5), 30)
+    asg = np.random.default_rng(1).integers(0, 3, 150)
+    s = ClusterBatchSampler(labels, lambda: asg, batch_size=16, m_per_class=4, seed=7)
+    s.set_epoch(3)
+    a = list(s)
+    s.set_epoch(3)
+    assert list(s) == a
+    s.set_epoch(4)
+    assert list(s) != a
+    assert len(a) == len(s) == 150 // 16
+    assert all(len(set(asg[b])) == 1 for b in a)
+    assert all(np.bincount(labels[b]).max() <= 4 for b in a)  # m per class
+    asg2 = np.zeros(150, dtype=int)
+    assert len(ClusterBatchSampler(labels, lambda: asg2, batch_size=16)) == len(s)  # epoch length fixed
