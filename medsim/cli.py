@@ -209,6 +209,16 @@ _not_yet("search", 4, "Query similar cases")
 _not_yet("localize", 4, "Attention-derived lesion masks, boxes and overlays")
 
 
+def _medsim_cause(e: BaseException) -> MedsimError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, MedsimError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI, turning input errors into one-line messages and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
@@ -229,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug, not bad input: say so, keep the traceback behind --debug
         if debug:
             raise
+        cause = _medsim_cause(e)  # bad input raised inside MONAI's config machinery / ignite comes wrapped
+        if cause is not None:
+            click.echo(f"error: {cause}", err=True)
+            sys.exit(2)
         click.echo(f"internal error: {type(e).__name__}: {e}\n(rerun with --debug for the traceback)", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)

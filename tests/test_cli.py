@@ -102,3 +102,26 @@ def test_prepare_on_source(sample_root, tmp_path, capsys):
     assert "batch (8, 3, 32, 32)" in out and "masks (8, 1, 32, 32)" in out
     assert (tmp_path / "p" / "derm_preview.png").stat().st_size > 1000
     assert json.loads((tmp_path / "p" / "derm_split.json").read_text())["meta"]["by"] == "lesion_id"
+
+
+def test_train_evaluate_cli(sample_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(sample_root / "derm"), "--output",
+                          str(run_dir), "-o", "max_epochs=1", "-o", "image_size=32", "-o", "backbone=resnet10",
+                          "-o", "widen_factor=0.25", "-o", "train#handlers#5#_disabled_=true"], capsys)
+    assert code == 0, err
+    assert "NMI" in out and "R@1" in out and (run_dir / "best.pt").is_file()
+    code, out, err = run(["evaluate", str(run_dir), "--split", "validation"], capsys)
+    assert code == 0, err
+    assert out.startswith("| run") and "| nmi |" in out.replace(" nmi ", " nmi |", 1) or "nmi" in out
+    assert (run_dir / "eval_validation.json").is_file() and (run_dir / "eval_validation.md").is_file()
+
+
+def test_train_errors_exit_2(tmp_path, capsys):
+    code, _, err = run(["train", "bundles/isic_dsl", "--variant", "mmll"], capsys)
+    assert code == 2 and "did you mean 'mml'" in err
+    code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(tmp_path), "--output",
+                        str(tmp_path / "o")], capsys)
+    assert code == 2 and "cannot tell the dataset layout" in err and "Traceback" not in err
+    code, _, err = run(["evaluate", str(tmp_path)], capsys)
+    assert code == 2 and "config.json: not found" in err

@@ -140,13 +140,14 @@ class EmbeddingMetric(Metric):
         self._lab.append(torch.as_tensor(lab).detach().cpu())
 
     def compute(self) -> float | dict[str, float]:
-        from medsim.metrics.retrieval import evaluate_embeddings, nmi_ami
+        from medsim.metrics.retrieval import evaluate_embeddings, nmi_ami, usable_ks
 
         emb = torch.cat(self._emb).numpy()
         lab = torch.cat(self._lab).numpy()
         if self.mode == "nmi":
             return float(nmi_ami(emb, lab, seed=self.seed)["nmi"])
-        return {self.prefix + k: float(v) for k, v in evaluate_embeddings(emb, lab, seed=self.seed).items()}
+        return {self.prefix + k: float(v) for k, v in evaluate_embeddings(emb, lab, ks=usable_ks(len(emb)),
+                                                                             seed=self.seed).items()}
 
 
 class SubspaceHandler:

@@ -18,7 +18,7 @@ import torch
 from medsim.errors import MedsimError, atomic_write_text
 
 __all__ = ["bundle_datalists", "evaluate_checkpoint", "finish_training", "train_bundle", "evaluate_run",
-           "parse_overrides"]
+           "parse_overrides", "embed_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ def evaluate_checkpoint(network: torch.nn.Module, loader: Any, device: str | tor
                         ) -> dict[str, float]:
     """Embed a loader with ``network`` and compute NMI/AMI, R@1/2/4/8, MAP@R, P@1."""
     from medsim.engines.subspaces import embed_loader
-    from medsim.metrics.retrieval import evaluate_embeddings
+    from medsim.metrics.retrieval import evaluate_embeddings, usable_ks
 
     emb, labels, _ = embed_loader(network, loader, device)
-    return evaluate_embeddings(emb, labels, seed=seed)
+    return evaluate_embeddings(emb, labels, ks=usable_ks(len(emb)), seed=seed)
 
 
 def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, test_loader: Any,
@@ -145,8 +145,15 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
         ov["dataset_dir"] = str(Path(dataset_dir).resolve())
     if output_dir is not None:
         ov["output_dir"] = str(Path(output_dir).resolve())
-    wf = ConfigWorkflow(config_file=_bundle_files(bundle, variant), meta_file=str(bundle / "configs" / "metadata.json"),
-                        workflow_type="train", **ov)
+    quiet = logging.getLogger("monai.bundle.workflows")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # medsim's CLI configures logging itself; skip the bundle's logging.conf
+    try:
+        wf = ConfigWorkflow(config_file=_bundle_files(bundle, variant),
+                            meta_file=str(bundle / "configs" / "metadata.json"), workflow_type="train",
+                            logging_file=False, **ov)
+    finally:
+        quiet.setLevel(level)
     t0 = time.time()
     wf.initialize()
     out = Path(wf.parser.get_parsed_content("output_dir"))
@@ -194,3 +201,46 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
                                                            indent=2))
     atomic_write_text(run / f"eval_{key}.md", metrics_table({run.name: res}) + "\n")
     return res
+
+
+def embed_dataset(network: torch.nn.Module, checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike | None,
+                  transform: Any, out_file: str | os.PathLike, *, device: str | torch.device = "cpu",
+                  batch_size: int = 64) -> Path:
+    """Embed every usable image of ``dataset_dir`` (default: the embedded sample) with a trained checkpoint.
+
+    Writes ``out_file`` (.npz, atomically): ``embedding`` (N, D), ``attention`` (N, 1, h, w), ``label`` (N,),
+    ``id`` (N,) image ids, ``classes``. Returns the path.
+    """
+    from monai.data import DataLoader
+
+    from medsim.data.datasets import make_dataset
+    from medsim.data.prepare import load_checked
+
+    if not dataset_dir:
+        from medsim.data.sample import ensure_sample
+
+        dataset_dir = ensure_sample() / "derm"
+    ckpt = Path(checkpoint)
+    if not ckpt.is_file():
+        raise MedsimError(f"{ckpt}: checkpoint not found (train first: medsim train BUNDLE --output DIR)")
+    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["network"])
+    network.eval()
+    src, _ = load_checked(dataset_dir, lenient=True, report_path=Path(out_file).with_suffix(".skipped.json"))
+    items = [{"image": it["image"], "label": it.get("label", -1), "index": i} for i, it in enumerate(src.items)]
+    loader = DataLoader(make_dataset(items, transform), batch_size=batch_size, num_workers=0)
+    embs, atts, labels = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            out = network(batch["image"].to(device))
+            embs.append(out["embedding"].cpu())
+            atts.append(out["attention"].cpu())
+            labels.append(torch.as_tensor(batch["label"]))
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.stem}.tmp.npz")
+    np.savez_compressed(tmp, embedding=torch.cat(embs).numpy(), attention=torch.cat(atts).numpy(),
+                        label=torch.cat(labels).numpy(), id=np.array([str(it.get("id", "")) for it in src.items]),
+                        classes=np.array(src.classes))
+    os.replace(tmp, out_file)
+    print(f"embedded {len(items)} images -> {out_file}")
+    return out_file

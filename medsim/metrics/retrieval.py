@@ -40,6 +40,7 @@ __all__ = [
     "evaluate_embeddings",
     "metrics_table",
     "DEFAULT_KS",
+    "usable_ks",
 ]
 
 #: the Recall@K cut-offs of Song et al. 2016 and the papers that follow it
@@ -435,6 +436,11 @@ def _round(v: Any, digits: int | None) -> Any:
     if digits is None or not isinstance(v, float) or math.isnan(v):
         return v
     return round(v, digits)
+
+
+def usable_ks(n: int, ks: Sequence[int] = DEFAULT_KS) -> tuple[int, ...]:
+    """The cut-offs of ``ks`` that a leave-one-out evaluation of ``n`` samples can report (K <= n - 1)."""
+    return tuple(k for k in ks if k <= n - 1) or (1,)
 
 
 def evaluate_embeddings(
