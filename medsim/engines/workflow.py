@@ -18,7 +18,7 @@ import torch
 from medsim.errors import MedsimError, atomic_write_text
 
 __all__ = ["bundle_datalists", "evaluate_checkpoint", "finish_training", "train_bundle", "evaluate_run",
-           "parse_overrides", "embed_dataset"]
+           "parse_overrides", "embed_dataset", "evaluate_network"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +172,6 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
                  seed: int = 0) -> dict[str, float]:
     """Evaluate a finished run on one split of its own ``split.json``; writes ``eval_<split>.json`` and ``.md``."""
     from monai.bundle import ConfigParser
-    from monai.data import DataLoader
-
-    from medsim.data.datasets import make_dataset
-    from medsim.metrics.retrieval import metrics_table
 
     run = Path(run_dir)
     cfg_file, ckpt = run / "config.json", run / checkpoint
@@ -185,21 +181,39 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
     parser = ConfigParser()
     parser.read_config(str(cfg_file))
     parser["output_dir"] = str(run.resolve())
+    return evaluate_network(parser.get_parsed_content("network"), run, parser.get_parsed_content("datalists"),
+                            parser.get_parsed_content("eval#preprocessing"), parser.get_parsed_content("device"),
+                            split=split, checkpoint=checkpoint,
+                            batch_size=int(parser.get_parsed_content("eval_batch_size")), seed=seed)
+
+
+def evaluate_network(network: torch.nn.Module, run_dir: str | os.PathLike, datalists: dict[str, Any], transform: Any,
+                     device: str | torch.device, *, split: str = "test", checkpoint: str = "best.pt",
+                     batch_size: int = 64, seed: int = 0) -> dict[str, float]:
+    """Load ``run_dir/checkpoint`` into ``network``, embed one split and write ``eval_<split>.json`` / ``.md``
+    (used by ``medsim evaluate`` and the bundle's ``evaluate.json``)."""
+    from monai.data import DataLoader
+
+    from medsim.data.datasets import make_dataset
+    from medsim.metrics.retrieval import metrics_table
+
+    run = Path(run_dir)
     key = {"test": "test", "validation": "validation", "val": "validation", "train": "training",
            "training": "training"}.get(split)
     if key is None:
         raise MedsimError(f"unknown split '{split}'; choose test, validation or training")
-    items = parser.get_parsed_content("datalists")[key]
+    ckpt = run / checkpoint
+    if not ckpt.is_file():
+        raise MedsimError(f"{ckpt}: checkpoint not found")
+    items = datalists[key]
     if not items:
         raise MedsimError(f"split '{split}' of {run / 'split.json'} is empty")
-    network = parser.get_parsed_content("network")
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["network"])
-    loader = DataLoader(make_dataset(items, parser.get_parsed_content("eval#preprocessing")),
-                        batch_size=int(parser.get_parsed_content("eval_batch_size")), num_workers=0)
-    res = evaluate_checkpoint(network, loader, parser.get_parsed_content("device"), seed=seed)
+    loader = DataLoader(make_dataset(items, transform), batch_size=batch_size, num_workers=0)
+    res = evaluate_checkpoint(network, loader, device, seed=seed)
     atomic_write_text(run / f"eval_{key}.json", json.dumps({"split": key, "checkpoint": str(ckpt), **res},
                                                            indent=2))
-    atomic_write_text(run / f"eval_{key}.md", metrics_table({run.name: res}) + "\n")
+    atomic_write_text(run / f"eval_{key}.md", metrics_table({f"{run.name} ({key})": res}) + "\n")
     return res
 
 

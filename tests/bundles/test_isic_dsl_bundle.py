@@ -47,6 +47,23 @@ def test_dsl_bundle_trains_and_reports(sample_root, tmp_path):
     assert set(ckpt) >= {"network", "optimizer", "loss", "subspaces", "rng", "engine"}
     assert ckpt["engine"]["epoch"] == 2 and ckpt["subspaces"]["learners"] == [list(range(32))]
 
+    # evaluate.json: the same test metrics from the saved run
+    ev = _workflow(out, sample_root / "derm", "evaluate")
+    ev.initialize()
+    ev.run()
+    again = json.loads((out / "eval_test.json").read_text())
+    assert again["nmi"] == pytest.approx(res["nmi"], abs=1e-4) and again["R@1"] == pytest.approx(res["R@1"])
+    # inference.json: embeddings + attention maps of every image
+    inf = _workflow(out, sample_root / "derm", "inference")
+    inf.initialize()
+    inf.run()
+    import numpy as np
+
+    npz = np.load(out / "embeddings.npz")
+    assert npz["embedding"].shape == (48, 32) and npz["attention"].shape == (48, 1, 2, 2)
+    np.testing.assert_allclose(np.linalg.norm(npz["embedding"], axis=1), 1.0, atol=1e-5)
+    assert list(npz["classes"]) == ["round", "ring", "lobed", "streaks"]
+
 
 @pytest.mark.parametrize("variant", ["margin", "mml", "triplet", "contrastive", "classifier"])
 def test_variants_run(sample_root, tmp_path, variant):
