@@ -79,6 +79,8 @@ def _first_batch(items: list[dict], kind: str, size: int, n: int = 8) -> tuple[A
 
     with_mask = all("mask" in it for it in items[:n])
     kw: dict[str, Any] = {"with_mask": with_mask}
+    if items and "location" in items[0]:  # histology patches arrive decoded from the slide
+        kw["load"] = False
     if kind == "ct3d":
         kw["roi_size"] = (size, size, size)
     else:

@@ -41,13 +41,16 @@ def _readers():
 
 
 def rgb2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = False, with_mask: bool = False,
-                     normalize: bool = True):
-    """2D RGB (dermoscopy, histology tiles) → float (3, H, W). Masks → binary (1, H, W)."""
+                     normalize: bool = True, load: bool = True):
+    """2D RGB (dermoscopy, histology tiles) → float (3, H, W). Masks → binary (1, H, W).
+
+    ``load=False`` for samples whose ``image`` is already a channel-first array (histology patches read by
+    :func:`medsim.data.histology.patch_dataset`)."""
     import monai.transforms as mt
 
     keys, modes = _keys(with_mask)
     xs: list = [
-        mt.LoadImaged(keys, image_only=True, ensure_channel_first=True),
+        *([mt.LoadImaged(keys, image_only=True, ensure_channel_first=True)] if load else []),
         mt.EnsureTyped(keys, dtype="float32", track_meta=False),
         _ToRGBd("image"),
         mt.ScaleIntensityRanged("image", 0.0, 255.0, 0.0, 1.0, clip=True),

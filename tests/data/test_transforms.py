@@ -95,3 +95,26 @@ def test_ct_pipeline_labels_stay_aligned(sample_root):
     spine, liver = img[lab == 3], img[lab == 1]
     assert spine.numel() and liver.numel()
     assert float(spine.mean()) > 0.95 and 0.4 < float(liver.mean()) < 0.7  # 700 HU clipped; 60 HU in [-175, 250]
+
+
+def test_histology_patches_through_the_rgb_pipeline(tmp_path):
+    import tifffile
+    from skimage import data as skdata
+
+    from medsim.data.sources import open_source
+
+    ihc = skdata.immunohistochemistry()  # real IHC histology, 512×512 RGB
+    slide = np.full((512, 768, 3), 255, np.uint8)
+    slide[:, :512] = ihc
+    path = tmp_path / "Schnitt 1 ü.tif"
+    tifffile.imwrite(path, slide, tile=(128, 128), photometric="rgb")
+    src = open_source(path, patch_size=128)
+    assert src.layout == "tiff" and len(src.items) == 16  # the 8 white patches on the right are dropped
+    ds = make_dataset(src.items, make_transforms("rgb2d", spatial_size=(64, 64), load=False))
+    x = ds[5]
+    y0, x0 = src.items[5]["location"]
+    assert x["image"].shape == (3, 64, 64)
+    # undo the normalisation: the mean colour equals the slide's patch (resizing keeps the mean)
+    rgb = x["image"] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    expected = slide[y0:y0 + 128, x0:x0 + 128].reshape(-1, 3).mean(0) / 255
+    np.testing.assert_allclose(rgb.flatten(1).mean(1).numpy(), expected, atol=0.01)
