@@ -366,11 +366,12 @@ def read_dicom_source(root: Path, anon: Anonymizer, *, lenient: bool = False) ->
     scan = scan_dicom(root)
     items = []
     volumes = [s for s in scan.series if s.n_slices > 1]
-    for s in scan.series:
-        rel = os.path.relpath(s.files[0], root) if root.is_dir() else Path(s.files[0]).name
+    for n, s in enumerate(scan.series):
+        first = Path(s.files[0])
+        rel = first.relative_to(root) if root.is_dir() else Path(first.name)
         it: dict[str, Any] = {
-            "id": rel if s.n_slices == 1 else f"{os.path.relpath(Path(s.files[0]).parent, root) if root.is_dir() else '.'}"
-                                              f"#{len(items)}",
+            # a single image is named by its file; a series by its folder (and its position, for folders with several)
+            "id": rel.as_posix() if s.n_slices == 1 else f"{rel.parent.as_posix()}#{n}",
             "image": s.files[0] if s.n_slices == 1 else list(s.files),
             "patient": s.patient_id, "study": s.study_uid, "series": s.series_uid, "view": s.view,
             "laterality": s.laterality}
