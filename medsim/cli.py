@@ -203,7 +203,38 @@ def evaluate(run_dir: Path, split: str, checkpoint: str) -> None:
 
     res = evaluate_run(run_dir, split=split, checkpoint=checkpoint)
     click.echo(metrics_table({f"{run_dir.name} ({split})": res}))
-_not_yet("export", 4, "ONNX / TensorRT export with parity checks")
+
+
+@cli.command("export")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Output folder (model.onnx, manifest.json, model.int8.onnx, model.plan, triton/).")
+@click.option("--onnx/--no-onnx", "onnx", default=True, show_default=True,
+              help="Export and verify model.onnx; --no-onnx reuses OUT/model.onnx from an earlier export.")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT engine (model.plan; needs tensorrt and a GPU).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="TensorRT precision; int8 without --trt writes an onnxruntime INT8 model.int8.onnx.")
+@click.option("--calib-split", type=click.Choice(["training", "validation", "test"]), default="training",
+              show_default=True, help="Split whose images calibrate INT8 (R@1 is measured on validation).")
+@click.option("--quantize", type=click.Choice(["static", "dynamic"]), default=None,
+              help="Write model.int8.onnx with onnxruntime quantization (static is the default for int8).")
+@click.option("--triton", is_flag=True, help="Also write a Triton model repository under OUT/triton.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 18 uses the dynamo exporter).")
+@click.option("--opt-batch", type=int, default=8, show_default=True,
+              help="Parity batch, TensorRT optimum and Triton preferred batch.")
+@click.option("--max-batch", type=int, default=32, show_default=True, help="TensorRT/Triton largest batch.")
+def export(source: Path, out: Path, onnx: bool, trt: bool, precision: str, calib_split: str, quantize: str | None,
+           triton: bool, opset: int, opt_batch: int, max_batch: int) -> None:
+    """Export SOURCE (a run directory or a checkpoint inside one) to ONNX with a parity check against PyTorch
+    and a manifest; optionally INT8, TensorRT and a Triton repository."""
+    from medsim.export.pipeline import export_run
+
+    result = export_run(source, out, onnx=onnx, trt=trt, precision=precision, calib_split=calib_split,
+                        quantize=quantize, triton=triton, opset=opset, opt_batch=opt_batch, max_batch=max_batch)
+    for line in result["lines"]:
+        click.echo(line)
+
+
 _not_yet("index", 4, "Build a faiss case index from an exported model")
 _not_yet("search", 4, "Query similar cases")
 _not_yet("localize", 4, "Attention-derived lesion masks, boxes and overlays")

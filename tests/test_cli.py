@@ -85,7 +85,7 @@ def test_debug_shows_traceback(tmp_path, capsys):
 
 
 def test_later_commands_say_when(capsys):
-    code, _, err = run(["export", "x"], capsys)
+    code, _, err = run(["index", "x"], capsys)
     assert code == 2 and "arrives with issue #4" in err
 
 

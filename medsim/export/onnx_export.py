@@ -1,0 +1,388 @@
+"""Export a trained run to ONE self-contained ONNX file, check it, and prove it computes what PyTorch computes.
+
+The exported graph has one input and a fixed tuple of outputs::
+
+    image      float32 (batch, C, x, y)   preprocessed as manifest.json["preprocessing"] says
+    embedding  float32 (batch, D)         L2-normalised
+    attention  float32 (batch, 1, h, w)   in [0, 1], at the backbone's feature resolution (1/16 for layer3)
+    logits     float32 (batch, n_classes) only for models with a classifier head
+
+The batch axis is dynamic (named ``batch``); the spatial size is fixed to the run's ``image_size``.
+
+Exporters (``torch.onnx.export``, torch 2.13): ``"dynamo"`` (``torch.export`` + onnxscript) emits opset >= 18
+only — asked for 17 it fails to down-convert MONAI ResNet's ``ReduceMean`` and silently keeps 18 — so
+``exporter="auto"`` uses it for ``opset >= 18`` (with ``external_data=False``: one file) and the TorchScript
+exporter (``dynamo=False``, deprecated but exact) for ``opset <= 17``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsim.export.errors import ExportError, ExportParityError
+from medsim.export.manifest import describe_preprocessing, preprocessing_kind, utc_now, write_manifest
+from medsim.export.run import LoadedRun, load_run, preprocess_items, sha256_file, split_images
+
+__all__ = ["OUTPUT_ORDER", "INPUT_NAME", "MODEL_NAME", "ExportWrapper", "export_onnx", "export_module",
+           "check_parity", "ort_session", "run_onnx", "onnx_output_shapes"]
+
+logger = logging.getLogger(__name__)
+
+#: graph output order (``logits`` only when the model has a classifier)
+OUTPUT_ORDER = ("embedding", "attention", "logits")
+INPUT_NAME = "image"
+MODEL_NAME = "model.onnx"
+#: largest model protobuf can hold in one file
+_PROTO_LIMIT = 2 * 1024**3 - 1
+
+
+class ExportWrapper(nn.Module):
+    """Embedder → tuple: ``forward(image (B, C, *S))`` returns the outputs ``names`` in that order.
+
+    ONNX graphs have positional outputs; the dict of :class:`medsim.nn.Embedder` becomes a tuple whose order is
+    fixed by ``names`` (a subset of :data:`OUTPUT_ORDER`).
+    """
+
+    def __init__(self, network: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.network = network
+        self.names = tuple(names)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.network(image)
+        return tuple(out[n] for n in self.names)
+
+
+def _output_names(network: nn.Module, example: torch.Tensor) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    with torch.no_grad():
+        out = network(example)
+    if not isinstance(out, dict) or "embedding" not in out or "attention" not in out:
+        raise ExportError(f"{type(network).__name__} does not follow the Embedder contract (forward must return "
+                          f"a dict with 'embedding' and 'attention'; got {type(out).__name__})")
+    names = [n for n in OUTPUT_ORDER if n in out]
+    return names, {n: tuple(out[n].shape) for n in names}
+
+
+def _pick_exporter(exporter: str, opset: int) -> str:
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise ExportError(f"unknown exporter '{exporter}'; choose auto, dynamo or legacy")
+    if exporter == "auto":
+        return "dynamo" if opset >= 18 else "legacy"
+    return exporter
+
+
+def export_module(network: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, opset: int = 17,
+                  exporter: str = "auto") -> dict[str, Any]:
+    """Export ``network`` (an Embedder) to ``path`` as one self-contained ONNX file (written in place: callers
+    wanting atomicity pass a temporary path).
+
+    Args:
+        network: module returning the Embedder dict; put in eval mode here.
+        example: (B, C, *S) example batch, B >= 2 (a batch of 1 would be specialised by ``torch.export``).
+        opset: ONNX opset of the default domain.
+        exporter: ``auto`` / ``dynamo`` / ``legacy`` (see the module docstring).
+
+    Returns:
+        ``{"output_names", "output_shapes" (from PyTorch, batch of ``example``), "opset" (actual), "exporter"}``.
+
+    Raises:
+        ExportError: the exporter failed, produced external data, or a >2 GB model.
+    """
+    import onnx
+
+    if example.shape[0] < 2:
+        example = example.repeat(2, *([1] * (example.ndim - 1)))
+    network = network.eval()
+    names, shapes = _output_names(network, example)
+    wrapper = ExportWrapper(network, names).eval()
+    kind = _pick_exporter(exporter, opset)
+    path = Path(path)
+    kw: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": names, "opset_version": opset,
+                          "verbose": False}
+    if kind == "dynamo":
+        kw.update(dynamo=True, external_data=False, optimize=True,
+                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    else:
+        kw.update(dynamo=False, do_constant_folding=True,
+                  dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]})
+    chatter = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(wrapper, (example,), str(path), **kw)
+    except Exception as e:  # noqa: BLE001 - exporter internals raise anything
+        raise ExportError(f"torch.onnx.export ({kind} exporter, opset {opset}) failed for {path.name}: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — try "
+                          f"exporter='{'legacy' if kind == 'dynamo' else 'dynamo'}' with "
+                          f"opset {'17' if kind == 'dynamo' else '18'}") from e
+    extra = [p.name for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path]
+    if extra:
+        raise ExportError(f"{path}: the exporter wrote external data ({', '.join(extra)}); the model must be one "
+                          "file")
+    model = onnx.load(str(path))
+    _fix_output_shapes(model, names, shapes)
+    if model.ByteSize() > _PROTO_LIMIT:
+        raise ExportError(f"{path}: model larger than 2 GB cannot be one self-contained ONNX file")
+    onnx.save_model(model, str(path))
+    actual = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if actual != opset:
+        logger.warning("%s exporter produced opset %d instead of the requested %d", kind, actual, opset)
+    return {"output_names": names, "output_shapes": shapes, "opset": int(actual), "exporter": kind}
+
+
+def _fix_output_shapes(model: Any, names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Declare every output as ("batch", *static dims measured in PyTorch) (the TorchScript exporter leaves
+    symbolic names such as 'Divembedding_dim_1' where shapes went through F.normalize)."""
+    for out in model.graph.output:
+        if out.name not in shapes:
+            continue
+        dims = out.type.tensor_type.shape.dim
+        want = ["batch", *shapes[out.name][1:]]
+        while len(dims) < len(want):
+            dims.add()
+        for d, w in zip(dims, want):
+            if isinstance(w, str):
+                d.dim_param = w
+            else:
+                d.dim_value = int(w)
+
+
+def onnx_output_shapes(onnx_path: str | os.PathLike) -> dict[str, list[int | str]]:
+    """``{name: [dims]}`` of the graph inputs and outputs (``"batch"`` for the dynamic axis)."""
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*m.graph.input, *m.graph.output]}
+
+
+def ort_session(onnx_path: str | os.PathLike, *, threads: int | None = None):
+    """An onnxruntime CPU ``InferenceSession`` (imported lazily; ``pip install medsim[cpu]`` provides it)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError("onnxruntime is not installed: pip install 'medsim[cpu]' (or onnxruntime-gpu on a GPU "
+                          "host)") from e
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{onnx_path}: onnxruntime cannot load the model ({type(e).__name__}: {e})") from e
+
+
+def run_onnx(session: Any, images: np.ndarray, *, batch: int = 32, names: Sequence[str] | None = None
+             ) -> dict[str, np.ndarray]:
+    """Run ``images`` (N, C, *S) float32 through an ORT session in chunks of ``batch``: ``{output: (N, ...)}``."""
+    names = list(names or [o.name for o in session.get_outputs()])
+    inp = session.get_inputs()[0].name
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(0, len(images), batch):
+        outs = session.run(names, {inp: np.ascontiguousarray(images[i:i + batch], dtype=np.float32)})
+        for n, o in zip(names, outs):
+            chunks[n].append(o)
+    return {n: np.concatenate(v) for n, v in chunks.items()}
+
+
+def check_parity(onnx_path: str | os.PathLike, network: nn.Module, images: np.ndarray | torch.Tensor, *,
+                 batch_sizes: Sequence[int] = (1, 2), atol: float = 1e-4, threads: int | None = None
+                 ) -> dict[str, Any]:
+    """Compare onnxruntime (CPU, fp32) with PyTorch on the same preprocessed images.
+
+    Every image goes through both at each batch size (the last chunk may be smaller), so batch 1, the given
+    batch and a ragged tail exercise the dynamic batch axis.
+
+    Args:
+        onnx_path: the exported model.
+        network: the PyTorch Embedder it was exported from.
+        images: (N, C, *S) float32, preprocessed.
+        batch_sizes: batch sizes to run.
+        atol: largest allowed absolute difference, per output.
+
+    Returns:
+        ``{"atol", "batch_sizes", "images", "max_abs_diff": {output: float}, "by_batch": {"1": {...}, ...}}``.
+
+    Raises:
+        ExportParityError: an output differs by more than ``atol`` (or is NaN in one runtime only); the message
+            names the output, the difference and the batch size.
+    """
+    x = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim < 3 or len(x) == 0:
+        raise ExportError(f"parity images must be a non-empty (N, C, *spatial) array, got shape {x.shape}")
+    sess = ort_session(onnx_path, threads=threads)
+    names = [o.name for o in sess.get_outputs()]
+    network = network.eval()
+    with torch.no_grad():
+        ref_all = network(torch.from_numpy(x))
+    missing = [n for n in names if n not in ref_all]
+    if missing:
+        raise ExportError(f"{onnx_path}: outputs {missing} are not produced by the PyTorch network")
+    ref = {n: ref_all[n].numpy() for n in names}
+    by_batch: dict[str, dict[str, float]] = {}
+    worst: dict[str, float] = {n: 0.0 for n in names}
+    for b in batch_sizes:
+        got = run_onnx(sess, x, batch=int(b), names=names)
+        diffs = {}
+        for n in names:
+            if got[n].shape != ref[n].shape:
+                raise ExportParityError(f"{onnx_path}: output '{n}' has shape {got[n].shape} in onnxruntime but "
+                                        f"{ref[n].shape} in PyTorch at batch size {b}",
+                                        output=n, diff=float("inf"), atol=atol, batch=int(b))
+            d = np.abs(got[n].astype(np.float64) - ref[n].astype(np.float64))
+            both_nan = np.isnan(got[n]) & np.isnan(ref[n])
+            diffs[n] = float(np.max(np.where(both_nan, 0.0, d))) if d.size else 0.0
+            worst[n] = max(worst[n], diffs[n]) if not np.isnan(diffs[n]) else float("nan")
+            if not diffs[n] <= atol:  # NaN fails too
+                raise ExportParityError(
+                    f"{onnx_path}: output '{n}' differs from PyTorch by {diffs[n]:.3g} (atol {atol:g}) at batch "
+                    f"size {b} over {len(x)} image(s) — the ONNX model does not reproduce the checkpoint; re-export "
+                    "(another opset or exporter='legacy'/'dynamo') and do not deploy this file",
+                    output=n, diff=diffs[n], atol=atol, batch=int(b))
+        by_batch[str(int(b))] = diffs
+    return {"atol": atol, "batch_sizes": [int(b) for b in batch_sizes], "images": int(len(x)),
+            "max_abs_diff": worst, "by_batch": by_batch}
+
+
+def _parity_inputs(run: LoadedRun, parity_images: Any, n_max: int) -> tuple[np.ndarray, str]:
+    if parity_images is None:
+        x, _, split = split_images(run, "validation", limit=n_max)
+        return x, f"{split} split"
+    if isinstance(parity_images, (np.ndarray, torch.Tensor)):
+        x = parity_images.detach().cpu().numpy() if torch.is_tensor(parity_images) else parity_images
+        return np.ascontiguousarray(x, dtype=np.float32), "given arrays"
+    items = list(parity_images)
+    if not items:
+        raise ExportError("parity_images is empty; pass image paths, a (N, C, *S) array, or None for the run's "
+                          "validation split")
+    return preprocess_items(items, run.transform), "given images"
+
+
+def _network_summary(run: LoadedRun) -> dict[str, Any]:
+    out: dict[str, Any] = {"class": type(run.network).__name__}
+    for key in ("backbone", "spatial_dims", "in_channels", "cut", "embedding_dim", "attention", "widen_factor"):
+        try:
+            v = run.parser.get_parsed_content(f"network_def#{key}")
+        except Exception:  # noqa: BLE001 - optional description only
+            continue
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out
+
+
+def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str | os.PathLike, *, opset: int = 17,
+                batch: int = 2, parity_images: Any = None, atol: float = 1e-4, exporter: str = "auto",
+                parity_max_images: int = 32) -> dict[str, Any]:
+    """Export a run's network to ``out_dir/model.onnx`` and write ``out_dir/manifest.json``.
+
+    The model is written to a temporary file, checked with ``onnx.checker.check_model(full_check=True)``,
+    compared with PyTorch in onnxruntime, and only then moved into place (``os.replace``): a model that fails
+    any check never appears as ``model.onnx``.
+
+    Args:
+        run_or_checkpoint: a run directory (``best.pt``, else ``last.pt``), a checkpoint inside one, or a
+            :class:`~medsim.export.run.LoadedRun`.
+        out_dir: output folder (created).
+        opset: ONNX opset (17: TorchScript exporter; >= 18: dynamo exporter; see the module docstring).
+        batch: example batch for export and the second parity batch size (parity runs batch 1 and ``batch``).
+        parity_images: ``None`` (the run's validation split through ``eval#preprocessing``; test/training when
+            empty), image paths / datalist items (preprocessed the same way), or a preprocessed (N, C, *S) array.
+        atol: largest allowed absolute difference per output (fp32).
+        exporter: ``auto`` / ``dynamo`` / ``legacy``.
+        parity_max_images: at most this many split images are compared.
+
+    Returns:
+        ``{"onnx_path", "manifest_path", "manifest"}``.
+
+    Raises:
+        ExportError: the run cannot be opened or exported; ExportParityError: ONNX ≠ PyTorch beyond ``atol``.
+    """
+    import onnx
+
+    if batch < 1:
+        raise ExportError(f"batch must be >= 1, got {batch}")
+    run = run_or_checkpoint if isinstance(run_or_checkpoint, LoadedRun) else load_run(run_or_checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images, images_from = _parity_inputs(run, parity_images, max(parity_max_images, batch))
+    example = torch.from_numpy(images[: max(batch, 2)])
+    if len(example) < 2:
+        example = example.repeat(2, *([1] * (example.ndim - 1)))
+
+    final = out / MODEL_NAME
+    tmp = out / f".{final.stem}.tmp{os.getpid()}.onnx"
+    try:
+        info = export_module(run.network, example, tmp, opset=opset, exporter=exporter)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as e:  # noqa: BLE001 - onnx raises ValidationError / InferenceError
+            raise ExportError(f"{final}: onnx.checker rejected the exported model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        parity = check_parity(tmp, run.network, images, batch_sizes=sorted({1, int(batch)}), atol=atol)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    parity["images_from"] = images_from
+
+    shapes = info["output_shapes"]
+    in_shape = list(images.shape[1:])
+    import onnxruntime
+
+    manifest: dict[str, Any] = {
+        "schema": 1,
+        "format": "onnx",
+        "model": MODEL_NAME,
+        "created": utc_now(),
+        "medsim_version": _medsim_version(),
+        "versions": {"medsim": _medsim_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "monai": _monai_version()},
+        "exporter": info["exporter"],
+        "opset": info["opset"],
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", *in_shape],
+                  "layout": "(batch, C, x, y): MONAI channel-first, spatially transposed vs PIL (H, W)"},
+        "outputs": [_describe_output(n, shapes[n]) for n in info["output_names"]],
+        "output_names": info["output_names"],
+        "embedding_size": int(shapes["embedding"][1]),
+        "attention_resolution": [int(v) for v in shapes["attention"][2:]],
+        "classes": list(run.classes),
+        "n_classes": len(run.classes),
+        "preprocessing": describe_preprocessing(run.transform, preprocessing_kind(run.parser)),
+        "network": _network_summary(run),
+        "source": {"checkpoint": run.checkpoint.name, "sha256": sha256_file(run.checkpoint)},
+        "parity": parity,
+    }
+    manifest_path = write_manifest(out, manifest)
+    return {"onnx_path": str(final), "manifest_path": str(manifest_path), "manifest": manifest}
+
+
+def _describe_output(name: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    notes = {"embedding": "L2-normalised embedding (cosine similarity = dot product)",
+             "attention": "spatial attention in [0, 1] at feature resolution, (1, x, y) axis order like the input",
+             "logits": "class scores (unnormalised), classes in manifest order"}
+    return {"name": name, "dtype": "float32", "shape": ["batch", *[int(v) for v in shape[1:]]],
+            "description": notes.get(name, "")}
+
+
+def _medsim_version() -> str:
+    import medsim
+
+    return medsim.__version__
+
+
+def _monai_version() -> str:
+    import monai
+
+    return monai.__version__

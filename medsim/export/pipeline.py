@@ -1,0 +1,208 @@
+"""``medsim export`` as one library call: ONNX + manifest first, then the optional INT8 ONNX, TensorRT engine
+and Triton repository, each recorded in ``manifest.json``.
+
+Order matters for hosts without a GPU: the ONNX model and manifest are finished (and verified) before anything
+needs TensorRT, so ``--trt`` on a CPU host still leaves a usable export and then fails with one clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsim.export.errors import ExportError, ExportParityError, check_choice
+from medsim.export.manifest import MANIFEST_NAME, read_manifest, update_manifest
+
+__all__ = ["export_run", "INT8_NAME", "ENGINE_NAME", "TRT_FP32_ATOL"]
+
+logger = logging.getLogger(__name__)
+
+INT8_NAME = "model.int8.onnx"
+ENGINE_NAME = "model.plan"
+#: fp32 engines (TF32 off) must match onnxruntime this closely; fp16/int8 diffs are recorded, not enforced
+TRT_FP32_ATOL = 1e-3
+
+
+def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: bool = True, trt: bool = False,
+               precision: str = "fp32", calib_split: str = "training", quantize: str | None = None,
+               triton: bool = False, opset: int = 17, opt_batch: int = 8, max_batch: int = 32,
+               workspace_mb: int = 2048, atol: float = 1e-4, triton_name: str | None = None,
+               triton_kind: str = "gpu", max_calibration: int = 256) -> dict[str, Any]:
+    """Export a run (directory or checkpoint) into ``out_dir``.
+
+    Steps (each adds a section to ``manifest.json``):
+
+    1. ``onnx``: ``model.onnx`` + ``manifest.json`` with parity vs PyTorch at batch 1 and ``opt_batch``
+       (:func:`~medsim.export.onnx_export.export_onnx`). ``onnx=False`` reuses an earlier export in ``out_dir``.
+    2. INT8 ONNX (``quantize`` given, or ``precision="int8"`` without ``trt``): ``model.int8.onnx``, calibrated on
+       ``calib_split`` (static), R@1 fp32 vs int8 on the validation split → manifest ``int8``.
+    3. ``trt``: ``model.plan`` (``precision`` fp32/fp16/int8, batch profile 1/``opt_batch``/``max_batch``) →
+       manifest ``tensorrt``; raises :class:`~medsim.export.errors.TensorRTUnavailable` on hosts without
+       TensorRT or a GPU — after steps 1-2 are written.
+    4. ``triton``: ``out_dir/triton/<name>/`` for the engine (with ``trt``) or the ONNX model → manifest ``triton``.
+
+    Returns:
+        ``{"out_dir", "files": {...}, "manifest": dict, "lines": [human-readable summary lines]}``.
+
+    Raises:
+        ExportError (and subclasses): bad options (checked before any work), a missing earlier export with
+        ``onnx=False``, parity failures, TensorRT unavailable.
+    """
+    from medsim.export.tensorrt import PRECISIONS, TrtBuildConfig
+
+    check_choice(precision, PRECISIONS, "precision")
+    check_choice(quantize, ("static", "dynamic"), "quantization mode")
+    check_choice(calib_split, ("training", "validation", "test"), "calibration split")
+    check_choice(triton_kind, ("gpu", "cpu"), "Triton instance kind")
+    if precision == "fp16" and not trt:
+        raise ExportError("--precision fp16 needs --trt (fp16 is a TensorRT build option; onnxruntime CPU gains "
+                          "nothing from fp16): add --trt, or use --precision int8 for a CPU INT8 model")
+    if trt:  # validate the profile before spending time on ONNX
+        TrtBuildConfig(precision=precision, min_batch=1, opt_batch=opt_batch, max_batch=max_batch,
+                       workspace_mb=workspace_mb)
+    elif opt_batch < 1 or max_batch < opt_batch:
+        raise ExportError(f"batch sizes need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, "
+                          f"max_batch={max_batch}")
+    int8_onnx = quantize is not None or (precision == "int8" and not trt)
+    if not (onnx or trt or int8_onnx or triton):
+        raise ExportError("nothing to do: --no-onnx without --trt, --quantize/--precision int8 or --triton")
+
+    out = Path(out_dir)
+    files: dict[str, str] = {}
+    lines: list[str] = []
+    state: dict[str, Any] = {"run": None}
+
+    def run_():  # opened once, only when a step needs images or weights
+        if state["run"] is None:
+            from medsim.export.run import load_run, sha256_file
+
+            state["run"] = load_run(source)
+            if not onnx:
+                want = read_manifest(out).get("source", {}).get("sha256")
+                have = sha256_file(state["run"].checkpoint)
+                if want and want != have:
+                    raise ExportError(f"{out / MANIFEST_NAME}: was exported from another checkpoint than "
+                                      f"{state['run'].checkpoint} (sha256 {want[:12]}… vs {have[:12]}…); "
+                                      "re-export without --no-onnx")
+        return state["run"]
+
+    # 1. ONNX + manifest
+    if onnx:
+        from medsim.export.onnx_export import export_onnx
+
+        res = export_onnx(run_(), out, opset=opset, batch=opt_batch, atol=atol)
+        manifest = res["manifest"]
+        d = manifest["parity"]["max_abs_diff"]
+        lines.append(f"onnx      {res['onnx_path']}  (opset {manifest['opset']}, {manifest['exporter']} exporter; "
+                     f"parity vs PyTorch on {manifest['parity']['images']} image(s): "
+                     + ", ".join(f"{k} {v:.2g}" for k, v in d.items()) + ")")
+    else:
+        manifest = read_manifest(out)
+        if not (out / manifest.get("model", "model.onnx")).is_file():
+            raise ExportError(f"{out / 'model.onnx'}: not found — run without --no-onnx first")
+        lines.append(f"onnx      {out / manifest['model']}  (reused)")
+    files["onnx"] = str(out / manifest["model"])
+    files["manifest"] = str(out / MANIFEST_NAME)
+
+    # 2. INT8 ONNX (onnxruntime)
+    if int8_onnx:
+        from medsim.export.quantize import compare_retrieval, quantize_onnx
+        from medsim.export.run import split_images
+
+        mode = quantize or "static"
+        run = run_()
+        cal = cal_split = None
+        if mode == "static":
+            cal, _, cal_split = split_images(run, calib_split, limit=max_calibration)
+        path = quantize_onnx(out / manifest["model"], out / INT8_NAME, mode=mode, calibration_images=cal,
+                             max_calibration=max_calibration)
+        val, labels, val_split = split_images(run, "validation")
+        cmp = compare_retrieval(out / manifest["model"], path, val, labels)
+        section = {"model": INT8_NAME, "mode": mode, "format": "QDQ" if mode == "static" else "dynamic (integer ops)",
+                   "calibration": ({"split": cal_split, "images": int(len(cal))} if cal is not None else None),
+                   "evaluation_split": val_split, **cmp}
+        manifest = update_manifest(out, int8=section)
+        files["int8"] = str(path)
+        r = (f"R@1 fp32 {cmp['R@1_fp32']:.4f} → int8 {cmp['R@1_int8']:.4f} (Δ {cmp['R@1_delta']:+.4f})"
+             if cmp["R@1_fp32"] is not None else "R@1 n/a (fewer than 2 validation images)")
+        lines.append(f"int8      {path}  ({mode}; {r} on {cmp['images']} {val_split} image(s))")
+
+    # 3. TensorRT
+    if trt:
+        section = _build_trt(out, manifest, run_, precision=precision, calib_split=calib_split, opt_batch=opt_batch,
+                             max_batch=max_batch, workspace_mb=workspace_mb, max_calibration=max_calibration)
+        manifest = update_manifest(out, tensorrt=section)
+        files["engine"] = str(out / ENGINE_NAME)
+        lines.append(f"tensorrt  {out / ENGINE_NAME}  ({precision}, batch 1/{opt_batch}/{max_batch})")
+
+    # 4. Triton
+    if triton:
+        from medsim.export.triton import write_triton_repository
+
+        name = triton_name or _model_name(source)
+        platform = "tensorrt_plan" if trt else "onnxruntime_onnx"
+        kind = "KIND_GPU" if trt else f"KIND_{triton_kind.upper()}"
+        repo = out / "triton"
+        folder = write_triton_repository(out, repo, name=name, platform=platform, max_batch_size=max_batch,
+                                         preferred_batch_sizes=sorted({opt_batch, max_batch}), kind=kind)
+        manifest = update_manifest(out, triton={"repository": "triton", "name": name, "platform": platform,
+                                                "kind": kind, "max_batch_size": max_batch})
+        files["triton"] = str(folder)
+        lines.append(f"triton    {folder}  ({platform}, {kind}; serve with tritonserver --model-repository {repo})")
+    lines.append(f"manifest  {out / MANIFEST_NAME}")
+    return {"out_dir": str(out), "files": files, "manifest": manifest, "lines": lines}
+
+
+def _model_name(source: str | os.PathLike) -> str:
+    p = Path(source)
+    stem = (p if p.is_dir() else p.parent).resolve().name
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", stem).strip("._-")
+    return name or "medsim"
+
+
+def _build_trt(out: Path, manifest: dict[str, Any], run_: Any, *, precision: str, calib_split: str, opt_batch: int,
+               max_batch: int, workspace_mb: int, max_calibration: int) -> dict[str, Any]:
+    """Build ``model.plan`` and compare it with onnxruntime fp32 on the validation split (GPU hosts)."""
+    from medsim.export.onnx_export import ort_session, run_onnx
+    from medsim.export.run import split_images
+    from medsim.export.tensorrt import TrtBuildConfig, build_engine, make_int8_calibrator, require_tensorrt, \
+        run_engine
+
+    trt = require_tensorrt()  # raises TensorRTUnavailable here, with model.onnx and manifest.json already written
+    cfg = TrtBuildConfig.from_manifest(manifest, precision=precision, min_batch=1, opt_batch=opt_batch,
+                                       max_batch=max_batch, workspace_mb=workspace_mb)
+    calibrator = None
+    section: dict[str, Any] = {"model": ENGINE_NAME, **cfg.to_dict(), "tensorrt_version": trt.__version__}
+    if precision == "int8":
+        cal, _, used = split_images(run_(), calib_split, limit=max_calibration)
+        calibrator = make_int8_calibrator(cal, batch=opt_batch, cache_file=out / "trt_int8_calibration.cache")
+        section["calibration"] = {"split": used, "images": int(len(cal))}
+    engine = build_engine(out / manifest["model"], out / ENGINE_NAME, cfg, calibrator=calibrator)
+    val, labels, split = split_images(run_(), "validation")
+    got = run_engine(engine, val, batch=min(opt_batch, max_batch))
+    ref = run_onnx(ort_session(out / manifest["model"]), val, batch=opt_batch)
+    diffs = {n: float(np.abs(got[n] - ref[n]).max()) for n in ref if n in got}
+    section["parity_vs_onnxruntime"] = {"split": split, "images": int(len(val)), "max_abs_diff": diffs}
+    if len(val) >= 2:
+        from medsim.metrics.retrieval import recall_at_k
+
+        section["R@1_onnx_fp32"] = recall_at_k(ref["embedding"], labels, ks=1)["R@1"]
+        section["R@1_engine"] = recall_at_k(got["embedding"], labels, ks=1)["R@1"]
+    try:
+        import torch
+
+        section["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - informational
+        pass
+    bad = {n: d for n, d in diffs.items() if not np.isfinite(d) or (precision == "fp32" and d > TRT_FP32_ATOL)}
+    if bad:
+        n, d = next(iter(bad.items()))
+        raise ExportParityError(f"{engine}: TensorRT {precision} output '{n}' differs from onnxruntime by {d:.3g} "
+                                f"(atol {TRT_FP32_ATOL:g}); do not deploy this engine", output=n, diff=d,
+                                atol=TRT_FP32_ATOL, batch=opt_batch)
+    return section

@@ -1,0 +1,64 @@
+"""``medsim export``: ONNX + manifest first; --trt on a host without TensorRT/GPU exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from medsim.cli import main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """This host, whatever it is: no tensorrt package and no GPU."""
+    import medsim.export.tensorrt as mod
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(mod, "gpu_available", lambda: (False, "no nvidia-smi on PATH"))
+
+
+def test_export_trt_without_tensorrt_exits_2_after_onnx(tiny_run, tmp_path, capsys, no_tensorrt):
+    out = tmp_path / "out"
+    code, stdout, err = run(["export", str(tiny_run), "--out", str(out), "--trt", "--precision", "fp16",
+                             "--opt-batch", "2", "--max-batch", "4"], capsys)
+    assert code == 2
+    assert err.startswith("error: TensorRT export is not possible here") and err.count("\n") == 1
+    assert "`tensorrt` Python package" in err and "pip install 'medsim[gpu]'" in err
+    assert (out / "model.onnx").is_file() and (out / "manifest.json").is_file()
+    assert not (out / "model.plan").exists()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parity"]["batch_sizes"] == [1, 2] and "tensorrt" not in m
+
+
+def test_export_onnx_and_triton(tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run(["export", str(tiny_run / "best.pt"), "--out", str(out), "--triton", "--opt-batch", "2",
+                           "--max-batch", "4"], capsys)
+    assert code == 0, stdout
+    assert stdout.startswith("onnx ") and "parity vs PyTorch on 7 image(s)" in stdout
+    assert (out / "triton" / "tiny" / "1" / "model.onnx").is_file()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["triton"] == {"repository": "triton", "name": "tiny", "platform": "onnxruntime_onnx",
+                           "kind": "KIND_GPU", "max_batch_size": 4}
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--precision", "fp16"], "--precision fp16 needs --trt"),
+    (["--trt", "--opt-batch", "8", "--max-batch", "4"], "min <= opt <= max"),
+    (["--no-onnx"], "nothing to do"),
+    (["--no-onnx", "--triton"], "manifest.json: not found"),
+])
+def test_bad_options_exit_2_before_work(tiny_run, tmp_path, capsys, args, msg):
+    out = tmp_path / "out"
+    code, _, err = run(["export", str(tiny_run), "--out", str(out), *args], capsys)
+    assert code == 2 and msg in err and err.count("\n") == 1
+    assert not (out / "model.onnx").exists()
