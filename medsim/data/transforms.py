@@ -36,8 +36,8 @@ def _readers():
 
     from medsim.data.dicom import DicomReader
 
-    # DICOM (files, series dirs, lists) first; PIL for 2D images; MONAI falls back to nibabel etc.
-    return [DicomReader(display=True), PILReader(reverse_indexing=True)]
+    # DICOM (files, series dirs, lists), PIL for 2D images, nibabel for 2D NIfTI: MONAI picks by suffix
+    return [DicomReader(display=True), PILReader(reverse_indexing=True), "NibabelReader"]
 
 
 def rgb2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = False, with_mask: bool = False,

@@ -118,3 +118,13 @@ def test_histology_patches_through_the_rgb_pipeline(tmp_path):
     rgb = x["image"] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
     expected = slide[y0:y0 + 128, x0:x0 + 128].reshape(-1, 3).mean(0) / 255
     np.testing.assert_allclose(rgb.flatten(1).mean(1).numpy(), expected, atol=0.01)
+
+
+def test_gray_pipeline_reads_2d_nifti(tmp_path):
+    import nibabel as nib
+
+    a = np.random.default_rng(0).random((20, 30)).astype(np.float32)
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "x.nii.gz")
+    out = make_transforms("gray2d", spatial_size=(20, 30))({"image": str(tmp_path / "x.nii.gz")})["image"]
+    assert out.shape == (1, 20, 30)
+    np.testing.assert_allclose(out[0].numpy(), (a - a.min()) / (a.max() - a.min()), atol=1e-5)

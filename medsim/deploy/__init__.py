@@ -1,0 +1,55 @@
+"""medsim.deploy: run an exported model (``medsim export RUN --out DIR``) on a host without PyTorch or MONAI.
+
+* :func:`preprocess` — an image file or array → the model input (C, x, y), exactly as ``eval#preprocessing`` made it
+  during training (NumPy + PIL + pydicom, driven by ``manifest.json``).
+* :class:`EmbeddingEngine` — TensorRT / onnxruntime-CUDA / onnxruntime-CPU inference in batches.
+* :class:`Localizer` — attention map → heatmap, mask and boxes at image resolution; :func:`dice`, :func:`iou`,
+  :func:`pointing_game`, :func:`box_hit`.
+* :class:`CaseIndex` — the case index (``medsim.deploy.index``).
+
+Nothing here imports ``torch`` or ``monai``: an inference host has neither. Submodules load when a name is first
+used, so ``import medsim.deploy`` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from medsim.errors import MedsimError
+
+__all__ = ["DeployError", "BackendUnavailable", "UnsupportedPreprocessing", "preprocess", "load_manifest",
+           "read_image", "EmbeddingEngine", "BACKENDS", "Localizer", "Localization", "dice", "iou",
+           "pointing_game", "box_hit", "CaseIndex"]
+
+
+class DeployError(MedsimError):
+    """An exported model or an input cannot be used for inference (names the file or value and why)."""
+
+
+class BackendUnavailable(DeployError):
+    """The inference backend asked for cannot run on this host (the message names what is missing)."""
+
+
+class UnsupportedPreprocessing(DeployError, NotImplementedError):
+    """The manifest describes preprocessing this NumPy reimplementation does not cover (e.g. ``ct3d``)."""
+
+
+_EXPORTS = {
+    "preprocess": "preprocess", "load_manifest": "preprocess", "read_image": "preprocess",
+    "EmbeddingEngine": "engine", "BACKENDS": "engine",
+    "Localizer": "localizer", "Localization": "localizer", "dice": "localizer", "iou": "localizer",
+    "pointing_game": "localizer", "box_hit": "localizer",
+    "CaseIndex": "index",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f"medsim.deploy.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'medsim.deploy' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

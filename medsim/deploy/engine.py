@@ -1,0 +1,419 @@
+"""Embeddings (and attention maps) from an exported model, on the best backend this host can actually run.
+
+``EmbeddingEngine(model_dir)`` reads ``manifest.json`` and the model files written by ``medsim export`` and picks:
+
+1. ``tensorrt`` — ``model.plan`` exists, ``tensorrt`` and ``cuda-python`` import, a CUDA device is visible and the
+   engine deserializes (engines are tied to the GPU model and TensorRT version that built them);
+2. ``ort-cuda`` — an onnxruntime session created with ``CUDAExecutionProvider`` that *kept* it: the decision is
+   made from ``session.get_providers()`` of the created session. ``onnxruntime.get_available_providers()`` only
+   says which providers the installed wheel was built with (onnxruntime-gpu lists CUDA on a host without a GPU,
+   and then silently falls back to CPU), so it is never trusted alone;
+3. ``ort-cpu`` — onnxruntime on the CPU.
+
+Asking for a backend explicitly (``backend="tensorrt"`` / ``"ort-cuda"``) that cannot run raises
+:class:`~medsim.deploy.BackendUnavailable` naming what is missing; ``"auto"`` logs why it skipped one and moves on.
+
+Outputs (float32, one row per image, in input order)::
+
+    embedding  (N, D)           L2-normalised (cosine similarity = dot product)
+    attention  (N, 1, h, w)     in [0, 1], MONAI (x, y) axis order: see medsim.deploy.localizer
+    logits     (N, n_classes)   only for models with a classifier head
+
+No PyTorch, no MONAI: TensorRT buffers are managed with cuda-python's runtime API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from medsim.deploy import BackendUnavailable, DeployError
+from medsim.deploy.preprocess import ImageSource, load_manifest, preprocess_with_size
+
+__all__ = ["BACKENDS", "EmbeddingEngine", "embed_images", "ENGINE_NAME", "CUDA_EP", "CPU_EP"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
+ENGINE_NAME = "model.plan"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+_ORT_HINT = ("pip install 'medsim[cpu]' (onnxruntime) on CPU hosts, or onnxruntime-gpu on GPU hosts (not both: "
+             "they overwrite each other)")
+
+
+# ------------------------------------------------------------------------------------------------ onnxruntime
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailable(f"onnxruntime is not installed ({e}): {_ORT_HINT}") from e
+    return ort
+
+
+def _ort_session(path: Path, providers: list[Any], threads: int | None) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``path`` asking for ``providers`` (in order)."""
+    ort = _import_ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # a CUDA provider that fails to load is judged from get_providers(), not the log
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise DeployError(f"{path}: onnxruntime cannot load the model ({type(e).__name__}: {e})") from e
+
+
+class _OrtRunner:
+    """Runs (B, C, *S) float32 batches through an onnxruntime session."""
+
+    def __init__(self, session: Any):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.max_batch: int | None = None
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, {self.input_name: x})
+        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.output_names, outs)}
+
+    def close(self) -> None:
+        self.session = None
+
+
+# --------------------------------------------------------------------------------------------------- TensorRT
+def _import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        except ImportError as e:
+            raise ImportError(f"cuda-python is not installed ({e}); pip install cuda-python") from e
+    return cudart
+
+
+def _cuda_check(result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` tuple; raise :class:`DeployError` unless ``err`` is success."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise DeployError(f"CUDA {what} failed: {getattr(err, 'name', err)}")
+    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+
+
+def _trt_missing(plan: Path) -> list[str]:
+    """What stops TensorRT here (empty when everything is present)."""
+    missing = []
+    if not plan.is_file():
+        missing.append(f"the engine file {plan} (medsim export RUN --out DIR --trt builds it, on this GPU model)")
+    try:
+        import tensorrt  # noqa: F401  # type: ignore[import-not-found]
+    except ImportError as e:
+        missing.append(f"the `tensorrt` Python package ({e})")
+    try:
+        cudart = _import_cudart()
+    except ImportError as e:
+        missing.append(f"cuda-python ({e})")
+    else:
+        try:
+            err, n = cudart.cudaGetDeviceCount()
+            if int(err) != 0 or n < 1:
+                missing.append(f"a CUDA GPU (cudaGetDeviceCount: {getattr(err, 'name', err)}, {n} device(s))")
+        except Exception as e:  # noqa: BLE001 - driver missing: the call itself fails
+            missing.append(f"a CUDA GPU and driver ({type(e).__name__}: {e})")
+    return missing
+
+
+class _TrtRunner:
+    """A deserialized TensorRT engine with device buffers for its largest profile batch (TensorRT 10 API:
+    ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``)."""
+
+    def __init__(self, plan: Path, device_id: int = 0):
+        import tensorrt as trt  # type: ignore[import-not-found]
+
+        self.trt, self.cudart, self.plan = trt, _import_cudart(), plan
+        _cuda_check(self.cudart.cudaSetDevice(int(device_id)), f"cudaSetDevice({device_id})")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise DeployError(f"{plan}: TensorRT cannot deserialize the engine (built by another TensorRT version "
+                              "or GPU model?); rebuild it on this host with medsim export --trt --no-onnx")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise DeployError(f"{plan}: expected one engine input, found {inputs}")
+        self.input_name = inputs[0]
+        self.output_names = [n for n in names if n != self.input_name]
+        _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.max_batch = int(max_shape[0])
+        self.stream = _cuda_check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _cuda_check(self.cudart.cudaFree(ptr), "cudaFree")
+            ptr = int(_cuda_check(self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)"))
+            self.buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        trt, cudart = self.trt, self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        x = np.ascontiguousarray(x, dtype=trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
+        ptr = self._buffer(self.input_name, x.nbytes)
+        _cuda_check(cudart.cudaMemcpyAsync(ptr, x.ctypes.data, x.nbytes, h2d, self.stream), "copy to GPU")
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise DeployError(f"{self.plan}: input shape {x.shape} is outside the engine's optimisation profile")
+        self.context.set_tensor_address(self.input_name, ptr)
+        hosts: dict[str, np.ndarray] = {}
+        for n in self.output_names:
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(n))
+            hosts[n] = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))
+            self.context.set_tensor_address(n, self._buffer(n, hosts[n].nbytes))
+        if not self.context.execute_async_v3(int(self.stream)):  # cudaStream_t → its handle
+            raise DeployError(f"{self.plan}: TensorRT execution failed for a batch of {len(x)}")
+        for n, h in hosts.items():
+            _cuda_check(cudart.cudaMemcpyAsync(h.ctypes.data, self.buffers[n][0], h.nbytes, d2h, self.stream),
+                        "copy from GPU")
+        _cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return {n: h.astype(np.float32, copy=False) for n, h in hosts.items()}
+
+    def close(self) -> None:
+        for ptr, _ in self.buffers.values():
+            self.cudart.cudaFree(ptr)
+        self.buffers.clear()
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        self.context = self.engine = None
+
+
+# ----------------------------------------------------------------------------------------------------- engine
+class EmbeddingEngine:
+    """Inference on an exported medsim model (``medsim export RUN --out DIR``), without PyTorch.
+
+    Args:
+        model_dir: the export folder (``manifest.json``, ``model.onnx``[, ``model.plan``]).
+        backend: ``auto`` (TensorRT → onnxruntime CUDA → onnxruntime CPU, the first that really runs),
+            ``tensorrt``, ``ort-cuda`` or ``ort-cpu``.
+        batch_size: images per inference call (capped by a TensorRT engine's profile maximum).
+        model: the ONNX file to run with onnxruntime, relative to ``model_dir`` (default: manifest ``model``,
+            i.e. ``model.onnx``; ``model.int8.onnx`` for the INT8 export).
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        device_id: CUDA device for ``tensorrt`` / ``ort-cuda``.
+
+    Attributes:
+        backend: the backend in use: ``tensorrt``, ``ort-cuda`` or ``ort-cpu``.
+        providers: onnxruntime providers of the session (``[]`` for TensorRT).
+        manifest: the parsed ``manifest.json``.
+        input_shape: (C, x, y) one preprocessed image, MONAI axis order.
+        output_names: model outputs, e.g. ``["embedding", "attention"]``.
+
+    Raises:
+        DeployError: missing/invalid manifest or model file; BackendUnavailable: an explicitly requested
+            backend cannot run here (the message lists what is missing).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, backend: str = "auto", batch_size: int = 32,
+                 model: str | None = None, threads: int | None = None, device_id: int = 0):
+        if backend not in BACKENDS:
+            import difflib
+
+            close = difflib.get_close_matches(str(backend), BACKENDS, n=1, cutoff=0.4)
+            raise DeployError(f"unknown backend '{backend}'; choose {', '.join(BACKENDS)}"
+                              + (f" (did you mean '{close[0]}'?)" if close else ""))
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise DeployError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise DeployError(f"{self.model_dir}: not a directory — give the folder written by "
+                              "`medsim export RUN --out DIR`")
+        self.manifest = load_manifest(self.model_dir)
+        self.batch_size = int(batch_size)
+        self.threads, self.device_id = threads, int(device_id)
+        self.onnx_path = self.model_dir / (model or self.manifest.get("model", "model.onnx"))
+        trt_section = self.manifest.get("tensorrt") or {}
+        self.plan_path = self.model_dir / str(trt_section.get("model", ENGINE_NAME))
+        inp = self.manifest["input"]
+        self.input_name = str(inp.get("name", "image"))
+        self.input_shape = tuple(int(d) for d in inp.get("shape", [])[1:] if not isinstance(d, str))
+        self.providers: list[str] = []
+        self._runner, self.backend = self._select(backend)
+        self.output_names: list[str] = list(self._runner.output_names)
+        if self._runner.max_batch is not None and self.batch_size > self._runner.max_batch:
+            logger.info("batch_size %d exceeds the TensorRT profile maximum %d; using %d", self.batch_size,
+                        self._runner.max_batch, self._runner.max_batch)
+            self.batch_size = self._runner.max_batch
+        logger.info("%s: %s backend%s", self.model_dir, self.backend,
+                    f" (providers {self.providers})" if self.providers else "")
+
+    # ------------------------------------------------------------------------------------------- selection
+    def _select(self, backend: str) -> tuple[Any, str]:
+        if backend == "auto" and not self.plan_path.is_file():
+            logger.debug("TensorRT skipped: no engine file %s", self.plan_path)
+        elif backend in ("auto", "tensorrt"):
+            missing = _trt_missing(self.plan_path)
+            if not missing:
+                try:
+                    return _TrtRunner(self.plan_path, self.device_id), "tensorrt"
+                except Exception as e:  # noqa: BLE001 - TensorRT/CUDA raise RuntimeError, TypeError…
+                    if backend == "tensorrt":
+                        raise BackendUnavailable(f"TensorRT backend unavailable: {e}") from e
+                    logger.warning("TensorRT engine %s not usable (%s: %s); trying onnxruntime", self.plan_path,
+                                   type(e).__name__, e)
+            elif backend == "tensorrt":
+                raise BackendUnavailable("TensorRT backend unavailable: missing " + "; ".join(missing))
+            else:
+                logger.info("TensorRT skipped: missing %s", "; ".join(missing))
+        if not self.onnx_path.is_file():
+            raise DeployError(f"{self.onnx_path}: ONNX model not found — export the run first "
+                              "(medsim export RUN --out DIR)")
+        if backend == "ort-cpu":
+            return self._cpu_runner(), "ort-cpu"
+        ort = _import_ort()
+        available = list(ort.get_available_providers())
+        if CUDA_EP not in available:
+            if backend == "ort-cuda":
+                raise BackendUnavailable(f"ort-cuda backend unavailable: this onnxruntime build has no {CUDA_EP} "
+                                         f"(available: {', '.join(available)}); install onnxruntime-gpu instead "
+                                         "of onnxruntime")
+            return self._cpu_runner(), "ort-cpu"
+        try:
+            session = _ort_session(self.onnx_path, [(CUDA_EP, {"device_id": self.device_id}), CPU_EP],
+                                   self.threads)
+        except DeployError as e:
+            if backend == "ort-cuda":
+                raise BackendUnavailable(f"ort-cuda backend unavailable: {e}") from e
+            logger.info("onnxruntime could not create a CUDA session (%s); running on CPU", e)
+            return self._cpu_runner(), "ort-cpu"
+        got = list(session.get_providers())
+        if CUDA_EP in got:
+            self.providers = got
+            return _OrtRunner(session), "ort-cuda"
+        if backend == "ort-cuda":
+            raise BackendUnavailable(f"ort-cuda backend unavailable: onnxruntime lists {CUDA_EP} but the session "
+                                     f"created for {self.onnx_path.name} only has {got} — no usable GPU, driver, "
+                                     "or CUDA/cuDNN libraries matching this onnxruntime-gpu")
+        logger.info("onnxruntime lists %s but the session fell back to %s (no usable GPU); running on CPU",
+                    CUDA_EP, got)
+        self.providers = got
+        return _OrtRunner(session), "ort-cpu"
+
+    def _cpu_runner(self) -> _OrtRunner:
+        session = _ort_session(self.onnx_path, [CPU_EP], self.threads)
+        self.providers = list(session.get_providers())
+        return _OrtRunner(session)
+
+    # ----------------------------------------------------------------------------------------------- running
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Preprocessed images (N, C, x, y) float32 → ``{output: (N, ...)}``, in chunks of ``batch_size``.
+
+        Raises:
+            DeployError: the array does not have the model's input shape.
+        """
+        if self._runner is None:
+            raise DeployError(f"{self.model_dir}: the engine was closed")
+        x = np.asarray(images, dtype=np.float32)
+        if x.ndim != len(self.input_shape) + 1 or (self.input_shape and tuple(x.shape[1:]) != self.input_shape):
+            raise DeployError(f"{self.model_dir}: expected preprocessed images of shape (N, "
+                              f"{', '.join(map(str, self.input_shape))}), got {x.shape}")
+        if len(x) == 0:
+            return self._empty()
+        chunks: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
+        for i in range(0, len(x), self.batch_size):
+            out = self._runner(np.ascontiguousarray(x[i:i + self.batch_size]))
+            for n in self.output_names:
+                chunks[n].append(out[n])
+        return {n: np.concatenate(v) for n, v in chunks.items()}
+
+    def preprocess(self, image: ImageSource) -> np.ndarray:
+        """One image → (C, x, y) float32 as the model expects (see :func:`medsim.deploy.preprocess`)."""
+        return preprocess_with_size(image, self.manifest)[0]
+
+    def embed(self, images: Iterable[ImageSource] | ImageSource, *, return_sizes: bool = False
+              ) -> dict[str, np.ndarray]:
+        """Images (paths, (H, W[, C]) arrays or PIL images) → model outputs, preprocessed and run in batches.
+
+        Args:
+            images: a list of images (a single path/array is accepted as a list of one).
+            return_sizes: add ``image_size`` (N, 2) int: each original image's (H, W), for
+                :meth:`medsim.deploy.Localizer.localize`.
+
+        Returns:
+            ``{"embedding": (N, D), "attention": (N, 1, h, w)[, "logits": (N, K)][, "image_size": (N, 2)]}``.
+
+        Raises:
+            DeployError: an image cannot be read (the message names it).
+        """
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
+            images = [images]
+        chunks: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
+        sizes: list[tuple[int, int]] = []
+        batch: list[np.ndarray] = []
+
+        def flush() -> None:
+            out = self.run(np.stack(batch))
+            for n in self.output_names:
+                chunks[n].append(out[n])
+            batch.clear()
+
+        for img in images:
+            x, hw = preprocess_with_size(img, self.manifest)
+            batch.append(x)
+            sizes.append(hw)
+            if len(batch) == self.batch_size:
+                flush()
+        if batch:
+            flush()
+        result = {n: np.concatenate(v) for n, v in chunks.items()} if sizes else self._empty()
+        if return_sizes:
+            result["image_size"] = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        return result
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        shapes = {o["name"]: o.get("shape", []) for o in self.manifest.get("outputs", [])}
+        out = {}
+        for n in self.output_names:
+            dims = [int(d) for d in shapes.get(n, [])[1:] if not isinstance(d, str)]
+            out[n] = np.zeros((0, *dims), dtype=np.float32)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ misc
+    @property
+    def embedding_size(self) -> int:
+        """D, from the manifest."""
+        return int(self.manifest.get("embedding_size", 0))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes", []))
+
+    def close(self) -> None:
+        """Release the session / engine and its GPU buffers."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def __enter__(self) -> "EmbeddingEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"EmbeddingEngine({str(self.model_dir)!r}, backend={self.backend!r}, "
+                f"input=(batch, {', '.join(map(str, self.input_shape))}), outputs={self.output_names})")
+
+
+def embed_images(model_dir: str | os.PathLike, images: Sequence[ImageSource], **kwargs: Any
+                 ) -> dict[str, np.ndarray]:
+    """One-shot :meth:`EmbeddingEngine.embed` (opens and closes the engine)."""
+    with EmbeddingEngine(model_dir, **kwargs) as engine:
+        return engine.embed(list(images))

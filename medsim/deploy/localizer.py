@@ -1,0 +1,397 @@
+"""Weakly supervised lesion localization from the model's attention map: heatmap → mask → boxes, files, metrics.
+
+Axis order — the one thing to get right. The model's ``attention`` output is (1, h, w) in MONAI order, i.e.
+(1, x, y) with x the image *column*; images, masks and heatmaps here are NumPy/PIL (H, W) row-major. So the map
+is transposed (``attention[0].T``: (y, x) = (rows, columns)) *before* it is upsampled to the image size.
+
+Pipeline of :meth:`Localizer.localize`:
+
+1. transpose to (rows, columns), bilinear upsampling to (H, W) with ``align_corners=False`` (pixel centres
+   aligned, edges clamped — identical to ``torch.nn.functional.interpolate(mode="bilinear")`` and to
+   ``medsim.nn.upsample_attention``);
+2. optional min–max normalisation to [0, 1] (``normalize=True``; a constant map becomes all zeros);
+3. threshold: Otsu's (between-class variance over a 256-bin histogram) or a fixed float in [0, 1];
+4. connected components (8-connectivity); components smaller than ``min_area`` pixels are dropped (from the
+   mask too);
+5. one box per component, ``score`` = mean heat inside it (``peak`` = max), sorted by score, best first.
+
+Boxes are pixel coordinates ``x0, y0`` inclusive and ``x1, y1`` exclusive (``mask[y0:y1, x0:x1]`` is the box),
+x along columns, y along rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medsim.deploy import DeployError
+
+__all__ = ["Localizer", "Localization", "bilinear_resize", "otsu_threshold", "dice", "iou", "pointing_game",
+           "box_hit", "mask_box", "box_iou", "jet", "overlay"]
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1D linear interpolation, ``align_corners=False`` with edge clamping."""
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    rows = np.arange(n_out)
+    np.add.at(w, (rows, i0), 1.0 - frac)
+    np.add.at(w, (rows, i1), frac)
+    return w
+
+
+def bilinear_resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2D array (rows, cols) → ``size`` (H, W), ``align_corners=False`` (PyTorch's
+    ``interpolate(mode="bilinear")`` without antialiasing). Returns float64."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise DeployError(f"bilinear_resize expects a 2D array, got shape {a.shape}")
+    H, W = int(size[0]), int(size[1])
+    if H < 1 or W < 1:
+        raise DeployError(f"image size must be positive (H, W), got {tuple(size)}")
+    return _interp_matrix(a.shape[0], H) @ a @ _interp_matrix(a.shape[1], W).T
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (maximising between-class variance over a ``bins``-bin histogram); the
+    same rule as ``skimage.filters.threshold_otsu``: foreground is ``values > threshold``.
+
+    A constant input returns its value (so nothing is above it)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise DeployError("otsu_threshold: no finite values")
+    lo, hi = float(v.min()), float(v.max())
+    if lo == hi:
+        return lo
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = np.cumsum(hist[::-1])[::-1].astype(np.float64)
+    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1e-12)
+    m1 = (np.cumsum((hist * centers)[::-1]) / np.maximum(np.cumsum(hist[::-1]), 1e-12))[::-1]
+    between = w0[:-1] * w1[1:] * (m0[:-1] - m1[1:]) ** 2
+    return float(centers[int(np.argmax(between))])
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(x0, y0, x1, y1)`` (x1, y1 exclusive) of the True pixels of a 2D mask, or None if empty."""
+    m = np.asarray(mask, dtype=bool)
+    rows, cols = np.any(m, axis=1), np.any(m, axis=0)
+    if not rows.any():
+        return None
+    y0, y1 = np.flatnonzero(rows)[[0, -1]]
+    x0, x1 = np.flatnonzero(cols)[[0, -1]]
+    return int(x0), int(y0), int(x1) + 1, int(y1) + 1
+
+
+def _as_xyxy(box: Any) -> tuple[float, float, float, float]:
+    if isinstance(box, dict):
+        return float(box["x0"]), float(box["y0"]), float(box["x1"]), float(box["y1"])
+    x0, y0, x1, y1 = box
+    return float(x0), float(y0), float(x1), float(y1)
+
+
+def box_iou(a: Any, b: Any) -> float:
+    """IoU of two boxes ``(x0, y0, x1, y1)`` or ``{"x0", ...}`` dicts (exclusive x1, y1: areas in pixels)."""
+    ax0, ay0, ax1, ay1 = _as_xyxy(a)
+    bx0, by0, bx1, by1 = _as_xyxy(b)
+    iw, ih = max(0.0, min(ax1, bx1) - max(ax0, bx0)), max(0.0, min(ay1, by1) - max(ay0, by0))
+    inter = iw * ih
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _gt(gt: np.ndarray, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
+    g = np.asarray(gt)
+    if g.ndim == 3 and g.shape[-1] in (1, 3, 4):  # RGB(A) masks read with PIL
+        g = g[..., : min(3, g.shape[-1])].max(axis=-1)
+    if g.ndim != 2:
+        raise DeployError(f"{what}: ground-truth mask must be 2D (H, W), got shape {g.shape}")
+    if shape is not None and g.shape != shape:
+        raise DeployError(f"{what}: shapes differ: prediction {shape} vs ground truth {g.shape} (both (H, W))")
+    return g > (127 if g.dtype == np.uint8 and g.max() > 1 else 0)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def dice(mask: np.ndarray, gt: np.ndarray) -> float:
+    """Dice ``2|A∩B| / (|A| + |B|)`` of two (H, W) masks (gt may be 0/255 uint8); 1.0 when both are empty."""
+    m = np.asarray(mask, dtype=bool)
+    g = _gt(gt, m.shape, "dice")
+    total = int(m.sum()) + int(g.sum())
+    return 1.0 if total == 0 else 2.0 * int((m & g).sum()) / total
+
+
+def iou(mask: np.ndarray, gt: np.ndarray) -> float:
+    """Jaccard ``|A∩B| / |A∪B|`` of two (H, W) masks; 1.0 when both are empty."""
+    m = np.asarray(mask, dtype=bool)
+    g = _gt(gt, m.shape, "iou")
+    union = int((m | g).sum())
+    return 1.0 if union == 0 else int((m & g).sum()) / union
+
+
+def pointing_game(heatmap: np.ndarray, gt: np.ndarray, *, tolerance: int = 0) -> bool:
+    """Pointing game: is the heatmap's maximum inside the lesion?
+
+    The point is ``np.argmax`` (the first maximum in row-major order when several pixels tie); a hit when the gt
+    mask has a foreground pixel within ``tolerance`` pixels (Euclidean) of it (0: the pixel itself).
+
+    Raises:
+        DeployError: shapes differ or the gt mask is empty (the game is undefined without a lesion).
+    """
+    h = np.asarray(heatmap, dtype=np.float64)
+    g = _gt(gt, h.shape, "pointing_game")
+    if not g.any():
+        raise DeployError("pointing_game: the ground-truth mask is empty")
+    r, c = np.unravel_index(int(np.argmax(h)), h.shape)
+    if tolerance <= 0:
+        return bool(g[r, c])
+    rr, cc = np.nonzero(g)
+    return bool(np.min((rr - r) ** 2 + (cc - c) ** 2) <= tolerance ** 2)
+
+
+def box_hit(boxes: Sequence[Any], gt: np.ndarray, *, iou_threshold: float = 0.5, centroid: bool = True) -> bool:
+    """Is the lesion found by a box?
+
+    Rule: a hit when **any** predicted box has IoU >= ``iou_threshold`` with the bounding box of the gt mask
+    (all its foreground pixels, one box), **or** — with ``centroid=True`` — any predicted box contains the gt
+    mask's centroid (mean foreground pixel position, in pixel-centre coordinates: pixel (r, c) covers
+    [c, c + 1) × [r, r + 1) and its centre is (c + 0.5, r + 0.5)). No boxes: no hit.
+
+    Raises:
+        DeployError: the gt mask is empty.
+    """
+    g = _gt(gt, None, "box_hit")
+    gbox = mask_box(g)
+    if gbox is None:
+        raise DeployError("box_hit: the ground-truth mask is empty")
+    rr, cc = np.nonzero(g)
+    cy, cx = float(rr.mean()) + 0.5, float(cc.mean()) + 0.5
+    for b in boxes:
+        if box_iou(b, gbox) >= iou_threshold:
+            return True
+        x0, y0, x1, y1 = _as_xyxy(b)
+        if centroid and x0 <= cx < x1 and y0 <= cy < y1:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------------- overlays
+def jet(v: np.ndarray) -> np.ndarray:
+    """Matplotlib-like 'jet' colormap of values in [0, 1]: (...,) → (..., 3) uint8."""
+    v = np.clip(np.asarray(v, dtype=np.float64), 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
+    return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _rgb_image(image: Any, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W, 3) uint8 background: a path / array / PIL image, or the gray heatmap size when None."""
+    from PIL import Image
+
+    if image is None:
+        return np.full((*size, 3), 96, dtype=np.uint8)
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001
+            raise DeployError(f"{image}: cannot be read for the overlay ({type(e).__name__}: {e})") from e
+    elif isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB"))
+    else:
+        arr = np.asarray(image)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 3 and arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        if arr.dtype != np.uint8:
+            lo, hi = float(np.min(arr)), float(np.max(arr))
+            scale = 255.0 if hi <= 1.0 and lo >= 0.0 else (255.0 / (hi - lo) if hi > lo else 0.0)
+            arr = ((arr - (0.0 if hi <= 1.0 and lo >= 0.0 else lo)) * scale).clip(0, 255).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise DeployError(f"overlay image must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
+    if arr.shape[:2] != tuple(size):
+        raise DeployError(f"overlay image is {arr.shape[0]}x{arr.shape[1]} (H x W) but the localization is "
+                          f"{size[0]}x{size[1]}: localize with image_size=(H, W) of this image")
+    return arr
+
+
+def overlay(loc: "Localization", image: Any = None, *, alpha: float = 0.5, box_color: tuple[int, int, int] =
+            (0, 255, 0)) -> np.ndarray:
+    """(H, W, 3) uint8: the jet-coloured heatmap blended over ``image`` (weight ``alpha * heat``: cold areas
+    show the image), box outlines drawn on top."""
+    from PIL import Image, ImageDraw
+
+    base = _rgb_image(image, loc.heatmap.shape).astype(np.float64)
+    w = (alpha * loc.heatmap)[..., None]
+    out = (base * (1.0 - w) + jet(loc.heatmap).astype(np.float64) * w).round().clip(0, 255).astype(np.uint8)
+    pil = Image.fromarray(out)
+    draw = ImageDraw.Draw(pil)
+    for b in loc.boxes:
+        draw.rectangle([b["x0"], b["y0"], b["x1"] - 1, b["y1"] - 1], outline=box_color, width=1)
+    return np.asarray(pil)
+
+
+# -------------------------------------------------------------------------------------------------- localizer
+@dataclass
+class Localization:
+    """Where the model looked, at image resolution.
+
+    Attributes:
+        heatmap: (H, W) float32 in [0, 1], row-major like the image.
+        mask: (H, W) bool, ``heatmap > threshold`` without components under ``min_area``.
+        boxes: ``[{"x0", "y0", "x1", "y1", "score", "peak", "area"}]`` sorted by ``score`` (mean heat),
+            best first; x1/y1 exclusive.
+        threshold: the threshold applied (Otsu's value when ``threshold="otsu"``).
+    """
+
+    heatmap: np.ndarray
+    mask: np.ndarray
+    boxes: list[dict[str, Any]] = field(default_factory=list)
+    threshold: float = 0.0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (int(self.heatmap.shape[0]), int(self.heatmap.shape[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no arrays)."""
+        return {"image_size": list(self.image_size), "threshold": float(self.threshold),
+                "box_convention": "pixels; x = column, y = row; x0/y0 inclusive, x1/y1 exclusive",
+                "boxes": self.boxes}
+
+
+class Localizer:
+    """Attention map → :class:`Localization` (heatmap, mask, boxes) at the image's resolution.
+
+    Args:
+        threshold: ``"otsu"`` or a float in [0, 1] applied to the (normalised) heatmap; foreground is
+            ``heat > threshold``.
+        min_area: components with fewer pixels (at image resolution) are dropped.
+        normalize: min–max normalise the upsampled map to [0, 1] (the attention is a sigmoid, often in a narrow
+            band); ``False`` keeps the raw attention values (clipped to [0, 1]).
+        max_boxes: keep at most this many boxes (best scores); ``None``: all.
+        score: ``"mean"`` (default) or ``"max"`` heat inside a component, used for sorting.
+
+    Raises:
+        DeployError: invalid arguments (naming the value).
+    """
+
+    def __init__(self, threshold: str | float = "otsu", *, min_area: int = 16, normalize: bool = True,
+                 max_boxes: int | None = None, score: str = "mean"):
+        if isinstance(threshold, str):
+            if threshold != "otsu":
+                raise DeployError(f"threshold must be 'otsu' or a number in [0, 1], got '{threshold}'")
+        elif not (isinstance(threshold, (int, float, np.floating)) and 0.0 <= float(threshold) <= 1.0):
+            raise DeployError(f"threshold must be 'otsu' or a number in [0, 1], got {threshold!r}")
+        if int(min_area) < 0:
+            raise DeployError(f"min_area must be >= 0, got {min_area}")
+        if score not in ("mean", "max"):
+            raise DeployError(f"score must be 'mean' or 'max', got '{score}'")
+        if max_boxes is not None and int(max_boxes) < 1:
+            raise DeployError(f"max_boxes must be >= 1 or None, got {max_boxes}")
+        self.threshold = threshold if isinstance(threshold, str) else float(threshold)
+        self.min_area, self.normalize, self.score = int(min_area), bool(normalize), score
+        self.max_boxes = None if max_boxes is None else int(max_boxes)
+
+    def heatmap(self, attention: np.ndarray, image_size: Sequence[int]) -> np.ndarray:
+        """Attention (1, x, y) — MONAI order, as the model outputs it — or (x, y) → heatmap (H, W) float32 in
+        [0, 1], row-major, for an image of ``image_size = (H, W)``."""
+        a = np.asarray(attention, dtype=np.float64)
+        if a.ndim == 3 and a.shape[0] == 1:
+            a = a[0]
+        if a.ndim != 2:
+            raise DeployError(f"attention must be (1, x, y) or (x, y) for one 2D image, got shape {a.shape} "
+                              "(pass attention[i] of a batch)")
+        if not np.isfinite(a).all():
+            raise DeployError("attention map contains NaN/inf values")
+        size = tuple(int(v) for v in np.asarray(image_size).ravel()[:2])
+        if len(size) != 2:
+            raise DeployError(f"image_size must be (H, W), got {image_size!r}")
+        heat = bilinear_resize(a.T, size)  # (x, y) → (rows, cols) FIRST, then to (H, W)
+        if self.normalize:
+            lo, hi = float(heat.min()), float(heat.max())
+            heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+        return np.clip(heat, 0.0, 1.0).astype(np.float32)
+
+    def localize(self, attention: np.ndarray, image_size: Sequence[int]) -> Localization:
+        """Attention (1, x, y) of one image → :class:`Localization` at ``image_size = (H, W)`` (rows, columns:
+        ``engine.embed(..., return_sizes=True)["image_size"][i]`` or ``np.asarray(image).shape[:2]``)."""
+        from scipy import ndimage
+
+        heat = self.heatmap(attention, image_size)
+        t = otsu_threshold(heat) if self.threshold == "otsu" else float(self.threshold)
+        fg = heat > t
+        labels, n = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
+        found: list[tuple[int, dict[str, Any]]] = []
+        for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            comp = labels[sl] == i
+            area = int(comp.sum())
+            if area < self.min_area:
+                continue
+            vals = heat[sl][comp]
+            found.append((i, {"x0": int(sl[1].start), "y0": int(sl[0].start), "x1": int(sl[1].stop),
+                              "y1": int(sl[0].stop),
+                              "score": float(vals.mean() if self.score == "mean" else vals.max()),
+                              "peak": float(vals.max()), "area": area}))
+        found.sort(key=lambda f: (-f[1]["score"], -f[1]["area"]))
+        found = found[: self.max_boxes] if self.max_boxes is not None else found
+        mask = np.isin(labels, [i for i, _ in found]) if found else np.zeros_like(fg)
+        boxes = [b for _, b in found]
+        if n and not boxes:
+            logger.debug("all %d component(s) are smaller than min_area=%d", n, self.min_area)
+        return Localization(heatmap=heat, mask=mask, boxes=boxes, threshold=float(t))
+
+    def save(self, loc: Localization, out_dir: str | os.PathLike, stem: str, *, image: Any = None,
+             alpha: float = 0.5) -> dict[str, Path]:
+        """Write ``{stem}_mask.png`` (0/255 L), ``{stem}_boxes.json`` (:meth:`Localization.to_dict`) and
+        ``{stem}_overlay.png`` (heatmap over ``image`` — a path, (H, W[, C]) array or PIL image of the
+        localization's size; a gray background when None — with box outlines) into ``out_dir``.
+
+        Returns:
+            ``{"mask", "boxes", "overlay"}`` → paths. Files are written atomically (temporary name + rename).
+        """
+        from PIL import Image
+
+        from medsim.errors import atomic_write_text
+
+        if not stem or any(c in stem for c in "/\\") or stem in (".", ".."):
+            raise DeployError(f"stem must be a plain file name part, got {stem!r}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"mask": out / f"{stem}_mask.png", "boxes": out / f"{stem}_boxes.json",
+                 "overlay": out / f"{stem}_overlay.png"}
+        over = overlay(loc, image, alpha=alpha)
+
+        def png(arr: np.ndarray, path: Path) -> None:
+            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+            try:
+                Image.fromarray(arr).save(tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        png(loc.mask.astype(np.uint8) * 255, paths["mask"])
+        png(over, paths["overlay"])
+        atomic_write_text(paths["boxes"], json.dumps(loc.to_dict(), indent=2) + "\n")
+        logger.debug("localization of %s written to %s", stem, out)
+        return paths
