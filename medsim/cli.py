@@ -160,15 +160,6 @@ def data_prepare(source: Path | None, layout: str, image_column: str | None, lab
 
 
 # ---------------------------------------------------------------------------------------- later capabilities
-def _not_yet(name: str, issue: int, what: str):
-    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                 help=f"{what} (arrives with issue #{issue}).")
-    def _cmd() -> None:
-        raise MedsimError(f"`medsim {name}` is not available in this version yet: it arrives with issue #{issue}")
-
-    return _cmd
-
-
 @cli.command("train")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--variant", default=None, help="Override config in the bundle's configs/ (margin, mml, triplet, "
@@ -235,9 +226,72 @@ def export(source: Path, out: Path, onnx: bool, trt: bool, precision: str, calib
         click.echo(line)
 
 
-_not_yet("index", 4, "Build a faiss case index from an exported model")
-_not_yet("search", 4, "Query similar cases")
-_not_yet("localize", 4, "Attention-derived lesion masks, boxes and overlays")
+@cli.group()
+def index() -> None:
+    """Case indexes (faiss) built from an exported model."""
+
+
+@index.command("build")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="Export folder (model.onnx + manifest.json from `medsim export`).")
+@click.option("--data", type=click.Path(path_type=Path, exists=True), required=True,
+              help="A split JSON (a run's split.json) or a folder of images.")
+@click.option("--split", default="training", show_default=True, help="Which split of the JSON to index.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Index folder.")
+@click.option("--kind", type=click.Choice(["flat", "ivfpq", "hnsw"]), default="flat", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"]), default="auto",
+              show_default=True)
+def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, backend: str) -> None:
+    """Embed the cases of DATA and save a faiss index with their records (no patient ids in clear)."""
+    from medsim.deploy.tasks import build_index
+
+    r = build_index(model_dir, data, out, split=split, kind=kind, backend=backend, progress=sys.stderr.isatty())
+    click.echo(f"indexed {r['cases']} cases ({r['kind']}, {r['backend']}) -> {r['index']}")
+
+
+@cli.command("search")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path, exists=True), required=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--k", type=int, default=5, show_default=True)
+@click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Export folder (default: the one the index was built with).")
+@click.option("--html", type=click.Path(path_type=Path), default=None, help="Write a picture page of the results.")
+def search(index_dir: Path, images: tuple[Path, ...], k: int, model_dir: Path | None, html: Path | None) -> None:
+    """Find the K most similar indexed cases for each IMAGE."""
+    from medsim.deploy.tasks import search_images
+
+    hits = search_images(index_dir, images, k=k, model_dir=model_dir, html=html)
+    for img, row in zip(images, hits):
+        click.echo(f"{img}")
+        click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<12} case")
+        for r, h in enumerate(row, start=1):
+            click.echo(f"  {r:>4}  {h.score:7.4f}  {str(h.record.get('label')):<12} {h.record.get('uri', h.id)}")
+    if html:
+        click.echo(f"wrote {html}")
+
+
+@cli.command("localize")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--masks", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Folder of ground-truth masks named <stem>_segmentation.png or <stem>.png: adds a Dice/IoU table.")
+@click.option("--threshold", default="otsu", show_default=True, help="'otsu' or a number in [0, 1].")
+def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path | None, threshold: str) -> None:
+    """Lesion masks, boxes and overlays from the model's attention for each IMAGE."""
+    from medsim.deploy.tasks import localize_images
+
+    thr: str | float = threshold if threshold == "otsu" else float(threshold)
+    gts = None
+    if masks is not None:
+        gts = []
+        for img in images:
+            cands = [masks / f"{img.stem}_segmentation.png", masks / f"{img.stem}.png"]
+            gts.append(next((c for c in cands if c.is_file()), None))
+    r = localize_images(model_dir, images, out, masks=gts, threshold=thr, progress=sys.stderr.isatty())
+    click.echo(f"localized {r['images']} image(s) -> {r['out']}")
+    if "dice" in r:
+        click.echo(f"Dice {r['dice']:.3f}  IoU {r['iou']:.3f}  pointing {r['pointing']:.3f}  box hit {r['box_hit']:.3f}")
 
 
 def _medsim_cause(e: BaseException) -> MedsimError | None:

@@ -7,7 +7,6 @@ The tests themselves use torch and MONAI (as references); only the package under
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,18 +22,6 @@ from medsim.deploy.engine import CPU_EP, CUDA_EP, EmbeddingEngine
 from medsim.deploy.preprocess import area_resize, load_manifest, preprocess, preprocess_with_size
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _export_fixtures() -> types.ModuleType:
-    """The export tests' session fixtures (tiny trained run → ONNX export), reused rather than copied."""
-    spec = importlib.util.spec_from_file_location("_medsim_export_conftest", ROOT / "tests" / "export" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_fx = _export_fixtures()
-tiny_run, loaded, exported = _fx.tiny_run, _fx.loaded, _fx.exported
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,636 @@
+"""Case-retrieval index of the deployment runtime: embeddings of known cases, their records, nearest-neighbour search.
+
+:class:`CaseIndex` wraps a faiss index (exact ``flat``, compressed ``ivfpq`` or graph-based ``hnsw``) and keeps, for
+every stored vector, a stable ``int64`` id and a JSON-serialisable *case record* (``{"uri": ..., "label": ...,
+"patient": <hashed token>, "split": ...}``)::
+
+    index = CaseIndex(128, kind="hnsw", metric="ip", model_id="isic-dsl-1.2.0")
+    ids = index.add(embeddings, records)            # (N, 128) float32, N records -> (N,) int64 ids
+    hits = index.search(query_embeddings, k=10)     # (Q, 128) -> Q lists of Hit(id, score, record)
+    index.save("cases/")                            # case_index.json + index-<sha256>.faiss
+    index = CaseIndex.load("cases/", expected_model_id="isic-dsl-1.2.0")
+
+Scores: ``metric="ip"`` (the default) is cosine similarity — vectors and queries are L2-normalised on the way in,
+hits are sorted by decreasing score; ``metric="l2"`` returns *squared* Euclidean distances, sorted increasingly.
+
+This module runs on inference hosts without torch or MONAI: it imports only the standard library, numpy and (lazily,
+inside functions) faiss. Keep it that way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from medsim import __version__ as _medsim_version
+from medsim.deploy import DeployError
+from medsim.errors import atomic_write_text
+
+__all__ = ["CaseIndex", "CaseIndexError", "ModelMismatchError", "Hit", "KINDS", "METRICS", "META_FILE",
+           "default_nlist", "default_m_pq"]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("flat", "ivfpq", "hnsw")
+METRICS = ("ip", "l2")
+#: the metadata file of a saved index (records, ids, parameters, checksum of the faiss file)
+META_FILE = "case_index.json"
+_FORMAT = "medsim-case-index"
+_FORMAT_VERSION = 1
+_INDEX_GLOB = "index-*.faiss"
+
+Kind = Literal["flat", "ivfpq", "hnsw"]
+Metric = Literal["ip", "l2"]
+
+#: record keys that carry a patient identifier in clear (compared after lower-casing and dropping ``_``/``-``/spaces)
+_PHI_KEYS = {
+    "patientid": "patient_id", "patientname": "patient_name", "name": "name", "birthdate": "birth_date",
+    "patientbirthdate": "birth_date", "dateofbirth": "birth_date", "dob": "birth_date", "mrn": "patient_id",
+    "medicalrecordnumber": "patient_id",
+}
+
+
+class CaseIndexError(DeployError):
+    """A case index cannot be built, saved or loaded: the message names the file (if any) and the reason.
+
+    A :class:`~medsim.errors.MedsimError` (via :class:`~medsim.deploy.DeployError`): the CLI exits with code 2."""
+
+
+class ModelMismatchError(CaseIndexError):
+    """The saved index was built from the embeddings of another model (version) than the one in use."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the case id, its score (cosine similarity for ``ip``, squared L2 distance for ``l2``)
+    and its case record."""
+
+    id: int
+    score: float
+    record: Mapping[str, Any]
+
+
+def _faiss():
+    try:
+        import faiss  # noqa: PLC0415 - lazy on purpose: importing medsim.deploy must stay cheap
+    except ImportError as exc:  # pragma: no cover - faiss is installed wherever the tests run
+        raise CaseIndexError("faiss is not installed: install faiss-cpu (or faiss-gpu on a GPU host), "
+                             "e.g. `pip install medsim[cpu]`") from exc
+    return faiss
+
+
+def default_nlist(n: int) -> int:
+    """IVF list count for ``n`` training vectors: about ``4·sqrt(n)``, at most ``n // 39`` (faiss wants ≥ 39
+    training points per list) and at most 65536, at least 1."""
+    return int(max(1, min(round(4 * math.sqrt(max(n, 1))), n // 39, 65536)))
+
+
+def default_m_pq(dim: int) -> int:
+    """PQ sub-quantizer count for ``dim``: the largest divisor of ``dim`` that is at most ``dim // 2`` (2-d
+    sub-vectors: ``dim / 2`` bytes per vector at ``nbits=8``, 8× smaller than float32, recall@10 ≈ 0.95 on
+    clustered embeddings). Pass ``m_pq=dim // 4`` for 16× compression at a visibly lower recall."""
+    for m in range(max(1, dim // 2), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1  # pragma: no cover
+
+
+def _shape_str(a: np.ndarray) -> str:
+    return f"{tuple(a.shape)} {a.dtype}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class CaseIndex:
+    """Nearest-neighbour index of case embeddings with stable ids and case records.
+
+    Args:
+        dim: embedding size ``D``.
+        kind: ``"flat"`` (exact, ``IndexFlatIP``/``IndexFlatL2``), ``"ivfpq"`` (``IndexIVFPQ``: inverted lists of
+            product-quantised codes, trained on the first :meth:`add` or an explicit :meth:`train`) or ``"hnsw"``
+            (``IndexHNSWFlat`` graph; CPU only).
+        metric: ``"ip"`` — cosine similarity, vectors are L2-normalised by the index — or ``"l2"`` (squared
+            Euclidean distance on the vectors as given).
+        nlist: IVF lists (``ivfpq``); default :func:`default_nlist` of the training-set size.
+        m_pq: PQ sub-quantizers (``ivfpq``), must divide ``dim``; default :func:`default_m_pq`.
+        nbits: bits per PQ code (``ivfpq``); training needs at least ``2**nbits`` vectors.
+        hnsw_m: graph degree ``M`` (``hnsw``).
+        ef_construction: candidate-list size while building the graph (``hnsw``).
+        ef_search: default candidate-list size while searching (``hnsw``; raised to ``k`` when smaller).
+        nprobe: default number of IVF lists visited per query (``ivfpq``).
+        model_id: id of the model (and version) that produced the embeddings; :meth:`load` refuses an index
+            built by another model.
+        use_gpu: ``"auto"`` (use every GPU faiss sees, when there is one and the kind has a GPU version),
+            ``True`` (require a GPU: :class:`CaseIndexError` when faiss sees none) or ``False``.
+
+    Ids are ``int64``, assigned increasingly from 0 unless :meth:`add` is given ``ids``; removed ids are never
+    returned by :meth:`search` (``hnsw`` marks them deleted and compacts its graph once they outnumber the live
+    vectors). The CPU index is the source of truth; on a GPU, a copy is (re)made for the first search after a change.
+    """
+
+    def __init__(self, dim: int, *, kind: Kind = "flat", metric: Metric = "ip", nlist: int | None = None,
+                 m_pq: int | None = None, nbits: int = 8, hnsw_m: int = 32, ef_construction: int = 40,
+                 ef_search: int = 64, nprobe: int = 16, model_id: str, use_gpu: bool | str = "auto"):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be 'ip' (cosine on L2-normalised vectors) or 'l2', got {metric!r}")
+        if not isinstance(model_id, str) or not model_id.strip():
+            raise ValueError(f"model_id must be a non-empty string naming the embedding model, got {model_id!r}")
+        if m_pq is not None and (m_pq < 1 or dim % m_pq):
+            raise ValueError(f"m_pq={m_pq} must be a positive divisor of dim={dim}")
+        if not 1 <= nbits <= 16:
+            raise ValueError(f"nbits must be in 1..16, got {nbits}")
+        if nlist is not None and nlist < 1:
+            raise ValueError(f"nlist must be positive, got {nlist}")
+        for name, value in (("hnsw_m", hnsw_m), ("ef_construction", ef_construction), ("ef_search", ef_search),
+                            ("nprobe", nprobe)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if use_gpu not in ("auto", True, False) or (not isinstance(use_gpu, (bool, str))):
+            raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+        self.dim = int(dim)
+        self.kind: str = kind
+        self.metric: str = metric
+        self.model_id = model_id
+        self.nlist = nlist
+        self.m_pq = m_pq if m_pq is not None else (default_m_pq(self.dim) if kind == "ivfpq" else None)
+        self.nbits = int(nbits)
+        self.hnsw_m = int(hnsw_m)
+        self.ef_construction = int(ef_construction)
+        self.ef_search = int(ef_search)
+        self.nprobe = int(nprobe)
+        self.created = _utc_now()
+        self._use_gpu_arg = use_gpu
+        self.use_gpu = self._resolve_gpu(use_gpu)
+        self._records: dict[int, dict[str, Any]] = {}
+        self._tombstones: set[int] = set()
+        self._next_id = 0
+        self._gpu_index: Any = None
+        self._index: Any = None if kind == "ivfpq" else self._new_index()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _resolve_gpu(self, use_gpu: bool | str) -> bool:
+        if use_gpu is False:
+            return False
+        faiss = _faiss()
+        n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if n == 0:
+            if use_gpu is True:
+                raise CaseIndexError("use_gpu=True, but faiss sees no GPU: this is a CPU-only faiss build "
+                                     "(faiss-cpu) or no CUDA device is visible; install faiss-gpu on a GPU host, "
+                                     "or pass use_gpu='auto' or False")
+            return False
+        if self.kind == "hnsw":
+            (log.warning if use_gpu is True else log.info)(
+                "faiss has no GPU version of HNSW: the hnsw case index stays on the CPU")
+            return False
+        log.info("case index (%s) will search on %d GPU(s)", self.kind, n)
+        return True
+
+    def _faiss_metric(self) -> int:
+        faiss = _faiss()
+        return faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
+
+    def _new_index(self) -> Any:
+        """A fresh, empty CPU index for ``flat``/``hnsw`` (``IndexIDMap2`` around the storage)."""
+        faiss = _faiss()
+        if self.kind == "flat":
+            inner = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+        elif self.kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, self._faiss_metric())
+            inner.hnsw.efConstruction = self.ef_construction
+            inner.hnsw.efSearch = self.ef_search
+        else:  # pragma: no cover - ivfpq is made by train()
+            raise AssertionError(self.kind)
+        return faiss.IndexIDMap2(inner)
+
+    # ------------------------------------------------------------------ validation
+
+    def _matrix(self, x: Any, what: str, n_name: str = "N") -> np.ndarray:
+        """``x`` as a C-contiguous ``(n, dim)`` float32 array (L2-normalised for ``ip``), or ValueError."""
+        a = np.asarray(x)
+        expected = f"expected ({n_name}, {self.dim}) float32 {what}"
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise ValueError(f"{expected}, got {_shape_str(a)}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"{expected}, got {_shape_str(a)} (not floating point)")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        finite = np.isfinite(a).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise ValueError(f"{what} contain NaN or infinite values in {bad.size} of {a.shape[0]} rows "
+                             f"(first rows: {bad[:10].tolist()}); shape {_shape_str(a)}")
+        if self.metric == "ip" and a.shape[0]:
+            norms = np.linalg.norm(a, axis=1)
+            if (norms == 0).any():
+                bad = np.flatnonzero(norms == 0)
+                raise ValueError(f"{what}: rows {bad[:10].tolist()} are all zeros and cannot be L2-normalised "
+                                 f"for metric 'ip' (cosine)")
+            if np.abs(norms - 1).max() > 1e-5:  # already unit vectors stay bit-identical
+                a = a / norms[:, None]
+        return a
+
+    @staticmethod
+    def _check_record(i: int, rec: Any) -> dict[str, Any]:
+        if not isinstance(rec, Mapping):
+            raise ValueError(f"record {i} must be a dict (case record), got {type(rec).__name__}")
+        for key in rec:
+            if not isinstance(key, str):
+                raise ValueError(f"record {i}: keys must be strings, got {key!r}")
+            norm = re.sub(r"[^a-z0-9]", "", key.lower())
+            if norm in _PHI_KEYS:
+                raise ValueError(
+                    f"record {i} has the key '{key}', which looks like a patient identifier in clear "
+                    f"({_PHI_KEYS[norm]}); a case index must never hold one: hash identifiers with "
+                    f"medsim.data.phi.Anonymizer (store them as 'patient': <token>) and drop names and birth dates")
+        try:
+            json.dumps(rec, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"record {i} is not JSON-serialisable ({exc}); records are saved as JSON") from None
+        return dict(rec)
+
+    def _check_ids(self, ids: Any, what: str) -> np.ndarray:
+        a = np.asarray(ids)
+        if a.ndim == 0:
+            a = a.reshape(1)
+        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+            raise ValueError(f"{what} must be a 1-d sequence of integers, got {_shape_str(a)}")
+        return a.astype(np.int64, copy=False)
+
+    # ------------------------------------------------------------------ properties
+
+    def __len__(self) -> int:
+        """Number of live (searchable) cases."""
+        return len(self._records)
+
+    def __contains__(self, case_id: object) -> bool:
+        return isinstance(case_id, (int, np.integer)) and int(case_id) in self._records
+
+    def __repr__(self) -> str:
+        return (f"CaseIndex(dim={self.dim}, kind={self.kind!r}, metric={self.metric!r}, count={len(self)}, "
+                f"model_id={self.model_id!r}, gpu={self.use_gpu})")
+
+    @property
+    def is_trained(self) -> bool:
+        """False only for an ``ivfpq`` index before its first :meth:`train`/:meth:`add`."""
+        return self._index is not None and bool(self._index.is_trained)
+
+    @property
+    def faiss_index(self) -> Any:
+        """The CPU faiss index (source of truth); None for an untrained ``ivfpq`` index. Read-only use."""
+        return self._index
+
+    def ids(self) -> np.ndarray:
+        """The live ids, ``(len(self),)`` int64, in insertion order."""
+        return np.fromiter(self._records.keys(), dtype=np.int64, count=len(self._records))
+
+    def record(self, case_id: int) -> dict[str, Any]:
+        """The record of ``case_id`` (KeyError naming the id when absent or removed)."""
+        try:
+            return self._records[int(case_id)]
+        except KeyError:
+            raise KeyError(f"case id {case_id} is not in the index (never added, or removed)") from None
+
+    # ------------------------------------------------------------------ building
+
+    def train(self, vectors: Any) -> "CaseIndex":
+        """Train the ``ivfpq`` quantizers on ``vectors`` ``(N, D)`` (a representative sample of the cases; at
+        least ``2**nbits`` rows and ``nlist`` rows). No-op for ``flat`` and ``hnsw``. Returns ``self``."""
+        if self.kind != "ivfpq":
+            log.debug("%s index needs no training", self.kind)
+            return self
+        if len(self) or (self._index is not None and self._index.ntotal):
+            raise CaseIndexError("the ivfpq case index already holds vectors; retraining would invalidate their "
+                                 "codes — build a new index instead")
+        x = self._matrix(vectors, "training vectors")
+        self._train(x)
+        return self
+
+    def _train(self, x: np.ndarray) -> None:
+        faiss = _faiss()
+        n = x.shape[0]
+        need = 2 ** self.nbits
+        nlist = self.nlist if self.nlist is not None else default_nlist(n)
+        if n < max(need, nlist):
+            raise ValueError(
+                f"ivfpq needs at least max(2**nbits={need}, nlist={nlist}) training vectors, got {n}: add or "
+                f"train() with more cases, lower nbits, or use kind='flat' (exact and fast for small collections)")
+        metric = self._faiss_metric()
+        quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+        index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.m_pq, self.nbits, metric)
+        # bounded training cost: at most 64 points per centroid, fewer iterations than faiss' default 25
+        index.cp.max_points_per_centroid = 64
+        index.cp.niter = 20
+        index.pq.cp.max_points_per_centroid = 64
+        index.pq.cp.niter = 15
+        index.nprobe = self.nprobe
+        t0 = time.perf_counter()
+        index.train(x)
+        log.info("trained ivfpq (nlist=%d, m_pq=%d, nbits=%d) on %d vectors in %.1f s", nlist, self.m_pq,
+                 self.nbits, n, time.perf_counter() - t0)
+        self.nlist = nlist
+        self._quantizer = quantizer  # keep the Python object alive next to the index that points at it
+        self._index = index
+        self._gpu_index = None
+
+    def add(self, vectors: Any, records: Sequence[Mapping[str, Any]], *, ids: Any = None) -> np.ndarray:
+        """Add ``N`` cases: ``vectors`` ``(N, D)`` float32 and one record (JSON-serialisable dict, no identifier in
+        clear) per vector. ``ids`` (``(N,)`` int64, new and unique) defaults to the next free ids. An untrained
+        ``ivfpq`` index is trained on these vectors first. Returns the ``(N,)`` int64 ids. Nothing is added when
+        any input is invalid (ValueError)."""
+        x = self._matrix(vectors, "vectors")
+        n = x.shape[0]
+        if isinstance(records, (Mapping, str, bytes)) or not hasattr(records, "__len__"):
+            raise ValueError(f"records must be a list of {n} dicts (one per vector), got {type(records).__name__}")
+        if len(records) != n:
+            raise ValueError(f"got {len(records)} records for {n} vectors of shape {_shape_str(x)}; "
+                             f"give exactly one record per vector")
+        recs = [self._check_record(i, r) for i, r in enumerate(records)]
+        if ids is None:
+            new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        else:
+            new_ids = self._check_ids(ids, "ids")
+            if new_ids.shape != (n,):
+                raise ValueError(f"got {new_ids.shape[0]} ids for {n} vectors")
+            if (new_ids < 0).any():
+                raise ValueError(f"ids must be non-negative, got {new_ids[new_ids < 0][:10].tolist()}")
+            if np.unique(new_ids).size != n:
+                raise ValueError("ids contain duplicates")
+            taken = [int(i) for i in new_ids if int(i) in self._records or int(i) in self._tombstones]
+            if taken:
+                raise ValueError(f"ids already used in this index: {taken[:10]}"
+                                 f"{' …' if len(taken) > 10 else ''}")
+        if n == 0:
+            return new_ids
+        if self._index is None:
+            self._train(x)
+        t0 = time.perf_counter()
+        self._index.add_with_ids(x, new_ids)
+        log.debug("added %d vectors to the %s case index in %.2f s", n, self.kind, time.perf_counter() - t0)
+        self._records.update(zip(new_ids.tolist(), recs))
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+        self._gpu_index = None
+        return new_ids
+
+    def remove(self, ids: Any) -> int:
+        """Remove the cases ``ids`` (int or ``(n,)`` ints, all present: ValueError naming the unknown ones, and
+        nothing removed). Returns the number removed."""
+        rm = np.unique(self._check_ids(ids, "ids"))
+        unknown = [int(i) for i in rm if int(i) not in self._records]
+        if unknown:
+            raise ValueError(f"ids not in the index (never added, or already removed): {unknown[:10]}"
+                             f"{' …' if len(unknown) > 10 else ''}")
+        if rm.size == 0:
+            return 0
+        if self.kind == "hnsw":  # faiss HNSW cannot delete: mark, filter at search, compact when mostly dead
+            self._tombstones.update(rm.tolist())
+        else:
+            removed = self._index.remove_ids(rm)
+            if removed != rm.size:  # pragma: no cover - faiss and the records disagree
+                raise CaseIndexError(f"faiss removed {removed} of {rm.size} ids; the index is inconsistent")
+        for i in rm.tolist():
+            del self._records[i]
+        self._gpu_index = None
+        if self.kind == "hnsw" and len(self._tombstones) > max(len(self._records), 1000):
+            self.compact()
+        return int(rm.size)
+
+    def compact(self) -> None:
+        """Rebuild the ``hnsw`` graph without the removed vectors (no-op for other kinds or without removals)."""
+        if self.kind != "hnsw" or not self._tombstones:
+            return
+        t0 = time.perf_counter()
+        live = self.ids()
+        x = self._index.reconstruct_batch(live) if live.size else np.zeros((0, self.dim), np.float32)
+        index = self._new_index()
+        if live.size:
+            index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), live)
+        self._index = index
+        dropped = len(self._tombstones)
+        self._tombstones.clear()
+        log.info("compacted the hnsw case index: dropped %d removed vectors, kept %d (%.1f s)", dropped,
+                 live.size, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ search
+
+    def _searcher(self) -> Any:
+        if not self.use_gpu:
+            return self._index
+        if self._gpu_index is None:
+            faiss = _faiss()
+            try:
+                co = faiss.GpuMultipleClonerOptions()
+                co.useFloat16 = True  # IVF-PQ lookup tables for many sub-quantizers
+                self._gpu_index = faiss.index_cpu_to_all_gpus(self._index, co=co)
+            except (RuntimeError, AttributeError) as exc:
+                if self._use_gpu_arg is True:
+                    raise CaseIndexError(f"cannot copy the {self.kind} case index to the GPU: {exc}") from exc
+                log.warning("cannot copy the %s case index to the GPU (%s); searching on the CPU", self.kind, exc)
+                self.use_gpu = False
+                return self._index
+        return self._gpu_index
+
+    def search_arrays(self, queries: Any, k: int, *, nprobe: int | None = None,
+                      ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw search: ``queries`` ``(Q, D)`` -> ``(scores (Q, k) float32, ids (Q, k) int64)``, best first; where
+        fewer than ``k`` cases qualify, ids are ``-1`` (scores then are faiss' sentinels). ``nprobe`` (``ivfpq``)
+        and ``ef_search`` (``hnsw``) override the index defaults for this call."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        q = self._matrix(queries, "queries", "Q")
+        k = int(k)
+        nq = q.shape[0]
+        if nq == 0 or self._index is None or self._index.ntotal == 0:
+            return np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
+        faiss = _faiss()
+        index = self._searcher()
+        params = None
+        keep: list[Any] = []  # selector objects must outlive the search call
+        if self.kind == "ivfpq":
+            probe = int(nprobe if nprobe is not None else self.nprobe)
+            if index is self._index:
+                params = faiss.SearchParametersIVF(nprobe=probe)
+            else:
+                faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", probe)
+        elif self.kind == "hnsw":
+            ef = max(int(ef_search if ef_search is not None else self.ef_search), k)
+            params = faiss.SearchParametersHNSW(efSearch=ef)
+            if self._tombstones:
+                batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
+                sel = faiss.IDSelectorNot(batch)
+                keep += [batch, sel]
+                params.sel = sel
+        scores, ids = index.search(q, k, params=params) if params is not None else index.search(q, k)
+        del keep
+        return scores, ids
+
+    def search(self, queries: Any, k: int = 10, *, nprobe: int | None = None,
+               ef_search: int | None = None) -> list[list[Hit]]:
+        """The ``k`` nearest cases of each query: ``queries`` ``(Q, D)`` -> ``Q`` lists of :class:`Hit` (fewer
+        than ``k`` when the index holds fewer cases), best first — decreasing cosine similarity for ``ip``,
+        increasing squared L2 distance for ``l2``."""
+        scores, ids = self.search_arrays(queries, k, nprobe=nprobe, ef_search=ef_search)
+        records = self._records
+        out: list[list[Hit]] = []
+        for srow, irow in zip(scores.tolist(), ids.tolist()):
+            out.append([Hit(i, s, records[i]) for s, i in zip(srow, irow) if i >= 0 and i in records])
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save into the directory ``path`` (created): ``index-<sha256[:16]>.faiss`` (``faiss.write_index``) and
+        ``case_index.json`` (model_id, dim, kind, metric, parameters, count, created, faiss version, the index
+        file's name, size and sha256, ids, records). Each file is written under a temporary name and moved into
+        place; replacing ``case_index.json`` is the commit point, so a crash leaves the previous index loadable.
+        Returns the directory."""
+        faiss = _faiss()
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise CaseIndexError(f"{root}: cannot save a case index there: it is a file, not a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        index_name = None
+        sha = None
+        size = None
+        if self._index is not None:
+            tmp = root / f".index.tmp{os.getpid()}"
+            try:
+                faiss.write_index(self._index, str(tmp))
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                sha = _sha256(tmp)
+                size = tmp.stat().st_size
+                index_name = f"index-{sha[:16]}.faiss"
+                os.replace(tmp, root / index_name)
+            except (RuntimeError, OSError) as exc:
+                tmp.unlink(missing_ok=True)
+                raise CaseIndexError(f"{root}: cannot write the faiss index ({exc})") from exc
+        ids = list(self._records.keys())
+        meta = {
+            "format": _FORMAT, "format_version": _FORMAT_VERSION,
+            "model_id": self.model_id, "dim": self.dim, "kind": self.kind, "metric": self.metric,
+            "count": len(ids), "created": self.created, "saved": _utc_now(),
+            "faiss_version": getattr(faiss, "__version__", "unknown"), "medsim_version": _medsim_version,
+            "params": {"nlist": self.nlist, "m_pq": self.m_pq, "nbits": self.nbits, "hnsw_m": self.hnsw_m,
+                       "ef_construction": self.ef_construction, "ef_search": self.ef_search,
+                       "nprobe": self.nprobe},
+            "index_file": index_name, "index_bytes": size, "index_sha256": sha,
+            "next_id": self._next_id, "tombstones": sorted(self._tombstones),
+            "ids": ids, "records": [self._records[i] for i in ids],
+        }
+        atomic_write_text(root / META_FILE, json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
+        for old in root.glob(_INDEX_GLOB):  # index files of earlier saves
+            if old.name != index_name:
+                old.unlink(missing_ok=True)
+        log.info("saved %s to %s (%d cases, %s bytes)", self, root, len(ids), size)
+        return root
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, expected_model_id: str | None = None,
+             use_gpu: bool | str = "auto") -> "CaseIndex":
+        """Load an index saved by :meth:`save` (``path``: its directory or its ``case_index.json``).
+
+        Raises :class:`ModelMismatchError` when ``expected_model_id`` is given and differs from the model the index
+        was built with, and :class:`CaseIndexError` naming the file and the reason when a file is missing,
+        truncated, corrupted (sha256 mismatch) or inconsistent."""
+        p = Path(path)
+        root, meta_path = (p.parent, p) if p.name == META_FILE and p.is_file() else (p, p / META_FILE)
+        if not meta_path.is_file():
+            raise CaseIndexError(f"{meta_path}: no case index here ({META_FILE} is missing)")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CaseIndexError(f"{meta_path}: unreadable case index metadata ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise CaseIndexError(f"{meta_path}: not a medsim case index (format {_FORMAT!r} expected)")
+        if meta.get("format_version", 0) > _FORMAT_VERSION:
+            raise CaseIndexError(f"{meta_path}: format version {meta.get('format_version')} is newer than this "
+                                 f"medsim understands ({_FORMAT_VERSION}); upgrade medsim")
+        missing = [k for k in ("model_id", "dim", "kind", "metric", "params", "index_file", "ids", "records")
+                   if k not in meta]
+        if missing:
+            raise CaseIndexError(f"{meta_path}: metadata lacks {', '.join(missing)}")
+        if expected_model_id is not None and meta["model_id"] != expected_model_id:
+            raise ModelMismatchError(
+                f"{root}: the case index was built with model '{meta['model_id']}', but the model in use is "
+                f"'{expected_model_id}'; embeddings of different models are not comparable — rebuild the index "
+                f"with `medsim index build`")
+        params = meta["params"]
+        try:
+            obj = cls(meta["dim"], kind=meta["kind"], metric=meta["metric"], nlist=params.get("nlist"),
+                      m_pq=params.get("m_pq"), nbits=params.get("nbits", 8), hnsw_m=params.get("hnsw_m", 32),
+                      ef_construction=params.get("ef_construction", 40), ef_search=params.get("ef_search", 64),
+                      nprobe=params.get("nprobe", 16), model_id=meta["model_id"], use_gpu=use_gpu)
+        except ValueError as exc:
+            raise CaseIndexError(f"{meta_path}: invalid parameters ({exc})") from exc
+        obj.created = meta.get("created", obj.created)
+        ids, records = meta["ids"], meta["records"]
+        if len(ids) != len(records) or meta.get("count", len(ids)) != len(ids):
+            raise CaseIndexError(f"{meta_path}: {len(ids)} ids, {len(records)} records and count "
+                                 f"{meta.get('count')} disagree")
+        tombstones = set(int(i) for i in meta.get("tombstones", []))
+        if meta["index_file"] is None:
+            if ids or meta["kind"] != "ivfpq":
+                raise CaseIndexError(f"{meta_path}: no index file recorded for {len(ids)} cases")
+            index = None
+        else:
+            index = cls._read_verified(root / meta["index_file"], meta)
+            expected_total = len(ids) + len(tombstones)
+            if index.ntotal != expected_total or index.d != obj.dim:
+                raise CaseIndexError(f"{root / meta['index_file']}: holds {index.ntotal} vectors of dim {index.d}, "
+                                     f"the metadata says {expected_total} of dim {obj.dim}")
+        faiss = _faiss()
+        if meta.get("faiss_version") not in (None, getattr(faiss, "__version__", None)):
+            log.info("case index %s was written by faiss %s, reading with %s", root, meta.get("faiss_version"),
+                     getattr(faiss, "__version__", "?"))
+        obj._index = index
+        if index is not None and obj.kind == "ivfpq":
+            obj.nlist = int(faiss.extract_index_ivf(index).nlist)
+        obj._records = {int(i): dict(r) for i, r in zip(ids, records)}
+        obj._tombstones = tombstones
+        obj._next_id = int(meta.get("next_id", max([*map(int, ids), *tombstones], default=-1) + 1))
+        log.info("loaded %s from %s", obj, root)
+        return obj
+
+    @staticmethod
+    def _read_verified(file: Path, meta: dict[str, Any]) -> Any:
+        faiss = _faiss()
+        if not file.is_file():
+            raise CaseIndexError(f"{file}: the faiss index file named in {META_FILE} is missing")
+        size = file.stat().st_size
+        if meta.get("index_bytes") is not None and size != meta["index_bytes"]:
+            raise CaseIndexError(f"{file}: truncated or overwritten: {size} bytes, {meta['index_bytes']} expected")
+        sha = _sha256(file)
+        if sha != meta.get("index_sha256"):
+            raise CaseIndexError(f"{file}: checksum mismatch (sha256 {sha[:16]}…, {META_FILE} records "
+                                 f"{str(meta.get('index_sha256'))[:16]}…): the file is corrupted or was modified; "
+                                 f"restore it or rebuild the index")
+        try:
+            return faiss.read_index(str(file))
+        except RuntimeError as exc:
+            raise CaseIndexError(f"{file}: faiss cannot read the index ({str(exc).splitlines()[0]})") from exc
+
