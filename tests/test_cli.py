@@ -84,9 +84,6 @@ def test_debug_shows_traceback(tmp_path, capsys):
     assert "no such file" in str(e.value)
 
 
-def test_later_commands_say_when(capsys):
-    code, _, err = run(["index", "x"], capsys)
-    assert code == 2 and "arrives with issue #4" in err
 
 
 def test_sample_command(tmp_path, capsys):
