@@ -18,7 +18,8 @@ Steps:
 
     python benchmarks/ort_throughput.py --run runs/bench_dsl/dsl__s1 --out benchmarks/results/ort_throughput
 
-Writes ``<out>.json`` (every round, every number) and ``<out>.md`` (the table and a verdict per target).
+Writes ``<out>.json`` (every round, every number) and ``<out>.md`` (the table and a verdict per target);
+``--render <out>.json`` rewrites only the markdown from an earlier JSON.
 """
 
 from __future__ import annotations
@@ -170,15 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/ort_throughput")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--seconds", type=float, default=1.0, help="measuring time per configuration per round")
-    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per configuration")
+    ap.add_argument("--warmup", type=float, default=1.5, help="warm-up seconds per configuration")
     ap.add_argument("--pause", type=float, default=0.1,
                     help="idle seconds between configurations (lets spinning OpenMP/ORT worker threads sleep)")
     ap.add_argument("--quiet-cpu", type=float, default=0.25,
                     help="a round counts as quiet when other processes used < this many CPUs in every one of its "
                          "measurements; before each round wait (up to --max-wait s) for such a moment")
-    ap.add_argument("--max-wait", type=float, default=15.0)
+    ap.add_argument("--max-wait", type=float, default=30.0)
     ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown from an earlier result JSON")
     ap.add_argument("--max-calibration", type=int, default=256, help="training images for static calibration")
     args = ap.parse_args(argv)
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     if args.render:
         doc = json.loads(Path(args.render).read_text())
+        doc["rendered_by"] = command
         Path(args.render).with_suffix(".md").write_text(render_md(doc))
         return 0
 
@@ -548,12 +550,10 @@ def render_md(doc: dict[str, Any]) -> str:
     m, mod = doc["machine"], doc["model"]
     rows, val = doc["rows"], doc["validation"]
     batches = sorted({r["batch"] for r in rows})
-
-    def row(b: str, bs: int) -> dict[str, Any]:
-        return next(r for r in rows if r["backend"] == b and r["batch"] == bs)
-
     L = ["# onnxruntime vs PyTorch eager: CPU throughput and INT8 retrieval cost", "",
-         f"Command: `{doc['command']}` (wall time {doc['wall_s']:.0f} s, started {doc['started']})", "",
+         f"Command: `{doc['command']}` (wall time {doc['wall_s']:.0f} s, started {doc['started']})"
+         + (f"; this text re-rendered from the JSON by `{doc['rendered_by']}`" if doc.get("rendered_by") else ""),
+         "",
          f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)', m.get('logical_cpus'))} logical CPUs "
          f"({m.get('Socket(s)', '?')} socket × {m.get('Core(s) per socket', '?')} cores × "
          f"{m.get('Thread(s) per core', '?')} thread/core; ISA flags: {', '.join(m.get('isa_flags', []))}); "
@@ -618,15 +618,16 @@ def render_md(doc: dict[str, Any]) -> str:
                   "loaded" for bs in batches)
               + ". Likely cause: PyTorch's 2 OpenMP threads meet at a barrier in every operator, so when another "
               "job holds a core each operator waits for a descheduled thread, while onnxruntime's calling thread "
-              "can run the remaining work itself. Loaded-round ratios therefore overstate ORT's advantage; judge the targets "
-              "on the quiet rounds.", ""]
+              "can run the remaining work itself. Loaded-round ratios therefore overstate ORT's advantage; judge "
+              "the targets on the quiet rounds.", ""]
     elif not rq and statistics.median(r["other_jobs_cpus_median"] for r in rows) >= doc["config"]["quiet_cpu"]:
         L += ["**Caution:** no quiet rounds — other jobs held a median "
               f"{statistics.median(r['other_jobs_cpus_median'] for r in rows):.2f} CPUs during the measurements. "
               "PyTorch's OpenMP threads (a barrier per operator) suffer more from a busy machine than "
               "onnxruntime's thread pool, so these ratios likely overstate ORT's advantage over an idle host.", ""]
     if rq:
-        L += ["### Quiet rounds (the better estimate of what this machine can do)", ""] + verdict_lines(rq, val["images"])
+        L += ["### Quiet rounds (the better estimate of what this machine can do)", ""]
+        L += verdict_lines(rq, val["images"])
         L += [f"### All rounds (including the ones loaded by other jobs)", ""] + verdict_lines(rows, val["images"])
     else:
         L += verdict_lines(rows, val["images"])
