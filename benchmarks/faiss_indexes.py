@@ -75,9 +75,10 @@ def brute_force(x: np.ndarray, q: np.ndarray, k: int, *, chunk: int = 64) -> np.
     return out
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+def recall_per_query(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``(Q,)`` recall@k of each query (``k`` = ``truth.shape[1]``)."""
     k = truth.shape[1]
-    return float(np.mean([len(set(f[:k].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]))
+    return np.array([len(set(f[:k].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)])
 
 
 def timed(fn, *, repeats: int, long_s: float = 5.0):
@@ -102,9 +103,19 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
     brute_qps = q.shape[0] / t_brute
     rows.append({"N": n, "method": "numpy brute force", "params": "matmul + argpartition, 64-query chunks",
                  "build_s": 0.0, "search_s": t_brute, "qps": brute_qps, "speedup": 1.0, "recall@10": 1.0,
-                 "memory_bytes": int(x.nbytes)})
+                 "lost_queries": 0, "memory_bytes": int(x.nbytes)})
     log.info("N=%d brute force: %.2f s for %d queries (%.0f q/s)", n, t_brute, q.shape[0], brute_qps)
     records = [{"uri": f"cases/{i:07d}.png", "label": i % 7} for i in range(n)]
+
+    def add_row(kind: str, method: str, params: str, build_s: float, search_s: float, found: np.ndarray,
+                mem: int) -> None:
+        per_query = recall_per_query(found, truth)
+        row = {"N": n, "method": method, "kind": kind, "params": params, "build_s": build_s, "search_s": search_s,
+               "qps": q.shape[0] / search_s, "speedup": t_brute / search_s, "recall@10": float(per_query.mean()),
+               "lost_queries": int((per_query == 0).sum()), "memory_bytes": mem}
+        rows.append(row)
+        log.info("N=%d %-13s %-45s build %6.1f s  %8.0f q/s  ×%6.1f  recall %.4f (%d lost)  %.1f MB", n, kind,
+                 params, build_s, row["qps"], row["speedup"], row["recall@10"], row["lost_queries"], mem / 2**20)
 
     def measure(kind: str, build_params: dict, sweep_name: str | None, sweep: list[int | None]) -> None:
         import faiss
@@ -122,12 +133,23 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
             found = np.array([[h.id for h in row] + [-1] * (k - len(row)) for row in hits])
             shown_now = shown | ({"nprobe" if kind == "ivfpq" else "efSearch": value} if sweep_name else {})
             params = ", ".join(f"{a}={b}" for a, b in shown_now.items()) or "exact"
-            row = {"N": n, "method": f"faiss {kind} (CaseIndex)", "kind": kind, "params": params,
-                   "build_s": build_s, "search_s": search_s, "qps": q.shape[0] / search_s,
-                   "speedup": t_brute / search_s, "recall@10": recall_at_k(found, truth), "memory_bytes": mem}
-            rows.append(row)
-            log.info("N=%d %-6s %-55s build %6.1f s  %8.0f q/s  ×%6.1f  recall %.4f  %.1f MB", n, kind, params,
-                     build_s, row["qps"], row["speedup"], row["recall@10"], mem / 2**20)
+            add_row(kind, f"faiss {kind} (CaseIndex)", params, build_s, search_s, found, mem)
+        if kind == "ivfpq" and args.rerank:
+            # what-if, not in CaseIndex: exact re-ranking of k·factor PQ candidates with the float vectors (what
+            # faiss.IndexRefineFlat does) — recall beyond the PQ limit, for the memory of a flat index on top
+            factor = args.rerank
+
+            def rerank(nprobe: int) -> np.ndarray:
+                _, cand = index.search_arrays(q, k * factor, nprobe=nprobe)
+                scores = np.einsum("qd,qcd->qc", q, x[np.maximum(cand, 0)])
+                scores[cand < 0] = -np.inf
+                return np.take_along_axis(cand, np.argsort(-scores, axis=1)[:, :k], 1)
+
+            for value in args.rerank_nprobe:
+                search_s, found = timed(lambda: rerank(value), repeats=args.repeats)
+                params = ", ".join(f"{a}={b}" for a, b in shown.items()) + f", nprobe={value}, re-rank top {k * factor}"
+                add_row("ivfpq+rerank", "faiss ivfpq + exact re-rank (what-if)", params, build_s, search_s, found,
+                        mem + int(x.nbytes))
         del index
         gc.collect()
 
@@ -135,7 +157,8 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
     measure("ivfpq", {}, "nprobe", args.nprobe)
     hnsw_m, ef_c = (args.hnsw_m_large, args.ef_construction_large) if n >= args.large else (args.hnsw_m,
                                                                                              args.ef_construction)
-    measure("hnsw", {"hnsw_m": hnsw_m, "ef_construction": ef_c}, "ef_search", args.ef_search)
+    for efc in [ef_c, *args.extra_ef_construction]:
+        measure("hnsw", {"hnsw_m": hnsw_m, "ef_construction": efc}, "ef_search", args.ef_search)
     return rows
 
 
@@ -144,7 +167,7 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
 def verdict(rows: list[dict], n: int) -> list[dict]:
     """Per faiss kind at size ``n``: the fastest setting with recall@10 ≥ target, or the best-recall one."""
     out = []
-    for kind in ("flat", "ivfpq", "hnsw"):
+    for kind in ("flat", "ivfpq", "ivfpq+rerank", "hnsw"):
         cand = [r for r in rows if r["N"] == n and r.get("kind") == kind]
         if not cand:
             continue
@@ -210,11 +233,12 @@ def write_markdown(path: Path, result: dict) -> None:
                      f"{v['recall@10']:.4f} | {v['summary']} |")
     for n in sorted({r["N"] for r in result["rows"]}):
         lines += ["", f"## N = {n:,}", "",
-                  "| method | parameters | build s | queries/s | speed-up | recall@10 | memory MB |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| method | parameters | build s | queries/s | speed-up | recall@10 | lost | memory MB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in (r for r in result["rows"] if r["N"] == n):
             lines.append(f"| {r['method']} | {r['params']} | {r['build_s']:.1f} | {r['qps']:,.0f} | "
-                         f"×{r['speedup']:.1f} | {r['recall@10']:.4f} | {r['memory_bytes'] / 2**20:,.1f} |")
+                         f"×{r['speedup']:.1f} | {r['recall@10']:.4f} | {r['lost_queries']} | "
+                         f"{r['memory_bytes'] / 2**20:,.1f} |")
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"* {note}" for note in result["notes"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -232,14 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--nprobe", type=ints, default=[4, 8, 16, 32, 64])
-    ap.add_argument("--ef-search", type=ints, default=[16, 32, 64, 128])
+    ap.add_argument("--ef-search", type=ints, default=[16, 32, 64, 128, 256])
     ap.add_argument("--hnsw-m", type=int, default=32)
-    ap.add_argument("--ef-construction", type=int, default=40)
+    ap.add_argument("--ef-construction", type=int, default=120, help="CaseIndex's default")
+    ap.add_argument("--extra-ef-construction", type=ints, default=[40],
+                    help="also build HNSW with these efConstruction values (40: faiss' default); '' for none")
     ap.add_argument("--large", type=int, default=1_000_000, help="from this N on, HNSW uses the *-large params")
-    ap.add_argument("--hnsw-m-large", type=int, default=32)
-    ap.add_argument("--ef-construction-large", type=int, default=40)
+    ap.add_argument("--hnsw-m-large", type=int, default=None)
+    ap.add_argument("--ef-construction-large", type=int, default=None)
+    ap.add_argument("--rerank", type=int, default=4, help="IVF-PQ what-if rows: re-rank k·this candidates (0: off)")
+    ap.add_argument("--rerank-nprobe", type=ints, default=[8, 16, 32])
     ap.add_argument("--out", default="benchmarks/results/faiss_indexes")
     args = ap.parse_args(argv)
+    args.hnsw_m_large = args.hnsw_m_large or args.hnsw_m
+    args.ef_construction_large = args.ef_construction_large or args.ef_construction
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "Loading faiss with AVX2 support" etc.
 
@@ -262,7 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         f"HNSW: M={args.hnsw_m}, efConstruction={args.ef_construction}"
         + (f"; from N={args.large:,}: M={args.hnsw_m_large}, efConstruction={args.ef_construction_large}"
            if (args.hnsw_m_large, args.ef_construction_large) != (args.hnsw_m, args.ef_construction) else "")
-        + ". efSearch is raised to k when smaller.",
+        + (f"; also built with efConstruction={', '.join(map(str, args.extra_ef_construction))} (faiss' default is 40)"
+           if args.extra_ef_construction else "")
+        + ". efSearch is raised to k when smaller. 'lost' = queries with recall@10 = 0 (the search ended in the "
+        "wrong region of the graph).",
+        f"'ivfpq + exact re-rank (what-if)' is not a CaseIndex feature: the IVF-PQ index returns k·{args.rerank} "
+        "candidates, re-scored exactly with the float vectors (as faiss.IndexRefineFlat would); its memory adds the "
+        "float matrix.",
         "Speed-up = brute-force search time / index search time at the same N, both on all cores.",
         f"The {args.clusters} clusters are fixed, so small databases hold few cases per cluster (N=10,000: "
         f"{10_000 // args.clusters}): their top-10 then spans several clusters at nearly equal similarity, which is "
