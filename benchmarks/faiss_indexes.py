@@ -117,7 +117,8 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
         log.info("N=%d %-13s %-45s build %6.1f s  %8.0f q/s  ×%6.1f  recall %.4f (%d lost)  %.1f MB", n, kind,
                  params, build_s, row["qps"], row["speedup"], row["recall@10"], row["lost_queries"], mem / 2**20)
 
-    def measure(kind: str, build_params: dict, sweep_name: str | None, sweep: list[int | None]) -> None:
+    def measure(kind: str, build_params: dict, sweep_name: str | None, sweep: list[int | None],
+                label: str | None = None) -> None:
         import faiss
 
         index = CaseIndex(dim, kind=kind, metric="ip", model_id="bench", use_gpu=False, **build_params)
@@ -133,7 +134,7 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
             found = np.array([[h.id for h in row] + [-1] * (k - len(row)) for row in hits])
             shown_now = shown | ({"nprobe" if kind == "ivfpq" else "efSearch": value} if sweep_name else {})
             params = ", ".join(f"{a}={b}" for a, b in shown_now.items()) or "exact"
-            add_row(kind, f"faiss {kind} (CaseIndex)", params, build_s, search_s, found, mem)
+            add_row(label or kind, f"faiss {kind} (CaseIndex)", params, build_s, search_s, found, mem)
         if kind == "ivfpq" and args.rerank:
             # what-if, not in CaseIndex: exact re-ranking of k·factor PQ candidates with the float vectors (what
             # faiss.IndexRefineFlat does) — recall beyond the PQ limit, for the memory of a flat index on top
@@ -158,7 +159,8 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
     hnsw_m, ef_c = (args.hnsw_m_large, args.ef_construction_large) if n >= args.large else (args.hnsw_m,
                                                                                              args.ef_construction)
     for efc in [ef_c, *args.extra_ef_construction]:
-        measure("hnsw", {"hnsw_m": hnsw_m, "ef_construction": efc}, "ef_search", args.ef_search)
+        measure("hnsw", {"hnsw_m": hnsw_m, "ef_construction": efc}, "ef_search", args.ef_search,
+                label=None if efc == ef_c else f"hnsw efC={efc}")
     return rows
 
 
@@ -167,7 +169,7 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
 def verdict(rows: list[dict], n: int) -> list[dict]:
     """Per faiss kind at size ``n``: the fastest setting with recall@10 ≥ target, or the best-recall one."""
     out = []
-    for kind in ("flat", "ivfpq", "ivfpq+rerank", "hnsw"):
+    for kind in dict.fromkeys(r["kind"] for r in rows if "kind" in r):
         cand = [r for r in rows if r["N"] == n and r.get("kind") == kind]
         if not cand:
             continue
@@ -246,7 +248,7 @@ def write_markdown(path: Path, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(float(v)) for v in s.split(",")]  # noqa: E731 - "1e6" works too
+    ints = lambda s: [int(float(v)) for v in s.split(",") if v.strip()]  # noqa: E731 - "1e6" works too
     ap.add_argument("--sizes", type=ints, default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--queries", type=int, default=1000)

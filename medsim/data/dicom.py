@@ -13,6 +13,7 @@ Volumes follow MONAI's conventions: array axes (i=column, j=row, k=slice), RAS a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter, defaultdict
@@ -421,39 +422,48 @@ def load_dicom(path: str | os.PathLike | Sequence[str], *, display: bool = False
     return vol, affine, scan.series[0]
 
 
-def _image_reader_base():
+@functools.lru_cache(maxsize=None)
+def _reader_class() -> type:
+    """Build :class:`DicomReader` on first use, so importing this module needs neither MONAI nor torch (the
+    torch-free deploy runtime reuses the windowing functions above)."""
     from monai.data import ImageReader
 
-    return ImageReader
+    class DicomReader(ImageReader):  # type: ignore[misc,valid-type]
+        """MONAI ``ImageReader`` for DICOM files and series, built on :func:`load_dicom`.
+
+        Use with ``LoadImage(reader=DicomReader(display=True))`` for X-rays (VOI window + MONOCHROME1, [0, 1]) or
+        ``DicomReader()`` for CT (Hounsfield units). Accepts a file, a directory with one series, or a list of
+        a series' files. Output: channel-less array (columns, rows[, slices]) with a RAS ``affine`` in the meta.
+        """
+
+        def __init__(self, display: bool = False):
+            super().__init__()
+            self.display = display
+
+        def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
+            names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+            return bool(names) and all(is_dicom_path(n) for n in names)
+
+        def read(self, data, **kwargs):
+            if isinstance(data, (list, tuple)) and len(data) == 1:
+                data = data[0]
+            return [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
+
+        def get_data(self, img) -> tuple[np.ndarray, dict]:
+            vol, affine, series = load_dicom(img, display=self.display)
+            meta = {
+                "affine": affine, "original_affine": affine.copy(), "spatial_shape": np.asarray(vol.shape),
+                "original_channel_dim": float("nan"), "spacing": np.asarray(series.spacing),
+                "filename_or_obj": img if isinstance(img, str) else os.path.dirname(img[0]),
+                "modality": series.modality,
+            }
+            return vol, meta
+
+    DicomReader.__qualname__ = "DicomReader"
+    return DicomReader
 
 
-class DicomReader(_image_reader_base()):  # type: ignore[misc]
-    """MONAI ``ImageReader`` for DICOM files and series, built on :func:`load_dicom`.
-
-    Use with ``LoadImage(reader=DicomReader(display=True))`` for X-rays (VOI window + MONOCHROME1, [0, 1]) or
-    ``DicomReader()`` for CT (Hounsfield units). Accepts a file, a directory with one series, or a list of
-    a series' files. Output: channel-less array (columns, rows[, slices]) with a RAS ``affine`` in the meta.
-    """
-
-    def __init__(self, display: bool = False):
-        super().__init__()
-        self.display = display
-
-    def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
-        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
-        return bool(names) and all(is_dicom_path(n) for n in names)
-
-    def read(self, data, **kwargs):
-        if isinstance(data, (list, tuple)) and len(data) == 1:
-            data = data[0]
-        return [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
-
-    def get_data(self, img) -> tuple[np.ndarray, dict]:
-        vol, affine, series = load_dicom(img, display=self.display)
-        meta = {
-            "affine": affine, "original_affine": affine.copy(), "spatial_shape": np.asarray(vol.shape),
-            "original_channel_dim": float("nan"), "spacing": np.asarray(series.spacing),
-            "filename_or_obj": img if isinstance(img, str) else os.path.dirname(img[0]),
-            "modality": series.modality,
-        }
-        return vol, meta
+def __getattr__(name: str) -> Any:
+    if name == "DicomReader":
+        return _reader_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,6 +34,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from medsim.data.dicom import apply_window  # torch-free: reused, not copied
 from medsim.deploy import DeployError, UnsupportedPreprocessing
 
 __all__ = ["MANIFEST_NAME", "ImageSource", "load_manifest", "read_image", "preprocess", "preprocess_with_size",
@@ -164,32 +165,6 @@ def _read_nifti(p: Path) -> np.ndarray:
         raise DeployError(f"{p}: expected a 2D image, got a NIfTI array of shape {arr.shape} (3D volumes need a "
                           "ct3d model, which medsim.deploy does not preprocess yet)")
     return np.ascontiguousarray(arr[None], dtype=np.float32)
-
-
-def apply_window(arr: np.ndarray, ds: Any) -> np.ndarray:
-    """Display-normalise DICOM modality values to [0, 1]: VOI LUT Sequence if present, else the first
-    WindowCenter/WindowWidth (linear function of PS3.3 C.11.2.1.2.1), else min–max. Same as
-    ``medsim.data.dicom.apply_window`` (duplicated here: that module imports MONAI)."""
-    if "VOILUTSequence" in ds:
-        lut = ds.VOILUTSequence[0]
-        n_entries, first_map, bits = (int(v) for v in lut.LUTDescriptor)
-        data = lut["LUTData"].value
-        if isinstance(data, bytes):
-            ts = getattr(ds.get("file_meta", None), "TransferSyntaxUID", None)
-            table = np.frombuffer(data, dtype="<u2" if ts is None or ts.is_little_endian else ">u2")
-        else:
-            table = np.atleast_1d(np.asarray(data, dtype=np.float64))
-        table = table[: n_entries or 2**16].astype(np.float32)
-        idx = np.clip(np.floor(arr) - first_map, 0, len(table) - 1).astype(np.int64)
-        return np.clip(table[idx] / float(2**bits - 1), 0.0, 1.0)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        wc, ww = ds.WindowCenter, ds.WindowWidth
-        c = float(wc[0] if hasattr(wc, "__len__") and not isinstance(wc, str) else wc)
-        w = float(ww[0] if hasattr(ww, "__len__") and not isinstance(ww, str) else ww)
-        if w >= 1:
-            return np.clip((arr - (c - 0.5)) / max(w - 1.0, 1e-6) + 0.5, 0.0, 1.0).astype(np.float32)
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)
 
 
 def _read_dicom(p: Path) -> np.ndarray:
