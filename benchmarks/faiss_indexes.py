@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         "wrong region of the graph).",
         f"'ivfpq + exact re-rank (what-if)' is not a CaseIndex feature: the IVF-PQ index returns k·{args.rerank} "
         "candidates, re-scored exactly with the float vectors (as faiss.IndexRefineFlat would); its memory adds the "
-        "float matrix.",
+        "float matrix. Its timings are of `search_arrays` plus the numpy re-ranking (no Hit objects), the other "
+        "faiss rows time `search`.",
         "Speed-up = brute-force search time / index search time at the same N, both on all cores.",
         f"The {args.clusters} clusters are fixed, so small databases hold few cases per cluster (N=10,000: "
         f"{10_000 // args.clusters}): their top-10 then spans several clusters at nearly equal similarity, which is "
