@@ -26,7 +26,6 @@ separable, and computed here from cumulative sums in float64 (exact for any fact
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -36,13 +35,13 @@ import numpy as np
 
 from medsim.data.dicom import apply_window  # torch-free: reused, not copied
 from medsim.deploy import DeployError, UnsupportedPreprocessing
+from medsim.export.manifest import MANIFEST_NAME  # torch-free module (medsim.export loads lazily)
 
 __all__ = ["MANIFEST_NAME", "ImageSource", "load_manifest", "read_image", "preprocess", "preprocess_with_size",
            "area_resize", "apply_window", "KNOWN_STEPS"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: the MONAI steps each kind may contain; anything else means the manifest describes a pipeline this module
@@ -69,19 +68,18 @@ def load_manifest(path: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
     Raises:
         DeployError: the file is missing, not JSON, or lacks ``preprocessing`` / ``input``.
     """
+    from medsim.export.errors import ExportError
+    from medsim.export.manifest import read_manifest
+
     if isinstance(path, dict):
         manifest, where = path, "manifest"
     else:
         p = Path(path)
-        f = p / MANIFEST_NAME if p.is_dir() else (p if p.name == MANIFEST_NAME else p.with_name(MANIFEST_NAME))
-        if not f.is_file():
-            raise DeployError(f"{f}: not found — export the model first (medsim export RUN --out DIR writes "
-                              f"model.onnx and {MANIFEST_NAME})")
+        where = str(p / MANIFEST_NAME if p.is_dir() else (p if p.name == MANIFEST_NAME else p.with_name(MANIFEST_NAME)))
         try:
-            manifest = json.loads(f.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DeployError(f"{f}: not valid JSON (line {e.lineno}: {e.msg}); re-run medsim export") from e
-        where = str(f)
+            manifest = read_manifest(p)  # one reader for export and deploy (torch-free module)
+        except ExportError as e:
+            raise DeployError(str(e)) from e
     if not isinstance(manifest, dict):
         raise DeployError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
     for key in ("preprocessing", "input"):

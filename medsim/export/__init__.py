@@ -9,13 +9,25 @@
 onnxruntime and tensorrt are imported inside the functions that use them.
 """
 
-from medsim.export.errors import ExportError, ExportParityError, TensorRTBuildError, TensorRTUnavailable
-from medsim.export.onnx_export import check_parity, export_onnx
-from medsim.export.pipeline import export_run
-from medsim.export.quantize import compare_retrieval, quantize_onnx
-from medsim.export.tensorrt import TrtBuildConfig, build_engine, require_tensorrt
-from medsim.export.triton import write_triton_repository
+import importlib
+from typing import Any
+
+# Lazy: `medsim.export.manifest` and `.errors` are torch-free, so the deploy runtime can read manifests with them
+# without loading torch; everything else loads its module on first use.
+_EXPORTS = {
+    "ExportError": "errors", "ExportParityError": "errors", "TensorRTBuildError": "errors",
+    "TensorRTUnavailable": "errors", "check_parity": "onnx_export", "export_onnx": "onnx_export",
+    "export_run": "pipeline", "compare_retrieval": "quantize", "quantize_onnx": "quantize",
+    "TrtBuildConfig": "tensorrt", "build_engine": "tensorrt", "require_tensorrt": "tensorrt",
+    "write_triton_repository": "triton",
+}
 
 __all__ = ["ExportError", "ExportParityError", "TensorRTUnavailable", "TensorRTBuildError", "export_onnx",
            "check_parity", "quantize_onnx", "compare_retrieval", "TrtBuildConfig", "build_engine",
            "require_tensorrt", "write_triton_repository", "export_run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"medsim.export.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'medsim.export' has no attribute '{name}'")
