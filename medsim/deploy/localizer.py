@@ -66,25 +66,15 @@ def bilinear_resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values`` (maximising between-class variance over a ``bins``-bin histogram); the
-    same rule as ``skimage.filters.threshold_otsu``: foreground is ``values > threshold``.
+    """Otsu's threshold of ``values`` (``skimage.filters.threshold_otsu``, a medsim dependency that needs no torch);
+    foreground is ``values > threshold``. Non-finite values are ignored; a constant input returns its value."""
+    from skimage.filters import threshold_otsu
 
-    A constant input returns its value (so nothing is above it)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0:
-        raise DeployError("otsu_threshold: no finite values")
-    lo, hi = float(v.min()), float(v.max())
-    if lo == hi:
-        return lo
-    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = np.cumsum(hist[::-1])[::-1].astype(np.float64)
-    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1e-12)
-    m1 = (np.cumsum((hist * centers)[::-1]) / np.maximum(np.cumsum(hist[::-1]), 1e-12))[::-1]
-    between = w0[:-1] * w1[1:] * (m0[:-1] - m1[1:]) ** 2
-    return float(centers[int(np.argmax(between))])
+        raise DeployError("otsu_threshold: no finite values in the attention map")
+    return float(threshold_otsu(v, nbins=bins)) if v.min() < v.max() else float(v.min())
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
