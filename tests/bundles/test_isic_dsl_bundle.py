@@ -77,6 +77,12 @@ def test_variants_run(sample_root, tmp_path, variant):
     if variant == "mml":
         assert rec["learner_neurons"] == [16, 16] and len(rec["cluster_sizes"]) == 2
     assert json.loads((tmp_path / variant / "eval_test.json").read_text())["nmi"] >= 0
+    # the variant really changed the model/loss: classifier head, learnable β only for the margin family
+    ckpt = torch.load(tmp_path / variant / "last.pt", weights_only=False)
+    head = ckpt["network"].get("classifier.weight")
+    assert (head is not None and tuple(head.shape) == (4, 32)) == (variant == "classifier")
+    betas = [v for k, v in ckpt["loss"].items() if k.endswith("beta")]
+    assert (len(betas) == 1 and betas[0].shape == (4,)) == (variant in ("margin", "mml"))
 
 
 def test_dsl_grows_k_and_logs_why(sample_root, tmp_path):
