@@ -34,7 +34,8 @@ def _fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) ->
     n_splits = max(2, int(round(1.0 / fraction)))
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise MedsimError(f"only {n_groups} distinct groups: too few to hold out {fraction:.0%} of them")
+        raise MedsimError(f"only {n_groups} distinct groups: too few to hold out {fraction:.0%} of them "
+                          f"(needs at least {n_splits}); use larger fractions or more data")
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest, held = next(iter(cv.split(np.zeros(len(labels)), labels, groups)))
     return rest, held

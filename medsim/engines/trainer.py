@@ -299,10 +299,16 @@ class Checkpointer:
         path = self.save_dir / "last.pt"
         if not (self.resume and path.is_file()):
             return
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        for k, obj in self.objects.items():
-            if k in ckpt:
-                obj.load_state_dict(ckpt[k])
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            for k, obj in self.objects.items():
+                if k in ckpt:
+                    obj.load_state_dict(ckpt[k])
+        except Exception as e:  # corrupt file, or a checkpoint of another configuration
+            from medsim.errors import MedsimError
+
+            raise MedsimError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                              f"train into another --output directory, or delete it to start over") from e
         engine.state.epoch = int(ckpt["engine"]["epoch"])
         engine.state.iteration = int(ckpt["engine"]["iteration"])
         logger.warning("resumed from %s at epoch %d", path, engine.state.epoch)

@@ -172,3 +172,14 @@ def test_cluster_batches_single_cluster_constant_length_reproducible():
     assert all(np.bincount(labels[b]).max() <= 4 for b in a)  # m per class
     asg2 = np.zeros(150, dtype=int)
     assert len(ClusterBatchSampler(labels, lambda: asg2, batch_size=16)) == len(s)  # epoch length fixed
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
+    from medsim.engines.trainer import Checkpointer
+    from medsim.errors import MedsimError
+
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    ck = Checkpointer(tmp_path, {"network": ToyEmbedder()})
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=0, iteration=0))
+    with pytest.raises(MedsimError, match=r"last\.pt: cannot resume .*another --output directory"):
+        ck.load(engine)
