@@ -25,13 +25,10 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
-    m = np.asarray(mask) > 0.5
-    inner = m.copy()
-    inner[1:, :] &= m[:-1, :]
-    inner[:-1, :] &= m[1:, :]
-    inner[:, 1:] &= m[:, :-1]
-    inner[:, :-1] &= m[:, 1:]
-    return m & ~inner
+    """Inner boundary pixels of a binary mask (scikit-image)."""
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(np.asarray(mask) > 0.5, mode="inner")
 
 
 def contact_sheet(images: Sequence[np.ndarray], path: str | os.PathLike, *, masks: Sequence[np.ndarray] | None = None,
