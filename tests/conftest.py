@@ -11,10 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-@pytest.fixture(autouse=True)
-def _salt(monkeypatch):
-    """A fixed anonymisation salt, so tests never create .medsim-salt files in the working tree."""
-    monkeypatch.setenv("MEDSIM_SALT", "test-salt")
+@pytest.fixture(scope="session", autouse=True)
+def _salt():
+    """A fixed anonymisation salt for the whole session, so tests never create .medsim-salt files in the working
+    tree and session-scoped fixtures (the tiny run and its split) hash groups the same way on every machine."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDSIM_SALT", "test-salt")
+        yield
 
 
 @pytest.fixture(scope="session")
