@@ -67,6 +67,10 @@ class MetricLearningTrainer(SupervisedTrainer):
     :class:`~medsim.engines.sampling.ClusterBatchSampler`) trains the neurons of its cluster's learner; the loss
     sees that subspace re-normalised (Sanakoyeu et al. 2019). Stops on a non-finite loss.
 
+    Losses: ``loss(embedding, labels, logits)``; a loss with ``takes_outputs = True`` is called as
+    ``loss(outputs, labels)`` with the model's whole output dict; a loss with ``set_epoch(epoch, max_epochs)``
+    (epoch from 0) is told the epoch at each epoch start, for weight schedules.
+
     Extra args:
         subspaces: the shared :class:`SubspaceState`.
         batch_sampler: its ``set_epoch`` is called at each epoch start (reproducible batches on resume).
@@ -89,6 +93,8 @@ class MetricLearningTrainer(SupervisedTrainer):
         self.epoch_t0 = time.perf_counter()
         if self.batch_sampler is not None and hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(engine.state.epoch)
+        if hasattr(self.loss_function, "set_epoch"):  # loss-weight schedules (Eq. 3 of gated attention, ramp-ups)
+            self.loss_function.set_epoch(engine.state.epoch - 1, engine.state.max_epochs)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             # augmentation depends on (seed, epoch) only, so a resumed run augments exactly as the original
             self.transform.set_random_state(seed=(self.seed * 100_003 + engine.state.epoch) % 2**32)
@@ -107,7 +113,12 @@ class MetricLearningTrainer(SupervisedTrainer):
         neurons = self.subspaces.neurons_for_cluster(cluster, emb.shape[1])
         if len(neurons) < emb.shape[1]:
             emb = F.normalize(emb[:, neurons], dim=1)
-        loss = self.loss_function(emb, y, out.get("logits"))
+        if getattr(self.loss_function, "takes_outputs", False):
+            # losses of attention models (ABE divergence, gated-attention fusion, loss-based attention) need more
+            # than the embedding: they get the whole output dict, with the routed embedding under "embedding"
+            loss = self.loss_function({**out, "embedding": emb}, y)
+        else:
+            loss = self.loss_function(emb, y, out.get("logits"))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {engine.state.epoch}, iteration "
                                      f"{engine.state.iteration}: stopping (lower the learning rate?)")

@@ -114,11 +114,36 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _base_bundle(bundle: Path) -> Path | None:
+    """The bundle that ``configs/train.json``'s ``base_bundle`` (a path relative to the bundle) names, if any.
+
+    A layered bundle (e.g. ``isic_abe`` on ``isic_dsl``) holds only what differs — network, loss, output_dir —
+    the way MONAI model-zoo bundles layer ``inference_trt.json`` on ``inference.json``. With MONAI's own runner
+    give both files: ``--config_file "['bundles/isic_dsl/configs/train.json','bundles/isic_abe/configs/train.json']"``.
+    """
+    f = bundle / "configs" / "train.json"
+    try:
+        rel = json.loads(f.read_text(encoding="utf-8")).get("base_bundle")
+    except json.JSONDecodeError as e:
+        raise MedsimError(f"{f}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    if not rel:
+        return None
+    base = (bundle / str(rel)).resolve()
+    if not (base / "configs" / "train.json").is_file():
+        raise MedsimError(f"{f}: base_bundle '{rel}' resolves to {base}, which has no configs/train.json")
+    if _base_bundle(base) is not None:
+        raise MedsimError(f"{f}: base bundle {base} is itself layered; one level of base_bundle is supported")
+    return base
+
+
 def _bundle_files(bundle: Path, variant: str | None) -> list[str]:
     cfg = bundle / "configs"
     if not (cfg / "train.json").is_file():
         raise MedsimError(f"{bundle}: not a bundle (no configs/train.json)")
     files = [str(cfg / "train.json")]
+    base = _base_bundle(bundle)
+    if base is not None:  # a bundle layered on another: the base's train.json, then this one's (top-level ids win)
+        files.insert(0, str(base / "configs" / "train.json"))
     if variant:
         v = cfg / f"{variant}.json"
         if not v.is_file():
