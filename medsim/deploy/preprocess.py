@@ -12,7 +12,8 @@ rgb2d      LoadImaged (PILReader, ``reverse_indexing``: (C, x, y)) → EnsureTyp
 gray2d     LoadImaged (DICOM: modality LUT → VOI LUT / window → MONOCHROME1 inverted; else PIL / nibabel) →
            EnsureTyped → ChannelMaxd (max over the first 3 channels) → ScaleIntensityd (min–max of the image to
            ``scale.to``) → Resized (area)
-ct3d       not reimplemented (orientation + resampling + crop): :class:`~medsim.deploy.UnsupportedPreprocessing`
+ct3d       NIfTI / DICOM series → RAS orientation → resampling to ``pixdim`` → HU window → pad / centre crop
+           (:mod:`medsim.deploy.volume`)
 =========  ======================================================================================================
 
 Axis order: the model input is MONAI's (C, x, y) — x is the image column (PIL width), y the row — i.e. the
@@ -49,6 +50,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 KNOWN_STEPS = {
     "rgb2d": {"LoadImaged", "EnsureTyped", "ToRGBd", "ScaleIntensityRanged", "Resized", "NormalizeIntensityd"},
     "gray2d": {"LoadImaged", "EnsureTyped", "ChannelMaxd", "ScaleIntensityd", "Resized", "NormalizeIntensityd"},
+    "ct3d": {"LoadImaged", "EnsureTyped", "Orientationd", "Spacingd", "ScaleIntensityRanged", "SpatialPadd",
+             "CenterSpatialCropd"},
 }
 
 try:  # PIL is a hard requirement of reading images, but arrays alone need only NumPy
@@ -161,7 +164,7 @@ def _read_nifti(p: Path) -> np.ndarray:
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise DeployError(f"{p}: expected a 2D image, got a NIfTI array of shape {arr.shape} (3D volumes need a "
-                          "ct3d model, which medsim.deploy does not preprocess yet)")
+                          "ct3d model, whose manifest makes medsim.deploy read volumes)")
     return np.ascontiguousarray(arr[None], dtype=np.float32)
 
 
@@ -211,7 +214,8 @@ def read_image(source: ImageSource, kind: str = "rgb2d") -> np.ndarray:
     Args:
         source: a file (PNG/JPEG/BMP/TIFF… via PIL; DICOM and NIfTI for ``gray2d``), a NumPy array (H, W) or
             (H, W, C) in source units (0..255 for 8-bit), or a PIL image.
-        kind: ``rgb2d`` or ``gray2d`` (decides which file formats are accepted).
+        kind: ``rgb2d`` or ``gray2d`` (decides which file formats are accepted; ``ct3d`` volumes are read by
+            :func:`medsim.deploy.volume.read_volume`).
 
     Returns:
         float32 (C, x, y): channel-first, x = column, y = row (the transpose of (H, W, C)), values unscaled.
@@ -336,11 +340,6 @@ def _normalize(img: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
 
 def _check_recipe(prep: dict[str, Any]) -> str:
     kind = str(prep.get("kind", "custom"))
-    if kind == "ct3d":
-        raise UnsupportedPreprocessing(
-            "manifest preprocessing kind 'ct3d' (RAS orientation, resampling to spacing, HU window, pad/crop) is "
-            "not reimplemented in medsim.deploy yet; preprocess volumes with medsim.data.ct3d_transforms (needs "
-            "MONAI) and pass the (1, *roi) arrays to EmbeddingEngine.run")
     if kind not in KNOWN_STEPS:
         raise UnsupportedPreprocessing(f"manifest preprocessing kind '{kind}' is unknown to medsim.deploy "
                                        f"(supported: {', '.join(KNOWN_STEPS)}); preprocess the input yourself "
@@ -350,7 +349,7 @@ def _check_recipe(prep: dict[str, Any]) -> str:
     if unknown:
         raise UnsupportedPreprocessing(f"manifest {kind} preprocessing has step(s) {unknown} that medsim.deploy "
                                        "does not reimplement; the input would differ from training")
-    if "Resized" in steps or "spatial_size" in prep:
+    if kind != "ct3d" and ("Resized" in steps or "spatial_size" in prep):
         mode = str(prep.get("resize_mode", "area"))
         if mode != "area":
             raise UnsupportedPreprocessing(f"manifest resize_mode '{mode}': only 'area' is reimplemented")
@@ -360,11 +359,16 @@ def _check_recipe(prep: dict[str, Any]) -> str:
 
 
 def preprocess_with_size(source: ImageSource, manifest: dict[str, Any] | str | os.PathLike
-                         ) -> tuple[np.ndarray, tuple[int, int]]:
+                         ) -> tuple[np.ndarray, tuple[int, ...]]:
     """:func:`preprocess`, also returning the original image size ``(H, W)`` (rows, columns) — what
-    :meth:`medsim.deploy.Localizer.localize` needs to map attention back onto the image."""
+    :meth:`medsim.deploy.Localizer.localize` needs to map attention back onto the image — or, for ``ct3d``,
+    the volume's original array shape (x, y, z)."""
     prep = _prep_section(manifest)
     kind = _check_recipe(prep)
+    if kind == "ct3d":
+        from medsim.deploy.volume import preprocess_volume
+
+        return preprocess_volume(source, prep)
     steps = [str(s) for s in prep.get("steps", [])] or sorted(KNOWN_STEPS[kind])
     img = read_image(source, kind)
     if kind == "rgb2d" and isinstance(source, np.ndarray) and np.issubdtype(source.dtype, np.floating) \
@@ -397,10 +401,11 @@ def preprocess(source: ImageSource, manifest: dict[str, Any] | str | os.PathLike
         manifest: the export's manifest (dict) or its model directory / ``manifest.json`` path.
 
     Returns:
-        float32 (C, x, y) — MONAI axis order (x = column) — ready to stack into the model's (batch, C, x, y).
+        float32 (C, x, y) — MONAI axis order (x = column) — or (1, x, y, z) for ``ct3d``, ready to stack into
+        the model's batch.
 
     Raises:
-        DeployError: unreadable input; UnsupportedPreprocessing: ``ct3d`` or steps this module does not know.
+        DeployError: unreadable input; UnsupportedPreprocessing: a kind or steps this module does not know.
     """
     return preprocess_with_size(source, manifest)[0]
 

@@ -24,7 +24,7 @@ __all__ = ["read_cases", "build_index", "search_images", "localize_images", "IMA
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
 INDEX_MODEL_FILE = "model_dir.txt"
 
 
@@ -42,14 +42,19 @@ def read_cases(data: str | os.PathLike, *, split: str = "training") -> list[dict
         root = Path(doc.get("meta", {}).get("dataset_dir", p.parent))
         out = []
         for it in doc[split]:
-            if isinstance(it["image"], list):
-                raise DeployError(f"{p}: 3D series are not supported by the 2D engine")
-            rec = {"uri": str(root / it["image"]), "label": it.get("label_name"), "split": split}
+            image = it["image"]
+            if isinstance(image, list):  # a DICOM series as its slice files: the case is the series folder
+                folders = {str(Path(f).parent) for f in image}
+                if len(folders) != 1:
+                    raise DeployError(f"{p}: a {split} item's series spans {len(folders)} folders; one series "
+                                      "per folder is needed to index it")
+                image = folders.pop()
+            rec = {"uri": str(root / image), "label": it.get("label_name"), "split": split}
             rec.update({k: it[k] for k in ("group", "patient", "study") if k in it})  # already hashed tokens
             out.append(rec)
         return out
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        files = sorted(f for f in p.rglob("*") if f.name.lower().endswith(IMAGE_SUFFIXES) and f.is_file())
         if not files:
             raise DeployError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
         return [{"uri": str(f), "label": f.parent.name if f.parent != p else None} for f in files]

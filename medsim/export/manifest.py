@@ -81,11 +81,28 @@ def describe_preprocessing(transform: Any, kind: str) -> dict[str, Any]:
             n = t.normalizer
             desc["mean"], desc["std"] = _plain(n.subtrahend), _plain(n.divisor)
             desc["channel_wise"] = bool(n.channel_wise)
-        elif name in ("CenterSpatialCropd", "SpatialPadd") and "spatial_size" not in desc:
-            roi = getattr(getattr(t, "cropper", None), "roi_size", None) or getattr(getattr(t, "padder", None),
-                                                                                      "spatial_size", None)
+        elif name == "Orientationd":
+            desc["axcodes"] = str(t.ornt_transform.axcodes)
+        elif name == "Spacingd":
+            sp = t.spacing_transform
+            desc["pixdim"] = [float(v) for v in sp.pixdim]
+            desc["spacing"] = {"mode": str(getattr(t.mode[0], "value", t.mode[0])),
+                               "padding_mode": str(getattr(t.padding_mode[0], "value", t.padding_mode[0])),
+                               "align_corners": bool(t.align_corners[0]), "diagonal": bool(sp.diagonal),
+                               "scale_extent": bool(t.scale_extent[0])}
+        elif name == "SpatialPadd":
+            desc["pad"] = {"method": str(getattr(t.padder.method, "value", t.padder.method)),
+                           "mode": str(getattr(t.padder.mode, "value", t.padder.mode))}
+            desc.setdefault("spatial_size", [int(v) for v in t.padder.spatial_size])
+        elif name == "CenterSpatialCropd" and "spatial_size" not in desc:
+            roi = getattr(getattr(t, "cropper", None), "roi_size", None)
             if roi is not None:
                 desc["spatial_size"] = [int(v) for v in roi]
+    if kind == "ct3d":
+        desc["recipe"] = ("NIfTI / DICOM series → float32 (x, y, z) with its RAS affine → orientation to axcodes → "
+                          "trilinear resampling to pixdim (MONAI Spacing: voxel centres, border padding) → "
+                          "(HU - from[0]) / (from[1] - from[0]) clipped to [0, 1] → symmetric zero pad and centre "
+                          "crop to spatial_size → add channel and batch axes")
     desc["channel_order"] = "RGB" if kind == "rgb2d" else "single channel"
     desc["axis_order"] = AXIS_NOTE
     if kind == "rgb2d":

@@ -84,3 +84,22 @@ def test_localize_cli_writes_overlays_and_a_dice_table(model_dir, sample_root, t
     table = json.loads((out / "localization.json").read_text())
     assert table["summary"]["images"] == 4 and 0.0 <= table["summary"]["dice"] <= 1.0
     assert (out / "localization.md").read_text().startswith("| images | Dice |")
+
+
+def test_read_cases_takes_series_and_volumes(tmp_path):
+    from medsim.deploy import DeployError
+    from medsim.deploy.tasks import read_cases
+
+    doc = {"meta": {"dataset_dir": str(tmp_path)},
+           "training": [{"image": ["s1/a.dcm", "s1/b.dcm"], "label_name": "liver", "patient": "p-1"},
+                        {"image": "v.nii.gz", "label_name": "kidney"}],
+           "test": [{"image": ["s1/a.dcm", "s2/b.dcm"]}]}
+    (tmp_path / "split.json").write_text(json.dumps(doc))
+    cases = read_cases(tmp_path / "split.json")
+    assert [c["uri"] for c in cases] == [str(tmp_path / "s1"), str(tmp_path / "v.nii.gz")]
+    assert cases[0]["patient"] == "p-1" and cases[1]["label"] == "kidney"
+    with pytest.raises(DeployError, match="spans 2 folders"):
+        read_cases(tmp_path / "split.json", split="test")
+    (tmp_path / "vols").mkdir()
+    (tmp_path / "vols" / "a.nii.gz").write_bytes(b"")
+    assert [c["uri"] for c in read_cases(tmp_path / "vols")] == [str(tmp_path / "vols" / "a.nii.gz")]

@@ -1,0 +1,166 @@
+"""ct3d preprocessing in medsim.deploy (NumPy/nibabel/SciPy) against MONAI's ct3d eval pipeline: the embedded
+sample volume, oblique and flipped affines (orientation + non-diagonal resampling), and the shared real CT as NIfTI
+and as a DICOM series."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsim.data.transforms import ct3d_transforms
+from medsim.deploy import DeployError
+from medsim.deploy.preprocess import preprocess
+from medsim.deploy.volume import output_grid, pad_crop
+
+
+def _manifest(**kw) -> dict:
+    from medsim.export.manifest import describe_preprocessing
+
+    return {"preprocessing": describe_preprocessing(ct3d_transforms(**kw), "ct3d"), "input": {"name": "image"}}
+
+
+def _monai(path, **kw) -> np.ndarray:
+    return ct3d_transforms(**kw)({"image": str(path)})["image"].numpy()
+
+
+def _nifti(path, arr: np.ndarray, affine: np.ndarray):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+    return path
+
+
+def test_manifest_describes_every_ct3d_step():
+    prep = _manifest(roi_size=(32, 32, 16), pixdim=(1.5, 1.5, 2.0), hu_window=(-100.0, 200.0))["preprocessing"]
+    assert prep["kind"] == "ct3d" and prep["axcodes"] == "RAS" and prep["pixdim"] == [1.5, 1.5, 2.0]
+    assert prep["scale"] == {"from": [-100.0, 200.0], "to": [0.0, 1.0], "clip": True}
+    assert prep["spatial_size"] == [32, 32, 16] and prep["pad"] == {"method": "symmetric", "mode": "constant"}
+    assert prep["spacing"] == {"mode": "bilinear", "padding_mode": "border", "align_corners": False,
+                               "diagonal": False, "scale_extent": False}
+
+
+def test_sample_volume_matches_monai(sample_root):
+    path = sample_root / "ct" / "ct.nii.gz"
+    kw = dict(roi_size=(20, 28, 12), pixdim=(2.0, 1.2, 2.5))
+    ours, ref = preprocess(path, _manifest(**kw)), _monai(path, **kw)
+    assert ours.shape == ref.shape == (1, 20, 28, 12)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["flipped-LPS", "oblique", "permuted"])
+def test_orientation_and_oblique_resampling_match_monai(tmp_path, case):
+    rng = np.random.default_rng(3)
+    arr = rng.normal(50, 120, (17, 13, 9)).astype(np.float32)
+    if case == "flipped-LPS":
+        affine = np.diag([-0.8, -0.9, 2.5, 1.0])
+    elif case == "oblique":
+        c, s = np.cos(0.3), np.sin(0.3)
+        affine = np.array([[0.9 * c, -1.1 * s, 0, 5], [0.9 * s, 1.1 * c, 0, -3], [0, 0, 2.2, 7], [0, 0, 0, 1]])
+    else:
+        affine = np.array([[0, 0, 2.0, 1], [1.3, 0, 0, 2], [0, -0.7, 0, 3], [0, 0, 0, 1.0]])
+    path = _nifti(tmp_path / f"{case}.nii.gz", arr, affine)
+    kw = dict(roi_size=(16, 16, 12), pixdim=(1.1, 1.3, 1.7), hu_window=(-100.0, 250.0))
+    ours, ref = preprocess(path, _manifest(**kw)), _monai(path, **kw)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_output_grid_matches_monai_spacing():
+    from monai.transforms import Spacing
+    import torch
+    from monai.data import MetaTensor
+
+    affine = np.array([[0.7, 0.2, 0, 1], [-0.1, 0.9, 0, 2], [0, 0, 3.0, 3], [0, 0, 0, 1.0]])
+    out = Spacing(pixdim=(1.0, 1.5, 2.0))(MetaTensor(torch.zeros(1, 11, 7, 5), affine=torch.as_tensor(affine)))
+    shape, new_affine = output_grid((11, 7, 5), affine, (1.0, 1.5, 2.0))
+    assert shape == tuple(out.shape[1:])
+    np.testing.assert_allclose(new_affine, out.affine.numpy(), atol=1e-6)
+
+
+def test_pad_crop_is_monai_pad_then_centre_crop():
+    from monai.transforms import CenterSpatialCrop, SpatialPad
+
+    a = np.arange(5 * 8 * 3, dtype=np.float32).reshape(5, 8, 3)
+    ref = CenterSpatialCrop((6, 3, 4))(SpatialPad((6, 3, 4))(a[None]))[0]
+    np.testing.assert_array_equal(pad_crop(a, (6, 3, 4)), np.asarray(ref))
+
+
+def test_bad_volume_inputs(tmp_path):
+    m = _manifest(roi_size=(8, 8, 8))
+    with pytest.raises(DeployError, match="nope.nii.gz: file or folder not found"):
+        preprocess(tmp_path / "nope.nii.gz", m)
+    (tmp_path / "junk.nii.gz").write_bytes(b"junk")
+    with pytest.raises(DeployError, match="junk.nii.gz: not a readable NIfTI"):
+        preprocess(tmp_path / "junk.nii.gz", m)
+    _nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8), np.float32), np.eye(4))
+    with pytest.raises(DeployError, match="3D volume, got an array of shape"):
+        preprocess(tmp_path / "flat.nii.gz", m)
+    with pytest.raises(DeployError, match="affine"):
+        preprocess(np.zeros((8, 8, 8), np.float32), m)
+    broken = {**m, "preprocessing": {k: v for k, v in m["preprocessing"].items() if k != "pixdim"}}
+    with pytest.raises(DeployError, match="no 'pixdim'"):
+        preprocess(_nifti(tmp_path / "v.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4)), broken)
+
+
+@pytest.mark.parametrize("source", ["nifti", "dicom"])
+def test_shared_ct_matches_monai(shared_data, source):
+    path = (shared_data / "ct" / "abdomen_small_3mm" / "ct.nii.gz" if source == "nifti"
+            else shared_data / "ct" / "dicom_series" / "slices")
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    kw = dict(roi_size=(64, 64, 32), pixdim=(3.0, 3.0, 4.0))
+    ours, ref = preprocess(path, _manifest(**kw)), _monai(path, **kw)
+    assert ours.shape == ref.shape == (1, 64, 64, 32)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert ref.std() > 0.01  # real anatomy, not padding
+
+
+def test_engine_embeds_a_volume_file_like_pytorch(sample_root, tmp_path):
+    """A 3D Embedder exported with a ct3d manifest: EmbeddingEngine on the NIfTI file (deploy's own reading and
+    preprocessing) gives PyTorch's embedding on MONAI's preprocessed tensor."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from medsim.deploy.engine import EmbeddingEngine
+    from medsim.export import export_onnx
+    from medsim.export.run import LoadedRun
+    from medsim.nn import Embedder
+
+    kw = dict(roi_size=(32, 32, 16), pixdim=(1.5, 1.5, 2.0))
+    parser = ConfigParser({"eval": {"preprocessing": {"_target_": "medsim.data.transforms.ct3d_transforms",
+                                                     "roi_size": list(kw["roi_size"]), "pixdim": list(kw["pixdim"])}},
+                           "network_def": {"backbone": "resnet10", "spatial_dims": 3}})
+    torch.manual_seed(0)
+    net = Embedder("resnet10", spatial_dims=3, in_channels=1, embedding_dim=16, widen_factor=0.25).eval()
+    ckpt = tmp_path / "best.pt"
+    torch.save({"network": net.state_dict()}, ckpt)
+    path = sample_root / "ct" / "ct.nii.gz"
+    x = _monai(path, **kw)[None]
+    run = LoadedRun(run_dir=tmp_path, checkpoint=ckpt, parser=parser, network=net,
+                    transform=ct3d_transforms(**kw), classes=["volume"])
+    out = export_onnx(run, tmp_path / "model", batch=2, parity_images=np.concatenate([x, x[:, :, ::-1]]))
+    assert out["manifest"]["preprocessing"]["kind"] == "ct3d" and out["manifest"]["input"]["shape"][1:] == [1, 32, 32, 16]
+    with EmbeddingEngine(tmp_path / "model", backend="ort-cpu") as engine:
+        got = engine.embed([path, path])
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x))
+    assert got["embedding"].shape == (2, 16)
+    np.testing.assert_allclose(got["embedding"], np.repeat(ref["embedding"].numpy(), 2, 0), atol=1e-4)
+    np.testing.assert_allclose(got["attention"][:1], ref["attention"].numpy(), atol=1e-4)
+
+
+def test_volume_preprocessing_imports_neither_torch_nor_monai(sample_root, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    m = tmp_path / "manifest.json"
+    m.write_text(json.dumps(_manifest(roi_size=(16, 16, 8))))
+    code = ("import sys\nfrom medsim.deploy.preprocess import preprocess\n"
+            f"x = preprocess({str(sample_root / 'ct' / 'ct.nii.gz')!r}, {str(m)!r})\n"
+            "assert x.shape == (1, 16, 16, 8), x.shape\n"
+            "bad = [k for k in ('torch', 'monai') if k in sys.modules]\nassert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
