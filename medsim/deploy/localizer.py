@@ -33,7 +33,7 @@ import numpy as np
 from medsim.deploy import DeployError
 
 __all__ = ["Localizer", "Localization", "bilinear_resize", "otsu_threshold", "dice", "iou", "pointing_game",
-           "box_hit", "mask_box", "box_iou", "jet", "overlay"]
+           "box_hit", "mask_box", "box_iou", "patch_counts", "match_boxes", "average_precision", "jet", "overlay"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,72 @@ def box_hit(boxes: Sequence[Any], gt: np.ndarray, *, iou_threshold: float = 0.5,
         if centroid and x0 <= cx < x1 and y0 <= cy < y1:
             return True
     return False
+
+
+def patch_counts(attention: np.ndarray, gt: np.ndarray, *, threshold: str | float = "otsu",
+                 min_fraction: float = 0.5) -> tuple[int, int, int]:
+    """Patch-level selection counts ``(tp, fp, fn)`` in the style of loss-based attention (Shi et al., patch
+    precision / recall): the image is cut into the attention grid's cells; a cell is a lesion patch when at least
+    ``min_fraction`` of its pixels are lesion; a cell is *selected* when its (min–max normalised) attention exceeds
+    ``threshold`` (``"otsu"`` over the cells, or a float in [0, 1]).
+
+    Args:
+        attention: (1, x, y) or (x, y) — MONAI order, as the model outputs it — at feature resolution.
+        gt: (H, W) lesion mask of the image; cell ``(i, j)`` of an (h, w) grid covers rows
+            ``floor(i·H/h) .. floor((i+1)·H/h) - 1`` and likewise columns.
+    """
+    a = np.asarray(attention, dtype=np.float64)
+    a = a[0] if a.ndim == 3 and a.shape[0] == 1 else a
+    if a.ndim != 2:
+        raise DeployError(f"attention must be (1, x, y) or (x, y), got shape {a.shape}")
+    cells = a.T  # (x, y) → (rows, cols)
+    g = _gt(gt, None, "patch_counts")
+    h, w = cells.shape
+    H, W = g.shape
+    ys, xs = (np.arange(h + 1) * H) // h, (np.arange(w + 1) * W) // w
+    frac = np.array([[g[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean() if ys[i + 1] > ys[i] and xs[j + 1] > xs[j] else 0.0
+                      for j in range(w)] for i in range(h)])
+    lo, hi = float(cells.min()), float(cells.max())
+    norm = (cells - lo) / (hi - lo) if hi > lo else np.zeros_like(cells)
+    t = otsu_threshold(norm) if threshold == "otsu" else float(threshold)
+    sel, pos = norm > t, frac >= min_fraction
+    return int((sel & pos).sum()), int((sel & ~pos).sum()), int((~sel & pos).sum())
+
+
+def match_boxes(boxes: Sequence[Any], gt_boxes: Sequence[Any], *, iou_threshold: float = 0.5) -> list[bool]:
+    """PASCAL-VOC matching for one image: boxes (already sorted best first) → True where the box takes a
+    not-yet-matched ground-truth box with IoU >= ``iou_threshold`` (each gt box matches at most once)."""
+    taken = [False] * len(gt_boxes)
+    out = []
+    for b in boxes:
+        ious = [box_iou(b, g) if not taken[k] else -1.0 for k, g in enumerate(gt_boxes)]
+        k = int(np.argmax(ious)) if ious else -1
+        hit = k >= 0 and ious[k] >= iou_threshold
+        if hit:
+            taken[k] = True
+        out.append(bool(hit))
+    return out
+
+
+def average_precision(scores: Sequence[float], is_tp: Sequence[bool], n_gt: int) -> float:
+    """Detection AP (all-point interpolated area under precision–recall, as PASCAL VOC ≥ 2010 / COCO per IoU):
+    detections pooled over images, ranked by ``scores``; recall is over ``n_gt`` ground-truth boxes, so missed
+    lesions count. 0.0 when there are no detections; ValueError when ``n_gt`` < 1."""
+    if n_gt < 1:
+        raise ValueError(f"average_precision needs at least one ground-truth box, got n_gt={n_gt}")
+    if len(scores) != len(is_tp):
+        raise ValueError(f"{len(scores)} scores but {len(is_tp)} match flags")
+    if not len(scores):
+        return 0.0
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    tp = np.asarray(is_tp, dtype=np.float64)[order]
+    ctp, cfp = np.cumsum(tp), np.cumsum(1.0 - tp)
+    recall = ctp / n_gt
+    precision = ctp / (ctp + cfp)
+    # precision envelope (monotone non-increasing from the right), then sum over recall steps
+    env = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.diff(np.concatenate([[0.0], recall]))
+    return float(np.sum(steps * env))
 
 
 # --------------------------------------------------------------------------------------------------- overlays

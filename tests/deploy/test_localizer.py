@@ -182,3 +182,60 @@ def test_bad_attention_shapes():
     with pytest.raises(DeployError, match="NaN"):
         Localizer().localize(np.full((1, 4, 4), np.nan), (8, 8))
     assert isinstance(Localizer().localize(np.zeros((4, 4)), (8, 8)), Localization)  # (x, y) without channel
+
+
+# ------------------------------------------------------------------- patch P/R, VOC matching and detection AP
+def test_patch_counts_use_monai_axis_order_and_the_half_covered_rule():
+    from medsim.deploy.localizer import patch_counts
+
+    gt = np.zeros((40, 40), bool)
+    gt[:10, :] = True  # the top band = grid row 0
+    gt[10:14, :20] = True  # 40 % of cells (1, 0) and (1, 1): not lesion patches
+    att = np.zeros((1, 4, 4), np.float32)  # (1, x, y): y = 0 is the top row
+    att[0, :, 0] = 1.0
+    assert patch_counts(att, gt) == (4, 0, 0)
+    att[0, 0, 1] = 1.0  # also selects cell (row 1, col 0)
+    assert patch_counts(att, gt) == (4, 1, 0)
+    assert patch_counts(att.transpose(0, 2, 1), gt) == (2, 3, 2)  # the transposed map: column 0 + (0, 1)
+    gt[10:15, :20] = True  # now exactly half of cells (1, 0), (1, 1)
+    assert patch_counts(att, gt) == (5, 0, 1)
+
+
+def _ap_by_definition(scores, tps, n_gt):
+    """AP as Σ over recall steps of the best precision at that recall or beyond (a plain loop)."""
+    ranked = sorted(zip(scores, tps), key=lambda t: -t[0])
+    pr, tp = [], 0
+    for i, (_, hit) in enumerate(ranked, 1):
+        tp += hit
+        pr.append((tp / n_gt, tp / i))
+    ap, prev_r = 0.0, 0.0
+    for r, _ in pr:
+        if r > prev_r:
+            ap += (r - prev_r) * max(p for rr, p in pr if rr >= r)
+            prev_r = r
+    return ap
+
+
+def test_average_precision_against_its_definition():
+    from medsim.deploy.localizer import average_precision
+
+    assert average_precision([0.9, 0.8, 0.7], [True, False, True], 3) == pytest.approx(5 / 9)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 30))
+        scores, tps = rng.random(n).tolist(), (rng.random(n) < 0.5).tolist()
+        n_gt = max(1, sum(tps) + int(rng.integers(0, 5)))
+        assert average_precision(scores, tps, n_gt) == pytest.approx(_ap_by_definition(scores, tps, n_gt))
+    assert average_precision([], [], 4) == 0.0
+    with pytest.raises(ValueError, match="n_gt=0"):
+        average_precision([0.5], [True], 0)
+
+
+def test_match_boxes_takes_each_ground_truth_once():
+    from medsim.deploy.localizer import match_boxes
+
+    gt = [(0, 0, 10, 10), (20, 20, 30, 30)]
+    assert match_boxes([(0, 0, 10, 10), (1, 1, 10, 10), (20, 20, 31, 30), (50, 50, 60, 60)], gt) == \
+        [True, False, True, False]
+    assert match_boxes([(0, 0, 10, 4)], gt) == [False]  # IoU 0.4
+    assert match_boxes([], gt) == [] and match_boxes([(0, 0, 1, 1)], []) == [False]
