@@ -48,7 +48,8 @@ def _torch_outputs(run: Path, paths: list[str], batch: int = 64) -> dict[str, np
 
 
 def _gradcam(run: Path, paths: list[str], batch: int = 32) -> np.ndarray:
-    """Grad-CAM of the classifier's predicted class at the backbone's last stage (layer3): (N, 1, x, y)."""
+    """Grad-CAM of the classifier's predicted class at the output of the backbone's last stage (``layer3`` for
+    the Embedder): (N, 1, x, y)."""
     import torch
     from monai.visualize import GradCAM
 
@@ -65,7 +66,8 @@ def _gradcam(run: Path, paths: list[str], batch: int = 32) -> np.ndarray:
             return self.net(x)["logits"]
 
     model = Logits(lr.network).eval()
-    cam = GradCAM(nn_module=model, target_layers="net.backbone.6")
+    last = [name for name, _ in lr.network.backbone.named_children()][-1]
+    cam = GradCAM(nn_module=model, target_layers=f"net.backbone.{last}")
     maps = []
     for i in range(0, len(paths), batch):
         x = torch.as_tensor(preprocess_items(paths[i:i + batch], lr.transform))

@@ -1,0 +1,184 @@
+"""Weakly supervised lesion localization on HAM10000, one protocol for every method (issue 5, part 4).
+
+Each method is a trained run (config.json + best.pt + split.json) and a map: the run's own ``attention`` output
+(DSL, ABE, gated attention Ω, loss-based attention patch weights, MIL pooling weights) or Grad-CAM
+(``monai.visualize.GradCAM``) of a classifier's predicted class. Every map is scored the same way on the test
+images the runs share (the same lesion-grouped split when the runs used the same split recipe):
+
+- the map is upsampled (bilinear) to the 200×150 image, min–max normalised, thresholded with Otsu → mask;
+  8-connected components → boxes scored by their mean heat (``medsim.deploy.Localizer``);
+- **Dice / IoU** of the mask vs the lesion mask; **pointing game** (map maximum inside the lesion);
+  **box hit** (a box with IoU ≥ 0.5 with the lesion box, or containing the lesion centroid);
+- **patch precision / recall / F** (loss-based attention's protocol): the attention grid's cells; a cell is a
+  lesion patch when ≥ 50 % of its pixels are lesion; selected when its normalised attention exceeds Otsu over the
+  cells; micro-averaged over images;
+- **localization AP@0.5**: all boxes of all images ranked by score; a box is correct when it takes the image's
+  ground-truth lesion box (``HAM10000_metadata_ext.csv`` top/bottom/left/right) at IoU ≥ 0.5, each gt box once.
+
+A centred Gaussian (no model) is scored as a reference: HAM10000 lesions sit in the image centre.
+
+    python benchmarks/localization_comparison.py --dataset-dir ../shared/data/ham10000 \
+        --method "DSL attention=runs/bench_dsl/dsl__s0" \
+        --method "Grad-CAM (classifier)=runs/bench_dsl/classifier__s0:gradcam" \
+        --out benchmarks/results/localization_comparison
+
+Writes ``<out>.json``, ``<out>.md`` and ``<out>_overlays.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deploy_ham import _gradcam, _split_items, _torch_outputs  # noqa: E402  (the deploy check's run readers)
+
+
+def ham_boxes(dataset_dir: Path) -> dict[str, tuple[int, int, int, int]]:
+    """image stem → lesion box (x0, y0, x1, y1) from ``HAM10000_metadata_ext.csv`` (empty when absent)."""
+    f = dataset_dir / "HAM10000_metadata_ext.csv"
+    if not f.is_file():
+        return {}
+    with open(f, newline="") as fh:
+        return {r["image_id"]: (int(r["left"]), int(r["top"]), int(r["right"]), int(r["bottom"]))
+                for r in csv.DictReader(fh) if r.get("left")}
+
+
+def score_maps(maps: np.ndarray, items: list[dict], boxes: dict[str, tuple]) -> dict[str, float]:
+    """The whole protocol for one method's maps (N, 1, x, y) on ``items`` (with ``image`` and ``mask``)."""
+    from PIL import Image
+
+    from medsim.deploy.localizer import (Localizer, average_precision, box_hit, dice, iou, mask_box,
+                                         match_boxes, patch_counts, pointing_game)
+
+    loc = Localizer(threshold="otsu")
+    rows, counts, det_scores, det_tp = [], np.zeros(3, np.int64), [], []
+    for m, it in zip(maps, items):
+        with Image.open(it["mask"]) as im:
+            gt = np.asarray(im.convert("L")) > 127
+        out = loc.localize(m, gt.shape)
+        rows.append((dice(out.mask, gt), iou(out.mask, gt), float(pointing_game(out.heatmap, gt)),
+                     float(box_hit(out.boxes, gt))))
+        counts += patch_counts(m, gt)
+        gbox = boxes.get(Path(it["image"]).stem) or mask_box(gt)
+        ranked = [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in out.boxes]
+        det_scores += [b["score"] for b in out.boxes]
+        det_tp += match_boxes(ranked, [gbox])
+    a = np.asarray(rows)
+    tp, fp, fn = (int(v) for v in counts)
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"dice": float(a[:, 0].mean()), "iou": float(a[:, 1].mean()), "pointing": float(a[:, 2].mean()),
+            "box_hit": float(a[:, 3].mean()), "patch_precision": p, "patch_recall": r,
+            "patch_f": 2 * p * r / (p + r) if p + r else 0.0,
+            "ap50": average_precision(det_scores, det_tp, len(items)),
+            "boxes_per_image": len(det_scores) / len(items), "n": len(items)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset-dir", type=Path, default=Path("../shared/data/ham10000"))
+    ap.add_argument("--method", action="append", required=True,
+                    help="NAME=RUN_DIR[:gradcam] (repeat); ':gradcam' scores Grad-CAM of the run's classifier")
+    ap.add_argument("--max-images", type=int, default=0, help="score at most this many shared test images")
+    ap.add_argument("--out", default="benchmarks/results/localization_comparison")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    t0 = time.perf_counter()
+    methods: dict[str, tuple[Path, str]] = {}
+    for spec in args.method:
+        name, _, rest = spec.partition("=")
+        run, _, source = rest.partition(":")
+        if not name or not run or source not in ("", "gradcam"):
+            ap.error(f"--method {spec!r}: expected NAME=RUN_DIR[:gradcam]")
+        if not (Path(run) / "best.pt").is_file():
+            ap.error(f"--method {spec!r}: {run} has no best.pt")
+        methods[name] = (Path(run), source or "attention")
+
+    # the test images every run holds out (the same split recipe gives the same set)
+    tests = [{it["image"]: it for it in _split_items(run, "test") if "mask" in it} for run, _ in methods.values()]
+    shared = sorted(set.intersection(*(set(t) for t in tests)))
+    if args.max_images:
+        shared = shared[: args.max_images]
+    if not shared:
+        raise SystemExit("the runs share no test images with masks (were they trained on the same split?)")
+    items = [tests[0][p] for p in shared]
+    boxes = ham_boxes(args.dataset_dir)
+
+    results, maps_by_method, seconds = {}, {}, {}
+    for name, (run, source) in methods.items():
+        t1 = time.perf_counter()
+        maps = _gradcam(run, shared) if source == "gradcam" else _torch_outputs(run, shared)["attention"]
+        maps_by_method[name] = maps
+        results[name] = {**score_maps(maps, items, boxes), "run": str(run), "map": source,
+                         "map_shape": list(maps.shape[2:])}
+        seconds[name] = round(time.perf_counter() - t1, 1)
+        print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items() if isinstance(v, float)})}",
+              flush=True)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, 16), np.linspace(-1, 1, 16), indexing="ij")
+    prior = np.exp(-(xx ** 2 + yy ** 2) / 0.5)[None, None].repeat(len(items), 0)
+    results["centred Gaussian prior (no model)"] = {**score_maps(prior, items, boxes), "map": "prior",
+                                                   "map_shape": [16, 16]}
+    maps_by_method["centred Gaussian prior (no model)"] = prior
+
+    _overlays(maps_by_method, items, f"{args.out}_overlays.png")
+    doc = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "images": len(items), "results": results, "seconds_per_method": seconds,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1))
+    lines = ["# Lesion localization on HAM10000: every method, one protocol", "",
+             f"Command: `{doc['command']}`", "",
+             f"{len(items)} test images shared by all runs (lesion-grouped split; maps upsampled to 200×150, Otsu "
+             "threshold; see the script's docstring for each metric).", "",
+             "| method | map | Dice | IoU | pointing | box hit | patch P | patch R | patch F | AP@0.5 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, v in results.items():
+        shape = "×".join(map(str, v["map_shape"]))
+        lines.append(f"| {k} | {v['map']} {shape} | {v['dice']:.3f} | {v['iou']:.3f} | {v['pointing']:.3f} | "
+                     f"{v['box_hit']:.3f} | {v['patch_precision']:.3f} | {v['patch_recall']:.3f} | "
+                     f"{v['patch_f']:.3f} | {v['ap50']:.3f} |")
+    lines += ["", f"Overlays (rows: methods; white: lesion outline): `{Path(args.out).name}_overlays.png`. "
+                  f"Total {doc['seconds']} s."]
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _overlays(maps_by_method: dict[str, np.ndarray], items: list[dict], path: str, n: int = 6) -> None:
+    """A sheet: one row per method, ``n`` test images, heatmap + boxes, lesion outline in white."""
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    from medsim.deploy.localizer import Localizer, overlay
+
+    loc = Localizer(threshold="otsu")
+    from PIL import ImageDraw
+
+    rows = []
+    for name, maps in maps_by_method.items():
+        tiles = []
+        for k in range(min(n, len(items))):
+            img = np.asarray(Image.open(items[k]["image"]).convert("RGB"))
+            gt = np.asarray(Image.open(items[k]["mask"]).convert("L")) > 127
+            ov = np.array(overlay(loc.localize(maps[k], gt.shape), img))
+            ov[find_boundaries(gt)] = (255, 255, 255)
+            tiles.append(ov)
+        row = Image.fromarray(np.concatenate(tiles, axis=1))
+        draw = ImageDraw.Draw(row)
+        draw.rectangle((0, 0, 7 * len(name) + 6, 14), fill=(0, 0, 0))
+        draw.text((3, 2), name, fill=(255, 255, 255))
+        rows.append(np.asarray(row))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
