@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import shutil
@@ -75,21 +76,45 @@ def _gradcam(run: Path, paths: list[str], batch: int = 32) -> np.ndarray:
     return np.concatenate(maps)
 
 
-def _score(maps: np.ndarray, items: list[dict], localizer) -> dict[str, float]:
+def ham_boxes(dataset_dir: Path) -> dict[str, tuple[int, int, int, int]]:
+    """image stem → lesion box (x0, y0, x1, y1) from ``HAM10000_metadata_ext.csv`` (empty when absent)."""
+    f = dataset_dir / "HAM10000_metadata_ext.csv"
+    if not f.is_file():
+        return {}
+    with open(f, newline="") as fh:
+        return {r["image_id"]: (int(r["left"]), int(r["top"]), int(r["right"]), int(r["bottom"]))
+                for r in csv.DictReader(fh) if r.get("left")}
+
+
+def score_maps(maps: np.ndarray, items: list[dict], boxes: dict[str, tuple]) -> dict[str, float]:
+    """The whole protocol for one method's maps (N, 1, x, y) on ``items`` (with ``image`` and ``mask``)."""
     from PIL import Image
 
-    from medsim.deploy.localizer import box_hit, dice, iou, pointing_game
+    from medsim.deploy.localizer import (Localizer, average_precision, box_hit, dice, iou, mask_box,
+                                         match_boxes, patch_counts, pointing_game)
 
-    rows = []
+    loc = Localizer(threshold="otsu")
+    rows, counts, det_scores, det_tp = [], np.zeros(3, np.int64), [], []
     for m, it in zip(maps, items):
         with Image.open(it["mask"]) as im:
             gt = np.asarray(im.convert("L")) > 127
-        loc = localizer.localize(m, gt.shape)
-        rows.append((dice(loc.mask, gt), iou(loc.mask, gt), float(pointing_game(loc.heatmap, gt)),
-                     float(box_hit(loc.boxes, gt))))
+        out = loc.localize(m, gt.shape)
+        rows.append((dice(out.mask, gt), iou(out.mask, gt), float(pointing_game(out.heatmap, gt)),
+                     float(box_hit(out.boxes, gt))))
+        counts += patch_counts(m, gt)
+        gbox = boxes.get(Path(it["image"]).stem) or mask_box(gt)
+        ranked = [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in out.boxes]
+        det_scores += [b["score"] for b in out.boxes]
+        det_tp += match_boxes(ranked, [gbox])
     a = np.asarray(rows)
+    tp, fp, fn = (int(v) for v in counts)
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
     return {"dice": float(a[:, 0].mean()), "iou": float(a[:, 1].mean()), "pointing": float(a[:, 2].mean()),
-            "box_hit": float(a[:, 3].mean()), "n": len(rows)}
+            "box_hit": float(a[:, 3].mean()), "patch_precision": p, "patch_recall": r,
+            "patch_f": 2 * p * r / (p + r) if p + r else 0.0,
+            "ap50": average_precision(det_scores, det_tp, len(items)),
+            "boxes_per_image": len(det_scores) / len(items), "n": len(items)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                "classifier's attention module": crun_out["attention"],
                "Grad-CAM on the classifier (layer3)": gcam,
                "centred Gaussian prior (no model)": prior}
-    loc_rows = {name: _score(m, with_mask, loc) for name, m in methods.items()}
+    boxes = ham_boxes(Path(train[0]['image']).parents[1])
+    loc_rows = {name: score_maps(m, with_mask, boxes) for name, m in methods.items()}
 
     # a picture: 8 test images with the DSL overlay and the Grad-CAM overlay
     from PIL import Image
