@@ -126,6 +126,7 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
         index.add(x, records)
         build_s = time.perf_counter() - t0
         mem = int(faiss.serialize_index(index.faiss_index).nbytes)
+        mem += int(x.nbytes) if build_params.get("refine") else 0  # the full vectors kept for re-ranking
         shown = ({"nlist": index.nlist, "m_pq": index.m_pq, "nbits": index.nbits} if kind == "ivfpq" else
                  {"M": index.hnsw_m, "efConstruction": index.ef_construction} if kind == "hnsw" else {})
         for value in sweep:
@@ -133,29 +134,17 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
             search_s, hits = timed(lambda: index.search(q, k, **kw), repeats=args.repeats)
             found = np.array([[h.id for h in row] + [-1] * (k - len(row)) for row in hits])
             shown_now = shown | ({"nprobe" if kind == "ivfpq" else "efSearch": value} if sweep_name else {})
+            if build_params.get("refine"):
+                shown_now["re-rank top"] = k * build_params["refine"]
             params = ", ".join(f"{a}={b}" for a, b in shown_now.items()) or "exact"
-            add_row(label or kind, f"faiss {kind} (CaseIndex)", params, build_s, search_s, found, mem)
-        if kind == "ivfpq" and args.rerank:
-            # what-if, not in CaseIndex: exact re-ranking of k·factor PQ candidates with the float vectors (what
-            # faiss.IndexRefineFlat does) — recall beyond the PQ limit, for the memory of a flat index on top
-            factor = args.rerank
-
-            def rerank(nprobe: int) -> np.ndarray:
-                _, cand = index.search_arrays(q, k * factor, nprobe=nprobe)
-                scores = np.einsum("qd,qcd->qc", q, x[np.maximum(cand, 0)])
-                scores[cand < 0] = -np.inf
-                return np.take_along_axis(cand, np.argsort(-scores, axis=1)[:, :k], 1)
-
-            for value in args.rerank_nprobe:
-                search_s, found = timed(lambda: rerank(value), repeats=args.repeats)
-                params = ", ".join(f"{a}={b}" for a, b in shown.items()) + f", nprobe={value}, re-rank top {k * factor}"
-                add_row("ivfpq+rerank", "faiss ivfpq + exact re-rank (what-if)", params, build_s, search_s, found,
-                        mem + int(x.nbytes))
+            add_row(label or kind, f"faiss {label or kind} (CaseIndex)", params, build_s, search_s, found, mem)
         del index
         gc.collect()
 
     measure("flat", {}, None, [None])
     measure("ivfpq", {}, "nprobe", args.nprobe)
+    if args.refine:
+        measure("ivfpq", {"refine": args.refine}, "nprobe", args.refine_nprobe, label="ivfpq+refine")
     hnsw_m, ef_c = (args.hnsw_m_large, args.ef_construction_large) if n >= args.large else (args.hnsw_m,
                                                                                              args.ef_construction)
     for efc in [ef_c, *args.extra_ef_construction]:
@@ -266,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large", type=int, default=1_000_000, help="from this N on, HNSW uses the *-large params")
     ap.add_argument("--hnsw-m-large", type=int, default=None)
     ap.add_argument("--ef-construction-large", type=int, default=None)
-    ap.add_argument("--rerank", type=int, default=4, help="IVF-PQ what-if rows: re-rank k·this candidates (0: off)")
-    ap.add_argument("--rerank-nprobe", type=ints, default=[8, 16, 32])
+    ap.add_argument("--refine", type=int, default=4, help="also CaseIndex(kind='ivfpq', refine=this) (0: off)")
+    ap.add_argument("--refine-nprobe", type=ints, default=[8, 16, 32])
     ap.add_argument("--out", default="benchmarks/results/faiss_indexes")
     args = ap.parse_args(argv)
     args.hnsw_m_large = args.hnsw_m_large or args.hnsw_m
@@ -298,10 +287,9 @@ def main(argv: list[str] | None = None) -> int:
            if args.extra_ef_construction else "")
         + ". efSearch is raised to k when smaller. 'lost' = queries with recall@10 = 0 (the search ended in the "
         "wrong region of the graph).",
-        f"'ivfpq + exact re-rank (what-if)' is not a CaseIndex feature: the IVF-PQ index returns k·{args.rerank} "
-        "candidates, re-scored exactly with the float vectors (as faiss.IndexRefineFlat would); its memory adds the "
-        "float matrix. Its timings are of `search_arrays` plus the numpy re-ranking (no Hit objects), the other "
-        "faiss rows time `search`.",
+        f"'ivfpq+refine' is CaseIndex(kind='ivfpq', refine={args.refine}): the IVF-PQ index returns k·{args.refine} "
+        "candidates, re-scored exactly with the float vectors kept beside the codes (as faiss.IndexRefineFlat "
+        "would, but with add/remove by id); its memory adds the float matrix.",
         "Speed-up = brute-force search time / index search time at the same N, both on all cores.",
         f"The {args.clusters} clusters are fixed, so small databases hold few cases per cluster (N=10,000: "
         f"{10_000 // args.clusters}): their top-10 then spans several clusters at nearly equal similarity, which is "

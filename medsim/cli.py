@@ -239,13 +239,17 @@ def index() -> None:
 @click.option("--split", default="training", show_default=True, help="Which split of the JSON to index.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Index folder.")
 @click.option("--kind", type=click.Choice(["flat", "ivfpq", "hnsw"]), default="flat", show_default=True)
+@click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ivfpq: re-rank REFINE·k PQ candidates by exact distance (keeps the full vectors; 0: off).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"]), default="auto",
               show_default=True)
-def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, backend: str) -> None:
+def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, refine: int, backend: str) -> None:
     """Embed the cases of DATA and save a faiss index with their records (no patient ids in clear)."""
     from medsim.deploy.tasks import build_index
 
-    r = build_index(model_dir, data, out, split=split, kind=kind, backend=backend, progress=sys.stderr.isatty())
+    extra = {"refine": refine} if refine else {}
+    r = build_index(model_dir, data, out, split=split, kind=kind, backend=backend, progress=sys.stderr.isatty(),
+                    **extra)
     click.echo(f"indexed {r['cases']} cases ({r['kind']}, {r['backend']}) -> {r['index']}")
 
 

@@ -73,8 +73,9 @@ def _model_id(model_dir: Path) -> str:
 
 def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                 split: str = "training", kind: str = "flat", backend: str = "auto", batch_size: int = 32,
-                progress: bool = True) -> dict[str, Any]:
-    """Embed the cases of ``data`` with the exported model in ``model_dir`` and save a CaseIndex to ``out``."""
+                progress: bool = True, **index_kwargs: Any) -> dict[str, Any]:
+    """Embed the cases of ``data`` with the exported model in ``model_dir`` and save a CaseIndex to ``out``
+    (``index_kwargs``: :class:`~medsim.deploy.index.CaseIndex` parameters, e.g. ``refine=4`` for ``ivfpq``)."""
     from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.index import CaseIndex
 
@@ -82,7 +83,10 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
     cases = read_cases(data, split=split)
     with EmbeddingEngine(model_dir, backend=backend, batch_size=batch_size) as engine:
         emb = _embed(engine, [c["uri"] for c in cases], batch_size, progress)["embedding"]
-        index = CaseIndex(emb.shape[1], kind=kind, model_id=_model_id(model_dir))
+        try:
+            index = CaseIndex(emb.shape[1], kind=kind, model_id=_model_id(model_dir), **index_kwargs)
+        except ValueError as e:
+            raise DeployError(str(e)) from e
         index.add(emb, cases)
         used = engine.backend
     path = index.save(out)

@@ -351,3 +351,65 @@ def test_import_is_torch_free():
     code = ("import sys, medsim.deploy.index as m; m.CaseIndex(4, model_id='x'); "
             "bad = [n for n in ('torch', 'monai') if n in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --------------------------------------------------------------------------- ivfpq + exact re-ranking (refine)
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_refine_reranks_pq_candidates_exactly(clustered_20k, metric):
+    """Re-ranked IVF-PQ: every returned score is the exact distance of the returned id, lists are sorted, and
+    recall@10 vs brute force beats plain IVF-PQ with the same quantizers."""
+    x, q, _ = clustered_20k
+    x = x[:10_000]
+    _, truth = brute_force(x, q, 10, metric)
+    plain = CaseIndex(64, kind="ivfpq", metric=metric, nlist=64, m_pq=8, model_id=MODEL)
+    plain.add(x, [{}] * len(x))
+    refined = CaseIndex(64, kind="ivfpq", metric=metric, nlist=64, m_pq=8, refine=8, model_id=MODEL)
+    refined.add(x, [{}] * len(x))
+    _, found_plain = plain.search_arrays(q, 10)
+    scores, found = refined.search_arrays(q, 10)
+    xs = x / np.linalg.norm(x, axis=1, keepdims=True) if metric == "ip" else x
+    qs = q / np.linalg.norm(q, axis=1, keepdims=True) if metric == "ip" else q
+    exact = (np.einsum("qd,qkd->qk", qs, xs[found]) if metric == "ip"
+             else ((xs[found] - qs[:, None]) ** 2).sum(-1))
+    np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-4)
+    assert (np.diff(scores, axis=1) <= 1e-6).all() if metric == "ip" else (np.diff(scores, axis=1) >= -1e-6).all()
+    r_plain, r_refined = recall_at(found_plain, truth), recall_at(found, truth)
+    assert r_refined >= 0.95 and r_refined > r_plain + 0.05, (r_plain, r_refined)
+
+
+def test_refine_follows_removals_and_survives_save_load(tmp_path):
+    x = clustered(3000, 16, n_clusters=20)
+    index = CaseIndex(16, kind="ivfpq", nlist=16, m_pq=8, refine=4, model_id=MODEL)
+    index.add(x, records_for(3000))
+    _, before = index.search_arrays(x[:5], 3)
+    assert (before[:, 0] == np.arange(5)).all()  # each vector finds itself first
+    index.remove(np.arange(5))
+    _, after = index.search_arrays(x[:5], 3)
+    assert not np.isin(after, np.arange(5)).any()
+    index.save(tmp_path / "ix")
+    assert len(list((tmp_path / "ix").glob("refine-*.faiss"))) == 1
+    loaded = CaseIndex.load(tmp_path / "ix")
+    assert loaded.refine == 4 and "refine=4" in repr(loaded)
+    s1, i1 = index.search_arrays(x[5:50], 5)
+    s2, i2 = loaded.search_arrays(x[5:50], 5)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2)
+    refine_file = next((tmp_path / "ix").glob("refine-*.faiss"))
+    data = bytearray(refine_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    refine_file.write_bytes(bytes(data))
+    with pytest.raises(CaseIndexError, match="refine-.*checksum mismatch"):
+        CaseIndex.load(tmp_path / "ix")
+
+
+def test_refine_fewer_cases_than_candidates_and_bad_arguments():
+    x = clustered(400, 16, n_clusters=4)
+    index = CaseIndex(16, kind="ivfpq", nlist=4, m_pq=4, nbits=6, refine=4, nprobe=4, model_id=MODEL)
+    index.add(x, records_for(400))
+    index.remove(np.arange(390))
+    scores, ids = index.search_arrays(x[:2], 20)
+    assert (ids[:, :10] >= 390).all() and (ids[:, 10:] == -1).all()
+    with pytest.raises(ValueError, match="refine=2 applies to kind='ivfpq' only"):
+        CaseIndex(16, kind="hnsw", refine=2, model_id=MODEL)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        CaseIndex(16, kind="ivfpq", refine=-1, model_id=MODEL)

@@ -103,3 +103,10 @@ def test_read_cases_takes_series_and_volumes(tmp_path):
     (tmp_path / "vols").mkdir()
     (tmp_path / "vols" / "a.nii.gz").write_bytes(b"")
     assert [c["uri"] for c in read_cases(tmp_path / "vols")] == [str(tmp_path / "vols" / "a.nii.gz")]
+
+
+def test_index_build_refine_applies_to_ivfpq_only(model_dir, tiny_run, tmp_path, capsys):
+    code, out, err = run(["index", "build", "--model", str(model_dir), "--data", str(tiny_run / "split.json"),
+                          "--out", str(tmp_path / "ix"), "--kind", "hnsw", "--refine", "4"], capsys)
+    assert code == 2 and "refine=4 applies to kind='ivfpq' only" in err and "Traceback" not in err
+    assert not (tmp_path / "ix").exists()
