@@ -130,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"max_epochs": args.epochs, "max_items": args.max_items, "image_size": args.image_size,
               "global_size": args.global_size, "local_size": args.local_size, "n_instances": args.n_instances,
               "backbone": args.backbone, "widen_factor": args.widen_factor, "learning_rate": args.lr,
-              "split_seed": 0, "seed": args.seed, "train#handlers#5#_disabled_": True,
-              # K = 1: the subspace handler's start-up clustering only needs the assignment's length to be
-              # short of the data (it then treats every item as cluster 0); embedding all training images
-              # for it would cost a third of an epoch
-              "train#cluster_dataset#items": "$@train#datalist[:2]"}
+              "split_seed": 0, "seed": args.seed, "train#handlers#5#_disabled_": True}
     shared_split = Path(args.split_from) if args.split_from else None
     runs: list[dict] = [r for r in previous.get("runs", []) if r["method"] not in args.methods]
     doc: dict = {}

@@ -48,9 +48,14 @@ def rgb2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = 
     :func:`medsim.data.histology.patch_dataset`)."""
     import monai.transforms as mt
 
+    from monai.data import PILReader
+
     keys, modes = _keys(with_mask)
     xs: list = [
-        *([mt.LoadImaged(keys, image_only=True, ensure_channel_first=True)] if load else []),
+        # PIL explicitly (as medsim.deploy reads): MONAI's reader choice by suffix would take a DICOM reader for
+        # .tif files when ITK is absent
+        *([mt.LoadImaged(keys, reader=PILReader(reverse_indexing=True), image_only=True, ensure_channel_first=True)]
+          if load else []),
         mt.EnsureTyped(keys, dtype="float32", track_meta=False),
         _ToRGBd("image"),
         mt.ScaleIntensityRanged("image", 0.0, 255.0, 0.0, 1.0, clip=True),

@@ -199,6 +199,10 @@ class SubspaceHandler:
         from medsim.metrics.retrieval import kmeans
 
         st = engine.subspaces
+        dataset = getattr(self.cluster_loader, "dataset", None)
+        if st.k == 1 and dataset is not None:  # one cluster: nothing to embed (single learners, DSL before a split)
+            st.assignment = np.zeros(len(dataset), dtype=np.int64)
+            return cluster_counts(st.assignment, 1)
         emb, _, index = embed_loader(engine.network, self.cluster_loader, engine.state.device)
         n = int(index.max()) + 1
         asg = np.zeros(n, dtype=np.int64)

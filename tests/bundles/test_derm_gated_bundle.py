@@ -114,8 +114,7 @@ def test_plain_variant_trains(sample_root, tmp_path):
 
 
 def test_histology_variant_on_a_class_folder_source(tmp_path):
-    """Folder-per-class microscopy: images under one folder per class, split by image (PNG: MONAI's default
-    loader in ``rgb2d_transforms`` picks its DICOM reader for .tif when ITK is absent)."""
+    """Folder-per-class microscopy: TIFF images under one folder per class, split by image."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -124,7 +123,7 @@ def test_histology_variant_on_a_class_folder_source(tmp_path):
         for i in range(8):
             img = rng.integers(0, 120, (48, 64, 3), dtype=np.uint8)
             img[8:24, 8 + 24 * c:24 + 24 * c] = 230  # a class-specific bright patch
-            Image.fromarray(img).save(tmp_path / "bach" / cls / f"img{i}.png")
+            Image.fromarray(img).save(tmp_path / "bach" / cls / f"img{i}.tif")
     out = tmp_path / "run"
     res = _train(tmp_path / "bach", out, "histology", max_epochs=1, n_instances=2, batch_size=8)
     cfg = json.loads((out / "config.json").read_text())
