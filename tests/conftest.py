@@ -74,3 +74,44 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.needs_shared_data)
+
+
+@pytest.fixture(scope="session")
+def deploy_check(tmp_path_factory):
+    """``deploy_check(run_dir)``: a trained run through the whole deployment path — ``export_run`` (ONNX +
+    manifest, parity-checked), the torch-free ``EmbeddingEngine`` on its test images (outputs equal PyTorch's on
+    MONAI's preprocessing to 1e-4), ``Localizer`` masks at image size, and a ``CaseIndex`` that finds each image
+    itself first. Returns the engine outputs. Shared by every model family's bundle tests."""
+
+    def check(run_dir: Path) -> dict:
+        import json
+
+        import numpy as np
+        import torch
+
+        from medsim.deploy import CaseIndex, EmbeddingEngine, Localizer
+        from medsim.export.pipeline import export_run
+        from medsim.export.run import load_run, preprocess_items
+
+        out = tmp_path_factory.mktemp("deploy") / "model"
+        export_run(run_dir, out, opt_batch=2)
+        doc = json.loads((Path(run_dir) / "split.json").read_text())
+        root = Path(doc["meta"]["dataset_dir"])
+        paths = [str(root / it["image"]) for it in doc["test"]][:6]
+        with EmbeddingEngine(out, backend="ort-cpu", batch_size=4) as engine:
+            got = engine.embed(paths, return_sizes=True)
+        run = load_run(run_dir)
+        with torch.no_grad():
+            ref = run.network(torch.as_tensor(preprocess_items(paths, run.transform)))
+        for name in engine.output_names:
+            np.testing.assert_allclose(got[name], ref[name].numpy(), atol=1e-4, err_msg=name)
+        for att, size in zip(got["attention"], got["image_size"]):
+            loc = Localizer().localize(att, size)
+            assert loc.mask.shape == tuple(size) and loc.heatmap.shape == tuple(size)
+        index = CaseIndex(got["embedding"].shape[1], model_id="check")
+        index.add(got["embedding"], [{"uri": p} for p in paths])
+        _, ids = index.search_arrays(got["embedding"], 1)
+        assert (ids[:, 0] == np.arange(len(paths))).all()
+        return got
+
+    return check

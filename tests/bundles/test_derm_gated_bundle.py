@@ -148,3 +148,8 @@ def test_metadata_matches_the_network():
     for name, spec in fmt["outputs"].items():
         assert list(out[name].shape[1:]) == ([spec["num_channels"], *spec["spatial_shape"]] if spec["spatial_shape"]
                                              else [spec["num_channels"]]), name
+
+
+def test_gated_run_deploys(gated_run, deploy_check):
+    got = deploy_check(gated_run[0])
+    assert {"embedding", "attention", "logits"} <= set(got)

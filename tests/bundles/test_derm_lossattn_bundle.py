@@ -84,3 +84,8 @@ def test_onnx_export_parity_of_a_trained_run(lossattn_run, tmp_path):
     assert [o["shape"] for o in m["outputs"]] == [["batch", 16], ["batch", 1, 2, 2], ["batch", 4]]
     for name, diff in m["parity"]["max_abs_diff"].items():
         assert 0.0 <= diff < 1e-4, (name, diff)
+
+
+def test_lossattn_run_deploys(lossattn_run, deploy_check):
+    got = deploy_check(lossattn_run)
+    assert {"embedding", "attention", "logits"} <= set(got)

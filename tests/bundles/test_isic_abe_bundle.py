@@ -104,3 +104,8 @@ def test_metadata_matches_the_network_and_verifies_offline(tmp_path, monkeypatch
     assert out["embedding"].shape[1] == fmt["outputs"]["embedding"]["num_channels"]
     assert list(out["attention"].shape[1:]) == [fmt["outputs"]["attention"]["num_channels"],
                                                  *fmt["outputs"]["attention"]["spatial_shape"]]
+
+
+def test_abe_run_deploys(abe_run, deploy_check):
+    got = deploy_check(abe_run[0])
+    assert set(got) >= {"embedding", "attention"} and "logits" not in got
