@@ -32,27 +32,19 @@ from typing import Any
 
 import numpy as np
 
+from ham_recipe import common_overrides, recipe_parser  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
+
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "isic_abe"
 VARIANTS = {"abe": None, "abe_nodiv": "nodiv"}  # run name -> bundle variant
 LABELS = {"abe": "ABE-M (with L_div)", "abe_nodiv": "ABE-M without L_div"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset-dir", required=True)
-    ap.add_argument("--out", default="benchmarks/results/abe_ablation")
-    ap.add_argument("--work", default="runs/bench_abe", help="run directories (deleted first)")
+    ap = recipe_parser(__doc__, name="abe_ablation", work="runs/bench_abe", epochs=8)
     ap.add_argument("--save-dir", default="runs/bench_attn", help="seed-0 runs are copied here as abe, abe_nodiv")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--max-items", type=int, default=3000)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--widen-factor", type=float, default=0.5)
     ap.add_argument("--n-learners", type=int, default=4)
     ap.add_argument("--embedding-dim", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (1 avoids oversubscription when other jobs share the cores)")
     ap.add_argument("--reanalyse", action="store_true",
                     help="no training: recompute the test analysis of the runs listed in <out>.json from their "
                          "run directories under --work and rewrite <out>.json/.md")
@@ -61,18 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.reanalyse:
         return reanalyse(Path(args.out), Path(args.work))
 
-    import torch
-
     from medsim.engines.workflow import train_bundle
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    common = {"max_epochs": args.epochs, "max_items": args.max_items, "image_size": args.image_size,
-              "backbone": args.backbone, "widen_factor": args.widen_factor, "n_learners": args.n_learners,
-              "embedding_dim": args.embedding_dim, "split_seed": 0, "train#handlers#5#_disabled_": True}
+    common = common_overrides(args, n_learners=args.n_learners, embedding_dim=args.embedding_dim)
     shared_split = None
     runs = []
     t_all = time.perf_counter()

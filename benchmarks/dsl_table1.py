@@ -12,7 +12,6 @@ Writes ``<out>.json`` (every run, every epoch record) and ``<out>.md`` (the tabl
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ham_recipe import common_overrides, recipe_parser  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
 
 METHODS = {  # name -> (bundle variant, overrides)
     "classifier": ("classifier", {}),
@@ -36,16 +37,8 @@ METHODS = {  # name -> (bundle variant, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset-dir", required=True)
-    ap.add_argument("--out", default="benchmarks/results/dsl_table1")
-    ap.add_argument("--work", default="runs/bench_dsl", help="run directories (deleted first)")
+    ap = recipe_parser(__doc__, name="dsl_table1", work="runs/bench_dsl", epochs=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--max-items", type=int, default=3000)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--widen-factor", type=float, default=0.5)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -54,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    common = {"max_epochs": args.epochs, "max_items": args.max_items, "image_size": args.image_size,
-              "backbone": args.backbone, "widen_factor": args.widen_factor, "split_seed": 0,
-              "train#handlers#5#_disabled_": True}
+    common = common_overrides(args)
     shared_split = None
     runs = []
     t_all = time.perf_counter()

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ham_recipe import common_overrides, recipe_parser, rerender  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
+
 METHODS = {  # name -> (bundle variant (None: the gated default), overrides that --n-instances etc. must not undo)
     "plain backbone": ("plain", {"n_instances": 0}),
     "no attention module": (None, {"attention": "none"}),
@@ -89,48 +91,33 @@ def evaluate_run(run: Path, checkpoint: str = "last.pt", batch: int = 64, seed: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset-dir", required=True)
-    ap.add_argument("--out", default="benchmarks/results/gated_attention")
-    ap.add_argument("--work", default="runs/bench_gated", help="run directories (deleted first)")
+    ap = recipe_parser(__doc__, name="gated_attention", work="runs/bench_gated", epochs=4, image_size=192,
+                       threads=2, report_from=True)
+    # --image-size 192: the full-resolution input (HAM10000 is 200×150); the global branch downsamples inside
     ap.add_argument("--keep", default="runs/bench_attn", help="the gated and plain runs are copied here")
     ap.add_argument("--split-from", default=None, help="a split.json to reuse (e.g. the DSL benchmark's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-items", type=int, default=3000)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--image-size", type=int, default=192, help="full-resolution input (HAM10000 is 200×150)")
     ap.add_argument("--global-size", type=int, default=96)
     ap.add_argument("--local-size", type=int, default=64)
     ap.add_argument("--n-instances", type=int, default=2)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--widen-factor", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a CPU shared with other jobs)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--merge", action="store_true",
                     help="keep <out>.json's other runs and --work's other run directories; (re)run only --methods")
-    ap.add_argument("--report-from", default=None, help="only re-render <out>.md from a saved results JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.report_from:
-        doc = json.loads(Path(args.report_from).read_text())
-        Path(args.out).with_suffix(".md").write_text(report(doc))
+    if rerender(args, report):
         return 0
-    import torch
-
     from medsim.engines.workflow import train_bundle
 
-    torch.set_num_threads(args.threads)
     work = Path(args.work)
     previous: dict = {}
     if args.merge and Path(args.out).with_suffix(".json").is_file():
         previous = json.loads(Path(args.out).with_suffix(".json").read_text())
     else:
         shutil.rmtree(work, ignore_errors=True)
-    common = {"max_epochs": args.epochs, "max_items": args.max_items, "image_size": args.image_size,
-              "global_size": args.global_size, "local_size": args.local_size, "n_instances": args.n_instances,
-              "backbone": args.backbone, "widen_factor": args.widen_factor, "learning_rate": args.lr,
-              "split_seed": 0, "seed": args.seed, "train#handlers#5#_disabled_": True}
+    common = common_overrides(args, global_size=args.global_size, local_size=args.local_size,
+                              n_instances=args.n_instances, learning_rate=args.lr, seed=args.seed)
     shared_split = Path(args.split_from) if args.split_from else None
     runs: list[dict] = [r for r in previous.get("runs", []) if r["method"] not in args.methods]
     doc: dict = {}

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ham_recipe import common_overrides, recipe_parser, rerender  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
+
 METHODS = {  # name -> (bundle variant, pooling)
     "loss-attention": (None, "loss"),
     "mean": ("mean", "mean"),
@@ -99,39 +101,21 @@ def evaluate_patches(run: Path, batch: int = 64) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset-dir", required=True)
-    ap.add_argument("--out", default="benchmarks/results/loss_attention")
-    ap.add_argument("--work", default="runs/bench_lossattn", help="run directories (deleted first)")
+    ap = recipe_parser(__doc__, name="loss_attention", work="runs/bench_lossattn", epochs=6, backbone="resnet10",
+                       widen_factor=0.25, threads=1, report_from=True)
     ap.add_argument("--keep", default="runs/bench_attn", help="where the loss-attention and best MIL runs are copied")
     ap.add_argument("--split-from", default=None, help="a split.json to reuse (e.g. the DSL benchmark's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-items", type=int, default=3000)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--backbone", default="resnet10")
-    ap.add_argument("--widen-factor", type=float, default=0.25)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: on a CPU shared with other jobs, 2 threads per process thrash)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--report-from", default=None, help="only re-render <out>.md from a saved results JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.report_from:
-        doc = json.loads(Path(args.report_from).read_text())
-        Path(args.out).with_suffix(".md").write_text(report(doc))
+    if rerender(args, report):
         return 0
-    import torch
-
     from medsim.engines.workflow import train_bundle
-
-    torch.set_num_threads(args.threads)
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    common = {"max_epochs": args.epochs, "max_items": args.max_items, "image_size": args.image_size, "split_seed": 0,
-              "seed": args.seed, "backbone": args.backbone, "widen_factor": args.widen_factor,
-              "train#handlers#5#_disabled_": True}
+    common = common_overrides(args, seed=args.seed)
     shared_split = Path(args.split_from) if args.split_from else None
     runs = []
     t_all = time.perf_counter()

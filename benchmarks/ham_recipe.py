@@ -1,0 +1,51 @@
+"""The HAM10000 training recipe shared by the bundle benchmarks (``dsl_table1``, ``abe_ablation``,
+``gated_attention``, ``loss_attention``): the same class-stratified, lesion-grouped subset (``max_items`` images,
+``split_seed`` 0, so every benchmark holds out the same test lesions), trained through ``medsim train``'s
+``train_bundle`` with TensorBoard off, and the command-line options that describe it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+
+def recipe_parser(doc: str | None, *, name: str, work: str, epochs: int, image_size: int = 64,
+                  backbone: str = "resnet18", widen_factor: float = 0.5, threads: int | None = None,
+                  report_from: bool = False) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the recipe's options; each benchmark adds its own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset-dir", required=True)
+    ap.add_argument("--out", default=f"benchmarks/results/{name}")
+    ap.add_argument("--work", default=work, help="run directories (deleted first)")
+    ap.add_argument("--max-items", type=int, default=3000)
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--image-size", type=int, default=image_size)
+    ap.add_argument("--backbone", default=backbone)
+    ap.add_argument("--widen-factor", type=float, default=widen_factor)
+    ap.add_argument("--threads", type=int, default=threads,
+                    help="torch CPU threads (1 avoids oversubscription when other jobs share the cores)")
+    if report_from:
+        ap.add_argument("--report-from", default=None, help="only re-render <out>.md from a saved results JSON")
+    return ap
+
+
+def common_overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """Bundle overrides of the recipe (+ ``extra``), and torch's thread count set from ``--threads``."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return {"max_epochs": args.epochs, "max_items": args.max_items, "image_size": args.image_size,
+            "backbone": args.backbone, "widen_factor": args.widen_factor, "split_seed": 0,
+            "train#handlers#5#_disabled_": True, **extra}
+
+
+def rerender(args: argparse.Namespace, report: Callable[[dict], str]) -> bool:
+    """With ``--report-from``: write ``<out>.md`` from that results JSON and return True (nothing to train)."""
+    if not getattr(args, "report_from", None):
+        return False
+    doc = json.loads(Path(args.report_from).read_text())
+    Path(args.out).with_suffix(".md").write_text(report(doc))
+    return True
