@@ -49,8 +49,8 @@ def _torch_outputs(run: Path, paths: list[str], batch: int = 64) -> dict[str, np
 
 
 def _gradcam(run: Path, paths: list[str], batch: int = 32) -> np.ndarray:
-    """Grad-CAM of the classifier's predicted class at the output of the backbone's last stage (``layer3`` for
-    the Embedder): (N, 1, x, y)."""
+    """Grad-CAM of the classifier's predicted class at the output of the backbone's last stage (``layer3`` of
+    the Embedder's ``backbone`` or FineGrainedMIL's global ``trunk``): (N, 1, x, y)."""
     import torch
     from monai.visualize import GradCAM
 
@@ -67,8 +67,9 @@ def _gradcam(run: Path, paths: list[str], batch: int = 32) -> np.ndarray:
             return self.net(x)["logits"]
 
     model = Logits(lr.network).eval()
-    last = [name for name, _ in lr.network.backbone.named_children()][-1]
-    cam = GradCAM(nn_module=model, target_layers=f"net.backbone.{last}")
+    trunk = "backbone" if hasattr(lr.network, "backbone") else "trunk"  # Embedder / FineGrainedMIL
+    last = [name for name, _ in getattr(lr.network, trunk).named_children()][-1]
+    cam = GradCAM(nn_module=model, target_layers=f"net.{trunk}.{last}")
     maps = []
     for i in range(0, len(paths), batch):
         x = torch.as_tensor(preprocess_items(paths[i:i + batch], lr.transform))

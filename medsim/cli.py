@@ -162,8 +162,10 @@ def data_prepare(source: Path | None, layout: str, image_column: str | None, lab
 # ---------------------------------------------------------------------------------------- later capabilities
 @cli.command("train")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--variant", default=None, help="Override config in the bundle's configs/ (margin, mml, triplet, "
-                                               "contrastive, classifier).")
+@click.option("--variant", default=None, help="Override config in the bundle's configs/ (isic_dsl: margin, mml, triplet, "
+                                               "contrastive, classifier; isic_abe: nodiv; derm_gated: plain, se, "
+                                               "spatial, dual, gc, histology; derm_lossattn: sigmoid, capsule, "
+                                               "mean, attention_mil, gated_mil).")
 @click.option("--dataset-dir", default=None, help="Dataset folder (ISIC 2019 or HAM10000 layout); default: the "
                                                   "embedded sample.")
 @click.option("--output", "output", default=None, help="Run directory (checkpoints, metrics, split).")
@@ -180,7 +182,9 @@ def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: st
                            overrides=parse_overrides(overrides))
     click.echo(f"run: {summary['output_dir']} ({summary['seconds']} s)")
     if "nmi" in summary:
-        click.echo(f"NMI {summary['nmi']:.4f}  R@1 {summary['R@1']:.4f}  (test split)")
+        extra = (f"  accuracy {summary['accuracy']:.4f}  balanced accuracy {summary['balanced_accuracy']:.4f}"
+                 if "accuracy" in summary else "")
+        click.echo(f"NMI {summary['nmi']:.4f}  R@1 {summary['R@1']:.4f}{extra}  (test split)")
 
 
 @cli.command("evaluate")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -125,18 +125,29 @@ def cluster_counts(assignment: np.ndarray, k: int) -> list[int]:
     return np.bincount(np.asarray(assignment, dtype=np.int64), minlength=k).tolist()
 
 
-def embed_loader(network: torch.nn.Module, loader: Iterable[dict], device: torch.device | str
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings (N, D), labels (N,), item indices (N,)) of a loader, in eval mode without gradients."""
+def loader_outputs(network: torch.nn.Module, loader: Iterable[dict], device: torch.device | str,
+                   keys: Sequence[str] = ("embedding",)) -> dict[str, np.ndarray]:
+    """The network's outputs ``keys`` over a loader (eval mode, no gradients) plus ``label`` (N,) and ``index``
+    (N,) item indices; ``embedding`` is L2-normalised; keys a network does not return are left out."""
     was_training = network.training
     network.eval()
-    embs, labels, index = [], [], []
+    got: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for batch in loader:
             out = network(batch["image"].to(device))
-            embs.append(F.normalize(out["embedding"], dim=1).cpu())
-            labels.append(torch.as_tensor(batch["label"]).cpu())
-            index.append(torch.as_tensor(batch["index"]).cpu() if "index" in batch else
-                         torch.arange(len(batch["label"])))
+            for k in keys:
+                if k in out:
+                    v = out[k].float()
+                    got.setdefault(k, []).append((F.normalize(v, dim=1) if k == "embedding" else v).cpu())
+            got.setdefault("label", []).append(torch.as_tensor(batch["label"]).cpu())
+            got.setdefault("index", []).append(torch.as_tensor(batch["index"]).cpu() if "index" in batch else
+                                               torch.arange(len(batch["label"])))
     network.train(was_training)
-    return torch.cat(embs).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()
+    return {k: torch.cat(v).numpy() for k, v in got.items()}
+
+
+def embed_loader(network: torch.nn.Module, loader: Iterable[dict], device: torch.device | str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings (N, D), labels (N,), item indices (N,)) of a loader, in eval mode without gradients."""
+    out = loader_outputs(network, loader, device)
+    return out["embedding"], out["label"], out["index"]

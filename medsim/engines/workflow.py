@@ -74,12 +74,18 @@ def _stratified_subset(items: list[dict], n: int, seed: int) -> list[dict]:
 
 def evaluate_checkpoint(network: torch.nn.Module, loader: Any, device: str | torch.device, *, seed: int = 0
                         ) -> dict[str, float]:
-    """Embed a loader with ``network`` and compute NMI/AMI, R@1/2/4/8, MAP@R, P@1."""
-    from medsim.engines.subspaces import embed_loader
+    """Embed a loader with ``network`` and compute NMI/AMI, R@1/2/4/8, MAP@R, P@1 — and, for a network with a
+    ``logits`` head, accuracy, balanced accuracy and macro-F1 (one pass)."""
+    from medsim.engines.subspaces import loader_outputs
+    from medsim.metrics.classification import classification_metrics
     from medsim.metrics.retrieval import evaluate_embeddings, usable_ks
 
-    emb, labels, _ = embed_loader(network, loader, device)
-    return evaluate_embeddings(emb, labels, ks=usable_ks(len(emb)), seed=seed)
+    out = loader_outputs(network, loader, device, keys=("embedding", "logits"))
+    emb, lab = out["embedding"], out["label"]
+    res = evaluate_embeddings(emb, lab, ks=usable_ks(len(emb)), seed=seed)
+    if "logits" in out:
+        res.update(classification_metrics(lab, out["logits"]))
+    return res
 
 
 def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, test_loader: Any,
@@ -96,7 +102,9 @@ def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, tes
     atomic_write_text(out / "eval_test.json", json.dumps({"split": "test", "checkpoint": str(best), **res},
                                                          indent=2))
     atomic_write_text(out / "eval_test.md", metrics_table({name: res}) + "\n")
-    print(f"test NMI {res['nmi']:.4f}  R@1 {res['R@1']:.4f}  (best checkpoint by validation NMI; {out})")
+    extra = (f"  accuracy {res['accuracy']:.4f}  balanced accuracy {res['balanced_accuracy']:.4f}"
+             if "accuracy" in res else "")
+    print(f"test NMI {res['nmi']:.4f}  R@1 {res['R@1']:.4f}{extra}  (best checkpoint by validation NMI; {out})")
     return res
 
 

@@ -89,3 +89,11 @@ def test_onnx_export_parity_of_a_trained_run(lossattn_run, tmp_path):
 def test_lossattn_run_deploys(lossattn_run, deploy_check):
     got = deploy_check(lossattn_run)
     assert {"embedding", "attention", "logits"} <= set(got)
+
+
+def test_classifier_runs_report_classification_metrics(lossattn_run):
+    import json
+
+    res = json.loads((lossattn_run / "eval_test.json").read_text())
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "nmi", "R@1"} <= set(res)
+    assert all(0.0 <= res[k] <= 1.0 for k in ("accuracy", "balanced_accuracy", "macro_f1"))
