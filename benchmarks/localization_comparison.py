@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     maps_by_method["centred Gaussian prior (no model)"] = prior
 
     _overlays(maps_by_method, items, f"{args.out}_overlays.png")
-    doc = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+    doc = {"command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
            "images": len(items), "results": results, "seconds_per_method": seconds,
            "seconds": round(time.perf_counter() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
