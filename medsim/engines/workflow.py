@@ -193,7 +193,7 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
     out.mkdir(parents=True, exist_ok=True)
     wf.parser.export_config_file(wf.parser.get(), str(out / "config.json"), indent=1)
     wf.run()
-    result = wf.finalize()
+    wf.finalize()
     summary = {"output_dir": str(out), "seconds": round(time.time() - t0, 1)}
     test = out / "eval_test.json"
     if test.is_file():
