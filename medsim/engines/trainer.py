@@ -129,36 +129,47 @@ class MetricLearningTrainer(SupervisedTrainer):
         return {"image": x, "label": y, "pred": out, "loss": loss.detach()}
 
 
+def _embedding_label_logits(o: Mapping[str, Any]) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+    return o["pred"]["embedding"], o["label"], o["pred"].get("logits")
+
+
 class EmbeddingMetric(Metric):
     """Retrieval/clustering metrics over all validation embeddings (ignite ``Metric`` for MONAI evaluators).
 
-    ``mode="nmi"`` computes NMI (faiss k-means with the number of classes; the key metric for model selection),
-    ``mode="all"`` returns a mapping ``{prefix + name: value}`` with NMI, AMI, R@1/2/4/8, MAP@R and P@1.
+    ``mode="nmi"`` computes NMI (faiss k-means with the number of classes; the default model-selection metric),
+    ``mode="all"`` returns a mapping ``{prefix + name: value}`` with NMI, AMI, R@1/2/4/8, MAP@R and P@1 — plus
+    accuracy, balanced accuracy and macro-F1 when the network has ``logits``.
     """
 
     def __init__(self, mode: str = "nmi", prefix: str = "val_", seed: int = 0,
-                 output_transform: Callable = lambda o: (o["pred"]["embedding"], o["label"])):
+                 output_transform: Callable = _embedding_label_logits):
         self.mode, self.prefix, self.seed = mode, prefix, seed
         super().__init__(output_transform=output_transform)
 
     def reset(self) -> None:
         self._emb: list[torch.Tensor] = []
         self._lab: list[torch.Tensor] = []
+        self._logits: list[torch.Tensor] = []
 
-    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        emb, lab = output
+    def update(self, output: tuple[torch.Tensor, ...]) -> None:
+        emb, lab, *rest = output
         self._emb.append(F.normalize(emb.detach().float(), dim=1).cpu())
         self._lab.append(torch.as_tensor(lab).detach().cpu())
+        if rest and rest[0] is not None:
+            self._logits.append(rest[0].detach().float().cpu())
 
     def compute(self) -> float | dict[str, float]:
+        from medsim.metrics.classification import classification_metrics
         from medsim.metrics.retrieval import evaluate_embeddings, nmi_ami, usable_ks
 
         emb = torch.cat(self._emb).numpy()
         lab = torch.cat(self._lab).numpy()
         if self.mode == "nmi":
             return float(nmi_ami(emb, lab, seed=self.seed)["nmi"])
-        return {self.prefix + k: float(v) for k, v in evaluate_embeddings(emb, lab, ks=usable_ks(len(emb)),
-                                                                             seed=self.seed).items()}
+        res = evaluate_embeddings(emb, lab, ks=usable_ks(len(emb)), seed=self.seed)
+        if self._logits:
+            res.update(classification_metrics(lab, torch.cat(self._logits).numpy()))
+        return {self.prefix + k: float(v) for k, v in res.items()}
 
 
 class SubspaceHandler:
@@ -166,7 +177,7 @@ class SubspaceHandler:
 
     Args:
         mode: ``"dsl"`` (K grows from 1) or ``"mml"`` (fixed ``k``; ``k=1`` is plain single-learner training).
-        validator: the evaluator whose ``val_nmi`` drives DSL and model selection.
+        validator: the evaluator whose ``val_nmi`` drives DSL (and, by default, model selection).
         cluster_loader: deterministic (no augmentation) loader over the training items, yielding ``index``.
         score_loader: loader for neuron scoring (defaults to ``cluster_loader``).
         loss_function: the training loss (for neuron scores).
@@ -175,12 +186,16 @@ class SubspaceHandler:
         recluster_every: epochs between re-clusterings (exploration phase).
         finetune_epochs: the last epochs train the whole embedding on all data.
         min_delta: smallest NMI gain that counts as an improvement.
+        select_metric: the validation metric whose best epoch is written to ``best.pt`` (``val_nmi``; classifier
+            models use e.g. ``val_balanced_accuracy``, which the evaluator's ``EmbeddingMetric(mode="all")``
+            reports when the network has logits). Higher is better.
     """
 
     def __init__(self, validator: Engine, cluster_loader: Any, loss_function: Callable, *, mode: str = "dsl",
                  k: int = 1, max_k: int = 8, patience: int = 3, threshold: float = 0.5, min_neurons: int = 8,
                  recluster_every: int = 2, finetune_epochs: int = 2, min_delta: float = 1e-3,
-                 score_loader: Any = None, score_batches: int | None = None, seed: int = 0):
+                 score_loader: Any = None, score_batches: int | None = None, seed: int = 0,
+                 select_metric: str = "val_nmi"):
         if mode not in ("dsl", "mml"):
             raise ValueError(f"mode must be 'dsl' or 'mml', got mode={mode!r}")
         self.validator, self.cluster_loader, self.loss_function = validator, cluster_loader, loss_function
@@ -189,6 +204,7 @@ class SubspaceHandler:
         self.threshold, self.min_neurons, self.recluster_every = threshold, min_neurons, recluster_every
         self.finetune_epochs, self.min_delta, self.score_batches, self.seed = finetune_epochs, min_delta, \
             score_batches, seed
+        self.select_metric = select_metric
 
     def attach(self, engine: MetricLearningTrainer) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -237,7 +253,14 @@ class SubspaceHandler:
         if nmi > st.best_nmi:
             st.best_nmi = nmi
         st.bad_epochs = 0 if improved else st.bad_epochs + 1
-        rec["improved"] = bool(nmi >= st.best_nmi and not np.isnan(nmi))
+        # model selection (best.pt): validation NMI by default; classifier bundles select on e.g. balanced accuracy
+        sel = nmi if self.select_metric == "val_nmi" else float(metrics.get(self.select_metric, float("nan")))
+        if self.select_metric != "val_nmi" and self.select_metric not in metrics:
+            raise KeyError(f"select_metric '{self.select_metric}' is not among the validation metrics "
+                           f"{sorted(metrics)}")
+        rec["improved"] = bool(not np.isnan(sel) and sel >= st.best_selected)
+        if rec["improved"]:
+            st.best_selected = sel
         events = []
         if st.phase == "explore":
             if self.mode == "dsl" and st.splitting and st.bad_epochs >= self.patience:
@@ -282,7 +305,8 @@ class SubspaceHandler:
 
 
 class Checkpointer:
-    """Atomic checkpoints: ``last.pt`` at every epoch end, ``best.pt`` when validation NMI improves.
+    """Atomic checkpoints: ``last.pt`` at every epoch end, ``best.pt`` when the subspace handler's model-selection
+    metric (validation NMI unless ``select_metric`` says otherwise) reaches its best.
 
     Holds the state of every object in ``objects`` (anything with ``state_dict``/``load_state_dict``) plus the
     engine's epoch/iteration. With ``resume=True`` a run whose ``last.pt`` exists continues from it.

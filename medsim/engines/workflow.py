@@ -89,9 +89,10 @@ def evaluate_checkpoint(network: torch.nn.Module, loader: Any, device: str | tor
 
 
 def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, test_loader: Any,
-                    device: str | torch.device, *, name: str = "run", seed: int = 0) -> dict[str, float]:
-    """After training: load ``best.pt`` (chosen on validation NMI), evaluate on the test split, write
-    ``eval_test.json`` / ``eval_test.md`` and print NMI and R@1."""
+                    device: str | torch.device, *, name: str = "run", seed: int = 0,
+                    selected_by: str = "val_nmi") -> dict[str, float]:
+    """After training: load ``best.pt`` (chosen on the validation metric ``selected_by``), evaluate on the test
+    split, write ``eval_test.json`` / ``eval_test.md`` and print NMI and R@1 (and accuracy for classifiers)."""
     from medsim.metrics.retrieval import metrics_table
 
     out = Path(output_dir)
@@ -104,7 +105,7 @@ def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, tes
     atomic_write_text(out / "eval_test.md", metrics_table({name: res}) + "\n")
     extra = (f"  accuracy {res['accuracy']:.4f}  balanced accuracy {res['balanced_accuracy']:.4f}"
              if "accuracy" in res else "")
-    print(f"test NMI {res['nmi']:.4f}  R@1 {res['R@1']:.4f}{extra}  (best checkpoint by validation NMI; {out})")
+    print(f"test NMI {res['nmi']:.4f}  R@1 {res['R@1']:.4f}{extra}  (best checkpoint by {selected_by}; {out})")
     return res
 
 

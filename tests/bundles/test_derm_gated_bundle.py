@@ -153,3 +153,14 @@ def test_metadata_matches_the_network():
 def test_gated_run_deploys(gated_run, deploy_check):
     got = deploy_check(gated_run[0])
     assert {"embedding", "attention", "logits"} <= set(got)
+
+
+def test_best_checkpoint_is_selected_on_validation_balanced_accuracy(gated_run):
+    import torch
+
+    out = gated_run[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    bacc = [r["val_balanced_accuracy"] for r in rows]
+    best_epoch = max(range(len(bacc)), key=lambda i: (bacc[i], i)) + 1  # ties: the later epoch, as ">=" keeps
+    assert torch.load(out / "best.pt", weights_only=False)["engine"]["epoch"] == best_epoch
+    assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(json.loads((out / "eval_test.json").read_text()))

@@ -183,3 +183,46 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
     engine = SimpleNamespace(state=SimpleNamespace(epoch=0, iteration=0))
     with pytest.raises(MedsimError, match=r"last\.pt: cannot resume .*another --output directory"):
         ck.load(engine)
+
+
+def test_model_selection_follows_the_configured_metric():
+    """best.pt marks ("improved") follow select_metric, not NMI, when a bundle says so; the value survives a
+    checkpoint round trip; a metric the evaluator does not report is a clear error."""
+    net = ToyEmbedder(dim=16)
+    st = SubspaceState(learners=[])
+    metrics = {"val_nmi": 0.5, "val_balanced_accuracy": 0.3}
+    validator = SimpleNamespace(state=SimpleNamespace(metrics=metrics))
+    h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), mode="mml", k=1, finetune_epochs=0,
+                        select_metric="val_balanced_accuracy")
+    h.started(_engine(net, st, 0, 4))
+    improved = []
+    for epoch, (nmi, bacc) in enumerate([(0.5, 0.3), (0.9, 0.2), (0.1, 0.4), (0.2, 0.35)], start=1):
+        metrics.update(val_nmi=nmi, val_balanced_accuracy=bacc)
+        h.epoch_completed(_engine(net, st, epoch, 4))
+        improved.append(st.history[-1]["improved"])
+    assert improved == [True, False, True, False] and st.best_selected == 0.4 and st.best_nmi == 0.9
+    fresh = SubspaceState(learners=[])
+    fresh.load_state_dict(st.state_dict())
+    assert fresh.best_selected == 0.4
+    bad = SubspaceHandler(validator, _loader(), _relevant_loss([0]), mode="mml", k=1, select_metric="val_auc")
+    with pytest.raises(KeyError, match="select_metric 'val_auc' is not among the validation metrics"):
+        bad.epoch_completed(_engine(net, st, 5, 6))
+
+
+def test_embedding_metric_adds_classification_metrics_for_logits():
+    from medsim.engines import EmbeddingMetric
+    from medsim.metrics.classification import classification_metrics
+
+    torch.manual_seed(0)
+    emb, labels, logits = torch.randn(30, 8), torch.arange(30) % 3, torch.randn(30, 3)
+    m = EmbeddingMetric(mode="all")
+    m.reset()
+    m.update((emb[:15], labels[:15], logits[:15]))
+    m.update((emb[15:], labels[15:], logits[15:]))
+    res = m.compute()
+    ref = classification_metrics(labels.numpy(), logits.numpy())
+    assert res["val_balanced_accuracy"] == pytest.approx(ref["balanced_accuracy"])
+    assert res["val_accuracy"] == pytest.approx(ref["accuracy"]) and "val_R@1" in res
+    m.reset()
+    m.update((emb, labels, None))  # an embedder without logits
+    assert "val_accuracy" not in m.compute()
