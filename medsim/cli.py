@@ -202,30 +202,36 @@ def evaluate(run_dir: Path, split: str, checkpoint: str) -> None:
 
 @cli.command("export")
 @click.argument("source", type=click.Path(path_type=Path, exists=True))
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Output folder (model.onnx, manifest.json, model.int8.onnx, model.plan, triton/).")
 @click.option("--onnx/--no-onnx", "onnx", default=True, show_default=True,
               help="Export and verify model.onnx; --no-onnx reuses OUT/model.onnx from an earlier export.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (model.plan; needs tensorrt and a GPU).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="TensorRT precision; int8 without --trt writes an onnxruntime INT8 model.int8.onnx.")
+@click.option("--calib", type=click.Path(path_type=Path, exists=True), default=None,
+              help="INT8 calibration images: a folder, or a split JSON (its --calib-split); default: the run's own "
+                   "--calib-split.")
 @click.option("--calib-split", type=click.Choice(["training", "validation", "test"]), default="training",
               show_default=True, help="Split whose images calibrate INT8 (R@1 is measured on validation).")
 @click.option("--quantize", type=click.Choice(["static", "dynamic"]), default=None,
               help="Write model.int8.onnx with onnxruntime quantization (static is the default for int8).")
 @click.option("--triton", is_flag=True, help="Also write a Triton model repository under OUT/triton.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 18 uses the dynamo exporter).")
+@click.option("--triton-kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Triton instance kind for the ONNX model (cpu serves model.int8.onnx when INT8 was made).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset, >= 17 (>= 18 uses the dynamo exporter).")
 @click.option("--opt-batch", type=int, default=8, show_default=True,
               help="Parity batch, TensorRT optimum and Triton preferred batch.")
 @click.option("--max-batch", type=int, default=32, show_default=True, help="TensorRT/Triton largest batch.")
-def export(source: Path, out: Path, onnx: bool, trt: bool, precision: str, calib_split: str, quantize: str | None,
-           triton: bool, opset: int, opt_batch: int, max_batch: int) -> None:
+def export(source: Path, out: Path, onnx: bool, trt: bool, precision: str, calib: Path | None, calib_split: str,
+           quantize: str | None, triton: bool, triton_kind: str, opset: int, opt_batch: int, max_batch: int) -> None:
     """Export SOURCE (a run directory or a checkpoint inside one) to ONNX with a parity check against PyTorch
     and a manifest; optionally INT8, TensorRT and a Triton repository."""
     from medsim.export.pipeline import export_run
 
-    result = export_run(source, out, onnx=onnx, trt=trt, precision=precision, calib_split=calib_split,
-                        quantize=quantize, triton=triton, opset=opset, opt_batch=opt_batch, max_batch=max_batch)
+    result = export_run(source, out, onnx=onnx, trt=trt, precision=precision, calib=calib, calib_split=calib_split,
+                        quantize=quantize, triton=triton, triton_kind=triton_kind, opset=opset, opt_batch=opt_batch,
+                        max_batch=max_batch)
     for line in result["lines"]:
         click.echo(line)
 
@@ -257,49 +263,103 @@ def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, r
     click.echo(f"indexed {r['cases']} cases ({r['kind']}, {r['backend']}) -> {r['index']}")
 
 
+_BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
+
+
 @cli.command("search")
-@click.option("--index", "index_dir", type=click.Path(path_type=Path, exists=True), required=True)
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--k", type=int, default=5, show_default=True)
+@click.option("--index", "index_dir", type=click.Path(path_type=Path, exists=True), required=True,
+              help="Index folder (or its case_index.json).")
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--data", "queries", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Queries from a split JSON (with --split; their labels colour the results and give R@K) or a "
+                   "folder of images, instead of IMAGE arguments.")
+@click.option("--split", default="test", show_default=True, help="Split of --data to query with.")
+@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Export folder (default: the one the index was built with).")
-@click.option("--html", type=click.Path(path_type=Path), default=None, help="Write a picture page of the results.")
-def search(index_dir: Path, images: tuple[Path, ...], k: int, model_dir: Path | None, html: Path | None) -> None:
-    """Find the K most similar indexed cases for each IMAGE."""
-    from medsim.deploy.tasks import search_images
+@click.option("--html", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the results as pictures: an HTML page, or one PNG grid when the name ends in .png.")
+@click.option("--backend", type=_BACKEND, default="auto", show_default=True)
+def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, split: str, k: int,
+           model_dir: Path | None, html: Path | None, backend: str) -> None:
+    """Find the K most similar indexed cases for each IMAGE (or each case of --data)."""
+    import numpy as np
 
-    hits = search_images(index_dir, images, k=k, model_dir=model_dir, html=html)
-    for img, row in zip(images, hits):
-        click.echo(f"{img}")
-        click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<12} case")
-        for r, h in enumerate(row, start=1):
-            click.echo(f"  {r:>4}  {h.score:7.4f}  {str(h.record.get('label')):<12} {h.record.get('uri', h.id)}")
+    from medsim.deploy.tasks import read_cases, search_images
+
+    if bool(images) == (queries is not None):
+        raise click.UsageError("give query IMAGEs or --data (not both)")
+    labels = None
+    if queries is not None:
+        cases = read_cases(queries, split=split)
+        images = tuple(Path(c["uri"]) for c in cases)
+        labels = [c.get("label") for c in cases]
+    hits = search_images(index_dir, images, k=k, model_dir=model_dir, html=html, labels=labels, backend=backend)
+    if len(images) <= 50:
+        for img, row in zip(images, hits):
+            click.echo(f"{img}")
+            click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<12} case")
+            for r, h in enumerate(row, start=1):
+                click.echo(f"  {r:>4}  {h.score:7.4f}  {str(h.record.get('label')):<12} {h.record.get('uri', h.id)}")
+    if labels is not None and any(lab is not None for lab in labels):
+        scored = [(lab, row) for lab, row in zip(labels, hits) if lab is not None]
+        line = "  ".join(f"R@{r} {np.mean([any(h.record.get('label') == lab for h in row[:r]) for lab, row in scored]):.4f}"
+                         for r in sorted({1, min(k, 5), k}))
+        click.echo(f"{line}  ({len(scored)} labelled queries, k={k})")
     if html:
         click.echo(f"wrote {html}")
 
 
+def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | float:
+    if value == "otsu":
+        return value
+    try:
+        v = float(value)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise click.BadParameter(f"'otsu' or a number in [0, 1], got '{value}'")
+    return v
+
+
 @cli.command("localize")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True)
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True)
 @click.option("--masks", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
-              help="Folder of ground-truth masks named <stem>_segmentation.png or <stem>.png: adds a Dice/IoU table.")
-@click.option("--threshold", default="otsu", show_default=True, help="'otsu' or a number in [0, 1].")
-def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path | None, threshold: str) -> None:
-    """Lesion masks, boxes and overlays from the model's attention for each IMAGE."""
-    from medsim.deploy.tasks import localize_images
+              help="Folder of ground-truth masks named <stem>_segmentation.png, <stem>.png or (3D) "
+                   "<stem>_label.nii.gz / <stem>.nii.gz: adds a Dice/IoU table.")
+@click.option("--mask-file", "mask_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Ground-truth mask of each IMAGE, in order (instead of --masks; 3D: a label map, > 0 = lesion).")
+@click.option("--threshold", default="otsu", show_default=True, callback=_threshold,
+              help="'otsu' or a number in [0, 1].")
+@click.option("--backend", type=_BACKEND, default="auto", show_default=True)
+def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path | None, mask_files: tuple[Path, ...],
+             threshold: str | float, backend: str) -> None:
+    """Lesion masks, boxes and overlays from the model's attention for each IMAGE (a 2D image, or for 3D models a
+    NIfTI volume or DICOM series folder)."""
+    from medsim.deploy.tasks import _stem, localize_images
 
-    thr: str | float = threshold if threshold == "otsu" else float(threshold)
-    gts = None
+    if masks is not None and mask_files:
+        raise click.UsageError("give --masks DIR or --mask-file (one per image), not both")
+    gts: list[Path | None] | None = list(mask_files) or None
+    if gts is not None and len(gts) != len(images):
+        raise click.UsageError(f"{len(gts)} --mask-file for {len(images)} image(s); give one per image")
     if masks is not None:
         gts = []
         for img in images:
-            cands = [masks / f"{img.stem}_segmentation.png", masks / f"{img.stem}.png"]
-            gts.append(next((c for c in cands if c.is_file()), None))
-    r = localize_images(model_dir, images, out, masks=gts, threshold=thr, progress=sys.stderr.isatty())
+            stem = _stem(img)
+            cands = [masks / f"{stem}{suf}" for suf in ("_segmentation.png", ".png", "_label.nii.gz", "_seg.nii.gz",
+                                                         ".nii.gz")]
+            gts.append(next((c for c in cands if c.is_file() and c.resolve() != img.resolve()), None))
+    r = localize_images(model_dir, images, out, masks=gts, threshold=threshold, backend=backend,
+                        progress=sys.stderr.isatty())
     click.echo(f"localized {r['images']} image(s) -> {r['out']}")
     if "dice" in r:
-        click.echo(f"Dice {r['dice']:.3f}  IoU {r['iou']:.3f}  pointing {r['pointing']:.3f}  box hit {r['box_hit']:.3f}")
+        click.echo(f"Dice {r['dice']:.3f}  IoU {r['iou']:.3f}  pointing {r['pointing']:.3f}  box hit {r['box_hit']:.3f}"
+                   f"  ({r['scored']} with masks)")
+    if r.get("empty_masks"):
+        click.echo(f"{r['empty_masks']} image(s) have an empty ground-truth mask: not scored")
 
 
 def _medsim_cause(e: BaseException) -> MedsimError | None:
@@ -328,6 +388,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # a path the user gave cannot be read or written (permissions, a file for a folder, ...)
+        if debug:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        click.echo(f"error: {where}{e.strerror or e}", err=True)
         sys.exit(2)
     except Exception as e:  # a bug, not bad input: say so, keep the traceback behind --debug
         if debug:

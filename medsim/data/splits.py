@@ -99,7 +99,12 @@ def save_split(splits: dict[str, list[dict]], path: str | os.PathLike, *, datase
 
 
 def load_split(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read a split JSON; paths are made absolute against ``dataset_dir`` (default: the one recorded)."""
+    """Read a split JSON; paths are made absolute against ``dataset_dir`` (default: the one recorded).
+
+    Raises:
+        DataError: the file is missing or not JSON, is not an object, a split is not a list, or an item is not an
+            object with an ``image`` (the message names the split and item index).
+    """
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
@@ -107,17 +112,55 @@ def load_split(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None
         raise DataError(p, "split file not found (make one with `medsim data split`)") from e
     except json.JSONDecodeError as e:
         raise DataError(p, f"not valid JSON (line {e.lineno}: {e.msg})") from e
-    root = Path(dataset_dir or doc.get("meta", {}).get("dataset_dir", p.parent))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(p, f"cannot be read ({e})") from e
+    if not isinstance(doc, dict):
+        raise DataError(p, f"a split JSON is an object with {', '.join(SPLIT_KEYS)} lists, got a "
+                           f"{type(doc).__name__}")
+    meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+    root = Path(dataset_dir or meta.get("dataset_dir", p.parent))
 
     def absolute(v: Any) -> Any:
         return [absolute(x) for x in v] if isinstance(v, list) else str(root / v)
 
     for k in SPLIT_KEYS:
-        for it in doc.get(k, []):
+        items = doc.get(k, [])
+        if not isinstance(items, list):
+            raise DataError(p, f"'{k}' must be a list of items, got a {type(items).__name__}", field=k)
+        for i, it in enumerate(items):
+            if not isinstance(it, dict) or not isinstance(it.get("image"), (str, list)) or not it["image"]:
+                raise DataError(p, "each item must be an object with an 'image' path (or a list of slice "
+                                   f"files), got {json.dumps(it)[:80]}", row=i, field=k)
             for f in ("image", "mask"):
                 if f in it:
                     it[f] = absolute(it[f])
     return doc
+
+
+#: files a folder of cases may hold (2D images, DICOM files, NIfTI volumes)
+CASE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
+
+
+def case_items(data: str | os.PathLike, *, split: str = "training") -> list[dict[str, Any]]:
+    """The items of one split of a split JSON (absolute paths), or every case file under a folder as
+    ``{"image", "label_name"}`` (label: the parent folder's name, None for files at the top). No torch needed:
+    ``medsim index build`` and ``medsim export --calib`` both read their cases with it.
+
+    Raises:
+        DataError: an unknown split, an empty folder, a path that is neither, or a malformed split JSON.
+    """
+    p = Path(data)
+    if p.is_file() and p.suffix == ".json":
+        doc = load_split(p)
+        if split not in SPLIT_KEYS or split not in doc:
+            raise DataError(p, f"no split '{split}' (has: {', '.join(k for k in SPLIT_KEYS if k in doc)})")
+        return doc[split]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.name.lower().endswith(CASE_SUFFIXES) and f.is_file())
+        if not files:
+            raise DataError(p, f"no images found (looked for {', '.join(CASE_SUFFIXES)})")
+        return [{"image": str(f), "label_name": f.parent.name if f.parent != p else None} for f in files]
+    raise DataError(p, "expected a split JSON (from `medsim train` / `medsim data split`) or a folder of images")
 
 
 def split_summary(splits: dict[str, list[dict]], by: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """medsim.deploy: run an exported model (``medsim export RUN --out DIR``) on a host without PyTorch or MONAI.
 
-* :func:`preprocess` — an image file or array → the model input (C, x, y), exactly as ``eval#preprocessing`` made it
+* :func:`preprocess_image` (``medsim.deploy.preprocess.preprocess``; the short name is the submodule's) — an image
+  file or array → the model input (C, x, y), exactly as ``eval#preprocessing`` made it
   during training (NumPy + PIL + pydicom, driven by ``manifest.json``).
 * :class:`EmbeddingEngine` — TensorRT / onnxruntime-CUDA / onnxruntime-CPU inference in batches.
 * :class:`Localizer` — attention map → heatmap, mask and boxes at image resolution; :func:`dice`, :func:`iou`,
@@ -18,7 +19,7 @@ from typing import Any
 
 from medsim.errors import MedsimError
 
-__all__ = ["DeployError", "BackendUnavailable", "UnsupportedPreprocessing", "preprocess", "load_manifest",
+__all__ = ["DeployError", "BackendUnavailable", "UnsupportedPreprocessing", "preprocess_image", "load_manifest",
            "read_image", "EmbeddingEngine", "BACKENDS", "Localizer", "Localization", "dice", "iou",
            "pointing_game", "box_hit", "CaseIndex"]
 
@@ -36,7 +37,7 @@ class UnsupportedPreprocessing(DeployError, NotImplementedError):
 
 
 _EXPORTS = {
-    "preprocess": "preprocess", "load_manifest": "preprocess", "read_image": "preprocess",
+    "preprocess_image": ("preprocess", "preprocess"), "load_manifest": "preprocess", "read_image": "preprocess",
     "EmbeddingEngine": "engine", "BACKENDS": "engine",
     "Localizer": "localizer", "Localization": "localizer", "dice": "localizer", "iou": "localizer",
     "pointing_game": "localizer", "box_hit": "localizer",
@@ -46,8 +47,8 @@ _EXPORTS = {
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        module = importlib.import_module(f"medsim.deploy.{_EXPORTS[name]}")
-        return getattr(module, name)
+        module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+        return getattr(importlib.import_module(f"medsim.deploy.{module}"), attr)
     raise AttributeError(f"module 'medsim.deploy' has no attribute '{name}'")
 
 

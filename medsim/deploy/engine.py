@@ -240,7 +240,9 @@ class EmbeddingEngine:
         self.threads, self.device_id = threads, int(device_id)
         self.onnx_path = self.model_dir / (model or self.manifest.get("model", "model.onnx"))
         trt_section = self.manifest.get("tensorrt") or {}
+        # only an engine the manifest lists: a model.plan left beside a newer model.onnx holds old weights
         self.plan_path = self.model_dir / str(trt_section.get("model", ENGINE_NAME))
+        self._plan_listed = bool(trt_section)
         inp = self.manifest["input"]
         self.input_name = str(inp.get("name", "image"))
         self.input_shape = tuple(int(d) for d in inp.get("shape", [])[1:] if not isinstance(d, str))
@@ -256,10 +258,13 @@ class EmbeddingEngine:
 
     # ------------------------------------------------------------------------------------------- selection
     def _select(self, backend: str) -> tuple[Any, str]:
-        if backend == "auto" and not self.plan_path.is_file():
-            logger.debug("TensorRT skipped: no engine file %s", self.plan_path)
+        if backend == "auto" and not (self._plan_listed and self.plan_path.is_file()):
+            logger.debug("TensorRT skipped: no engine file listed in the manifest (%s)", self.plan_path)
         elif backend in ("auto", "tensorrt"):
             missing = _trt_missing(self.plan_path)
+            if not self._plan_listed:
+                missing.insert(0, "a TensorRT engine listed in manifest.json (a model.plan the manifest does not "
+                                  "list belongs to an earlier export; rebuild with medsim export RUN --out DIR --trt)")
             if not missing:
                 try:
                     return _TrtRunner(self.plan_path, self.device_id), "tensorrt"

@@ -58,6 +58,9 @@ _PHI_KEYS = {
     "patientbirthdate": "birth_date", "dateofbirth": "birth_date", "dob": "birth_date", "mrn": "patient_id",
     "medicalrecordnumber": "patient_id",
 }
+#: record keys that may hold an identifier only as a keyed hash (``medsim.data.phi.Anonymizer``: ``p-<16 hex>``)
+_HASHED_KEYS = ("patient", "study", "series", "group")
+_TOKEN = re.compile(r"^[a-z]+-[0-9a-f]{16}$")
 
 
 class CaseIndexError(DeployError):
@@ -197,6 +200,9 @@ class CaseIndex:
         self.nprobe = int(nprobe)
         self.refine = int(refine)
         self.created = _utc_now()
+        #: free-form JSON metadata saved with the index (``medsim index build`` stores the export folder as
+        #: ``model_dir``); checked like records: no identifier in clear
+        self.info: dict[str, Any] = {}
         self._use_gpu_arg = use_gpu
         self.use_gpu = self._resolve_gpu(use_gpu)
         self._records: dict[int, dict[str, Any]] = {}
@@ -275,20 +281,37 @@ class CaseIndex:
     def _check_record(i: int, rec: Any) -> dict[str, Any]:
         if not isinstance(rec, Mapping):
             raise ValueError(f"record {i} must be a dict (case record), got {type(rec).__name__}")
-        for key in rec:
-            if not isinstance(key, str):
-                raise ValueError(f"record {i}: keys must be strings, got {key!r}")
-            norm = re.sub(r"[^a-z0-9]", "", key.lower())
-            if norm in _PHI_KEYS:
-                raise ValueError(
-                    f"record {i} has the key '{key}', which looks like a patient identifier in clear "
-                    f"({_PHI_KEYS[norm]}); a case index must never hold one: hash identifiers with "
-                    f"medsim.data.phi.Anonymizer (store them as 'patient': <token>) and drop names and birth dates")
+        CaseIndex._check_phi(f"record {i}", rec)
         try:
             json.dumps(rec, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"record {i} is not JSON-serialisable ({exc}); records are saved as JSON") from None
         return dict(rec)
+
+    @staticmethod
+    def _check_phi(where: str, value: Any) -> None:
+        """No key anywhere in ``value`` (nested dicts and lists included) names an identifier in clear, and the
+        hashed-identifier keys (patient, study, series, group) hold ``Anonymizer`` tokens (or null) only."""
+        if isinstance(value, (list, tuple)):
+            for j, v in enumerate(value):
+                CaseIndex._check_phi(f"{where}[{j}]", v)
+            return
+        if not isinstance(value, Mapping):
+            return
+        for key, v in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: keys must be strings, got {key!r}")
+            norm = re.sub(r"[^a-z0-9]", "", key.lower())
+            if norm in _PHI_KEYS:
+                raise ValueError(
+                    f"{where} has the key '{key}', which looks like a patient identifier in clear "
+                    f"({_PHI_KEYS[norm]}); a case index must never hold one: hash identifiers with "
+                    f"medsim.data.phi.Anonymizer (store them as 'patient': <token>) and drop names and birth dates")
+            if key in _HASHED_KEYS and v is not None and not (isinstance(v, str) and _TOKEN.match(v)):
+                raise ValueError(
+                    f"{where}: '{key}' must be a hashed token like 'p-<16 hex digits>' (medsim.data.phi.Anonymizer), "
+                    f"got a {type(v).__name__} that is not one; identifiers never go into a case index in clear")
+            CaseIndex._check_phi(f"{where}.{key}", v)
 
     def _check_ids(self, ids: Any, what: str) -> np.ndarray:
         a = np.asarray(ids)
@@ -333,6 +356,12 @@ class CaseIndex:
             raise KeyError(f"case id {case_id} is not in the index (never added, or removed)") from None
 
     # ------------------------------------------------------------------ building
+
+    @property
+    def min_train_size(self) -> int:
+        """Fewest vectors the first :meth:`add` / :meth:`train` accepts: ``max(2**nbits, nlist)`` for ``ivfpq``
+        (``nlist`` defaults to a size-dependent count that is always satisfiable), 0 for the other kinds."""
+        return max(2 ** self.nbits, self.nlist or 1) if self.kind == "ivfpq" and self._index is None else 0
 
     def train(self, vectors: Any) -> "CaseIndex":
         """Train the ``ivfpq`` quantizers on ``vectors`` ``(N, D)`` (a representative sample of the cases; at
@@ -572,6 +601,11 @@ class CaseIndex:
         root.mkdir(parents=True, exist_ok=True)
         index_name, sha, size = self._write_faiss(self._index, root, "index")
         refine_name, refine_sha, refine_size = self._write_faiss(self._exact, root, "refine")
+        try:
+            self._check_phi("info", self.info)
+            json.dumps(self.info, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise CaseIndexError(f"{root}: cannot save the index's info ({exc})") from exc
         ids = list(self._records.keys())
         meta = {
             "format": _FORMAT, "format_version": _FORMAT_VERSION,
@@ -584,7 +618,7 @@ class CaseIndex:
             "index_file": index_name, "index_bytes": size, "index_sha256": sha,
             "refine_file": refine_name, "refine_bytes": refine_size, "refine_sha256": refine_sha,
             "next_id": self._next_id, "tombstones": sorted(self._tombstones),
-            "ids": ids, "records": [self._records[i] for i in ids],
+            "ids": ids, "records": [self._records[i] for i in ids], "info": self.info,
         }
         atomic_write_text(root / META_FILE, json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
         for old in [*root.glob(_INDEX_GLOB), *root.glob("refine-*.faiss")]:  # index files of earlier saves
@@ -643,6 +677,18 @@ class CaseIndex:
                 f"{root}: the case index was built with model '{meta['model_id']}', but the model in use is "
                 f"'{expected_model_id}'; embeddings of different models are not comparable — rebuild the index "
                 f"with `medsim index build`")
+        try:
+            obj = cls._from_meta(meta, meta_path, root, use_gpu)
+        except CaseIndexError:
+            raise
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a hand-edited case_index.json
+            raise CaseIndexError(f"{meta_path}: malformed case index metadata ({type(exc).__name__}: {exc}); "
+                                 "rebuild the index with `medsim index build`") from exc
+        log.info("loaded %s from %s", obj, root)
+        return obj
+
+    @classmethod
+    def _from_meta(cls, meta: dict[str, Any], meta_path: Path, root: Path, use_gpu: bool | str) -> "CaseIndex":
         params = meta["params"]
         try:
             obj = cls(meta["dim"], kind=meta["kind"], metric=meta["metric"], nlist=params.get("nlist"),
@@ -685,8 +731,8 @@ class CaseIndex:
             obj.nlist = int(faiss.extract_index_ivf(index).nlist)
         obj._records = {int(i): dict(r) for i, r in zip(ids, records)}
         obj._tombstones = tombstones
+        obj.info = dict(meta.get("info") or {})
         obj._next_id = int(meta.get("next_id", max([*map(int, ids), *tombstones], default=-1) + 1))
-        log.info("loaded %s from %s", obj, root)
         return obj
 
     @staticmethod

@@ -20,45 +20,39 @@ import numpy as np
 from medsim.deploy import DeployError
 from medsim.errors import atomic_write_text
 
-__all__ = ["read_cases", "build_index", "search_images", "localize_images", "IMAGE_SUFFIXES"]
+__all__ = ["read_cases", "build_index", "search_images", "localize_images"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
-INDEX_MODEL_FILE = "model_dir.txt"
+LEGACY_MODEL_FILE = "model_dir.txt"
 
 
 def read_cases(data: str | os.PathLike, *, split: str = "training") -> list[dict[str, Any]]:
     """Case records to index: the items of one split of a ``split.json`` (``uri``, ``label``, hashed ``group``/
     ``patient``, ``split``), or every image under a folder (label = its parent folder's name)."""
+    from medsim.data.splits import case_items
+    from medsim.errors import DataError
+
     p = Path(data)
-    if p.is_file() and p.suffix == ".json":
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DeployError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from e
-        if split not in doc:
-            raise DeployError(f"{p}: no split '{split}' (has: {', '.join(k for k in doc if k != 'meta')})")
-        root = Path(doc.get("meta", {}).get("dataset_dir", p.parent))
-        out = []
-        for it in doc[split]:
-            image = it["image"]
-            if isinstance(image, list):  # a DICOM series as its slice files: the case is the series folder
-                folders = {str(Path(f).parent) for f in image}
-                if len(folders) != 1:
-                    raise DeployError(f"{p}: a {split} item's series spans {len(folders)} folders; one series "
-                                      "per folder is needed to index it")
-                image = folders.pop()
-            rec = {"uri": str(root / image), "label": it.get("label_name"), "split": split}
-            rec.update({k: it[k] for k in ("group", "patient", "study") if k in it})  # already hashed tokens
-            out.append(rec)
-        return out
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.name.lower().endswith(IMAGE_SUFFIXES) and f.is_file())
-        if not files:
-            raise DeployError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-        return [{"uri": str(f), "label": f.parent.name if f.parent != p else None} for f in files]
-    raise DeployError(f"{p}: expected a split JSON (from `medsim train` / `medsim data split`) or a folder of images")
+    try:
+        items = case_items(p, split=split)
+    except DataError as e:
+        raise DeployError(str(e)) from e
+    out = []
+    for i, it in enumerate(items):
+        image = it["image"]
+        if isinstance(image, list):  # a DICOM series as its slice files: the case is the series folder
+            folders = {str(Path(f).parent) for f in image}
+            if len(folders) != 1:
+                raise DeployError(f"{p}: {split} item {i}: its series spans {len(folders)} folders; one series "
+                                  "per folder is needed to index it")
+            image = folders.pop()
+        rec = {"uri": str(image), "label": it.get("label_name")}
+        if p.is_file():
+            rec["split"] = split
+        rec.update({k: it[k] for k in ("group", "patient", "study") if k in it})  # already hashed tokens
+        out.append(rec)
+    return out
 
 
 def _model_id(model_dir: Path) -> str:
@@ -75,22 +69,36 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
                 split: str = "training", kind: str = "flat", backend: str = "auto", batch_size: int = 32,
                 progress: bool = True, **index_kwargs: Any) -> dict[str, Any]:
     """Embed the cases of ``data`` with the exported model in ``model_dir`` and save a CaseIndex to ``out``
-    (``index_kwargs``: :class:`~medsim.deploy.index.CaseIndex` parameters, e.g. ``refine=4`` for ``ivfpq``)."""
+    (``index_kwargs``: :class:`~medsim.deploy.index.CaseIndex` parameters, e.g. ``refine=4`` for ``ivfpq``).
+    Options and case count are checked before any image is embedded; the index records ``model_dir`` in its
+    ``info`` so ``medsim search`` finds the model."""
     from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.index import CaseIndex
+    from medsim.deploy.preprocess import load_manifest
 
     model_dir = Path(model_dir)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DeployError(f"{out}: is a file; --out names the index folder")
     cases = read_cases(data, split=split)
+    dim = int(load_manifest(model_dir).get("embedding_size") or 0)
+    try:
+        index = CaseIndex(dim, kind=kind, model_id=_model_id(model_dir), **index_kwargs)
+    except ValueError as e:
+        raise DeployError(f"index options: {e}") from e
+    if len(cases) < index.min_train_size:
+        raise DeployError(f"{data}: {len(cases)} case(s) in '{split}', but a {kind} index needs at least "
+                          f"{index.min_train_size} to train its quantizers (2**nbits codes); use --kind flat "
+                          "(exact, and fast for collections this small) or hnsw")
+    index.info["model_dir"] = str(model_dir.resolve())
     with EmbeddingEngine(model_dir, backend=backend, batch_size=batch_size) as engine:
         emb = _embed(engine, [c["uri"] for c in cases], batch_size, progress)["embedding"]
-        try:
-            index = CaseIndex(emb.shape[1], kind=kind, model_id=_model_id(model_dir), **index_kwargs)
-        except ValueError as e:
-            raise DeployError(str(e)) from e
-        index.add(emb, cases)
         used = engine.backend
+    try:
+        index.add(emb, cases)
+    except ValueError as e:
+        raise DeployError(f"{data}: {e}") from e
     path = index.save(out)
-    atomic_write_text(Path(out) / INDEX_MODEL_FILE, str(model_dir.resolve()) + "\n")
     return {"index": str(path), "cases": len(cases), "kind": kind, "backend": used}
 
 
@@ -106,76 +114,155 @@ def _embed(engine: Any, uris: Sequence[str], batch_size: int, progress: bool, si
 
 
 def _index_model_dir(index_dir: Path, model_dir: str | os.PathLike | None) -> Path:
+    """The export folder to embed queries with: ``model_dir`` when given, else the one the index records."""
     if model_dir is not None:
         return Path(model_dir)
-    f = index_dir / INDEX_MODEL_FILE
-    if not f.is_file():
-        raise DeployError(f"{index_dir}: does not say which model built it; pass --model DIR")
-    return Path(f.read_text(encoding="utf-8").strip())
+    from medsim.deploy.index import META_FILE
+
+    meta_path = index_dir / META_FILE
+    try:
+        info = json.loads(meta_path.read_text(encoding="utf-8")).get("info") or {}
+        recorded = info.get("model_dir") if isinstance(info, dict) else None
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # CaseIndex.load reports what is wrong with the file
+    legacy = index_dir / LEGACY_MODEL_FILE  # indexes built before the folder was kept in case_index.json
+    if not recorded and legacy.is_file():
+        recorded = legacy.read_text(encoding="utf-8").strip()
+    if not recorded:
+        raise DeployError(f"{index_dir}: the index does not record which model built it; pass --model DIR")
+    if not Path(recorded).is_dir():
+        raise DeployError(f"{index_dir}: built with the model in {recorded}, which is not there any more; "
+                          "pass --model DIR (the same export) or rebuild the index")
+    return Path(recorded)
 
 
 def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLike], *, k: int = 5,
                   model_dir: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
                   labels: Sequence[str | None] | None = None, backend: str = "auto") -> list[list[Any]]:
-    """Nearest cases of each query image: ``[[Hit, ...], ...]`` (best first). ``html`` writes a picture page."""
+    """Nearest cases of each query image: ``[[Hit, ...], ...]`` (best first). ``html`` writes a picture page
+    (a ``.png`` name: one grid image instead); ``labels`` (one per query) colour the frames of matching hits."""
     from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.index import CaseIndex
 
     index_dir = Path(index_dir)
+    if index_dir.is_file():  # the case_index.json itself
+        index_dir = index_dir.parent
     mdir = _index_model_dir(index_dir, model_dir)
     index = CaseIndex.load(index_dir, expected_model_id=_model_id(mdir))
     with EmbeddingEngine(mdir, backend=backend) as engine:
         emb = engine.embed([str(i) for i in images])["embedding"]
     hits = index.search(emb, k)
     if html is not None:
-        from medsim.viz.search_report import Case, search_html
+        from medsim.viz.search_report import Case, search_html, search_png
 
         labels = list(labels) if labels is not None else [None] * len(images)
-        search_html([Case(str(q), lab) for q, lab in zip(images, labels)],
-                    [[Case(h.record.get("uri", "?"), h.record.get("label"), h.score) for h in row] for row in hits],
-                    html)
+        write = search_png if str(html).lower().endswith(".png") else search_html
+        write([Case(str(q), None if lab is None else str(lab)) for q, lab in zip(images, labels)],
+              [[Case(h.record.get("uri", "?"), None if h.record.get("label") is None else str(h.record["label"]),
+                     h.score) for h in row] for row in hits], html)
     return hits
+
+
+def _read_mask(path: str | os.PathLike, image: str | os.PathLike) -> np.ndarray:
+    """A ground-truth mask file → (H, W) array as stored (0/1 or 0/255 both work downstream)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as m:
+            return np.asarray(m.convert("L"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DeployError(f"{path}: ground-truth mask for {image} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _display_image(path: str | os.PathLike, kind: str) -> np.ndarray:
+    """(H, W, 3) uint8 background for an overlay: PIL for ordinary images; DICOM / NIfTI (gray2d) through the
+    runtime's reader, min–max scaled to 0..255."""
+    from medsim.deploy.preprocess import read_image
+
+    img = read_image(path, kind)  # (C, x, y), source units
+    arr = np.transpose(img, (2, 1, 0)).astype(np.float64)  # (H, W, C)
+    if img.shape[0] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (lo >= 0.0 and hi <= 255.0 and str(path).lower().endswith(_PIL_SUFFIXES)):
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return arr[..., :3].round().clip(0, 255).astype(np.uint8)
+
+
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                     masks: Sequence[str | os.PathLike | None] | None = None, threshold: str | float = "otsu",
                     backend: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Localize lesions in ``images`` from the model's attention; writes ``<stem>_mask.png``,
-    ``<stem>_boxes.json``, ``<stem>_overlay.png`` under ``out``. With ground-truth ``masks`` also
-    ``localization.json`` / ``localization.md`` (mean Dice, IoU, pointing game, box hit rate)."""
-    from PIL import Image
-
+    ``<stem>_boxes.json``, ``<stem>_overlay.png`` under ``out`` (3D models: ``<stem>_mask.nii.gz``,
+    ``<stem>_heatmap.nii.gz``, boxes and a peak-slice overlay, see :func:`medsim.deploy.volume.localize_volume`).
+    With ground-truth ``masks`` also ``localization.json`` / ``localization.md`` (mean Dice, IoU, pointing game,
+    box hit rate over the images whose mask is not empty)."""
     from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.localizer import Localizer, box_hit, dice, iou, pointing_game
+    from medsim.deploy.preprocess import load_manifest
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DeployError(f"{out}: is a file; --out names a folder for masks, boxes and overlays")
+    images = [Path(i) for i in images]
+    if masks is not None and len(masks) != len(images):
+        raise DeployError(f"{len(masks)} ground-truth masks for {len(images)} images; give one per image")
     loc = Localizer(threshold=threshold)
+    kind = str(load_manifest(Path(model_dir))["preprocessing"].get("kind", "rgb2d"))
+    if kind == "ct3d":
+        from medsim.deploy.volume import localize_volumes
+
+        return localize_volumes(Path(model_dir), images, out, loc, masks=masks, backend=backend, progress=progress)
     with EmbeddingEngine(Path(model_dir), backend=backend) as engine:
         res = _embed(engine, [str(i) for i in images], 32, progress, sizes=True)
     rows = []
     for i, img in enumerate(images):
         size = tuple(int(v) for v in res["image_size"][i])
         result = loc.localize(res["attention"][i], size)
-        stem = Path(img).stem
-        with Image.open(img) as im:
-            loc.save(result, out, stem, image=np.asarray(im.convert("RGB")))
+        loc.save(result, out, _stem(img), image=_display_image(img, kind))
         row: dict[str, Any] = {"image": str(img), "boxes": len(result.boxes)}
         if masks is not None and masks[i] is not None:
-            with Image.open(masks[i]) as m:
-                gt = np.asarray(m.convert("L")) > 127
+            gt = _read_mask(masks[i], img)
             if gt.shape != size:
                 raise DeployError(f"{masks[i]}: mask is {gt.shape[1]}x{gt.shape[0]}, image {img} is "
                                   f"{size[1]}x{size[0]}")
-            row.update(dice=dice(result.mask, gt), iou=iou(result.mask, gt),
-                       pointing=float(pointing_game(result.heatmap, gt)), box_hit=float(box_hit(result.boxes, gt)))
+            if not gt.any():
+                row["empty_mask"] = True  # no lesion to find: not scored (pointing/box hit are undefined)
+            else:
+                row.update(dice=dice(result.mask, gt), iou=iou(result.mask, gt),
+                           pointing=float(pointing_game(result.heatmap, gt)),
+                           box_hit=float(box_hit(result.boxes, gt)))
         rows.append(row)
+    return _localization_summary(rows, out)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _localization_summary(rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Mean metrics over the scored rows; ``localization.json`` / ``.md`` when any row has a mask."""
     summary: dict[str, Any] = {"images": len(rows), "out": str(out)}
     scored = [r for r in rows if "dice" in r]
+    empty = sum(1 for r in rows if r.get("empty_mask"))
+    if empty:
+        summary["empty_masks"] = empty
     if scored:
+        summary["scored"] = len(scored)
         summary.update({m: float(np.mean([r[m] for r in scored])) for m in ("dice", "iou", "pointing", "box_hit")})
+    if scored or empty:
         atomic_write_text(out / "localization.json", json.dumps({"summary": summary, "images": rows}, indent=1))
-        atomic_write_text(out / "localization.md", "| images | Dice | IoU | pointing game | box hit |\n"
-                          "|---|---|---|---|---|\n"
-                          f"| {len(scored)} | {summary['dice']:.3f} | {summary['iou']:.3f} | "
-                          f"{summary['pointing']:.3f} | {summary['box_hit']:.3f} |\n")
+        md = "| images scored | Dice | IoU | pointing game | box hit |\n|---|---|---|---|---|\n"
+        md += (f"| {len(scored)} | {summary['dice']:.3f} | {summary['iou']:.3f} | {summary['pointing']:.3f} | "
+               f"{summary['box_hit']:.3f} |\n" if scored else "| 0 | – | – | – | – |\n")
+        if empty:
+            md += f"\n{empty} image(s) with an empty ground-truth mask were not scored.\n"
+        atomic_write_text(out / "localization.md", md)
     return summary

@@ -120,6 +120,9 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read a manifest from a model directory, a model file beside it, or the manifest file itself."""
     p = Path(path)
+    if not p.exists():
+        raise ExportError(f"{p}: not found — give the folder written by `medsim export RUN --out DIR` (it holds "
+                          f"model.onnx and {MANIFEST_NAME})")
     f = p / MANIFEST_NAME if p.is_dir() else (p if p.name == MANIFEST_NAME else p.with_name(MANIFEST_NAME))
     if not f.is_file():
         raise ExportError(f"{f}: not found — export the model first (medsim export RUN --out DIR writes "

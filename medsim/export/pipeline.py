@@ -32,7 +32,8 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
                precision: str = "fp32", calib_split: str = "training", quantize: str | None = None,
                triton: bool = False, opset: int = 17, opt_batch: int = 8, max_batch: int = 32,
                workspace_mb: int = 2048, atol: float = 1e-4, triton_name: str | None = None,
-               triton_kind: str = "gpu", max_calibration: int = 256) -> dict[str, Any]:
+               triton_kind: str = "gpu", max_calibration: int = 256,
+               calib: str | os.PathLike | None = None) -> dict[str, Any]:
     """Export a run (directory or checkpoint) into ``out_dir``.
 
     Steps (each adds a section to ``manifest.json``):
@@ -40,11 +41,13 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
     1. ``onnx``: ``model.onnx`` + ``manifest.json`` with parity vs PyTorch at batch 1 and ``opt_batch``
        (:func:`~medsim.export.onnx_export.export_onnx`). ``onnx=False`` reuses an earlier export in ``out_dir``.
     2. INT8 ONNX (``quantize`` given, or ``precision="int8"`` without ``trt``): ``model.int8.onnx``, calibrated on
-       ``calib_split`` (static), R@1 fp32 vs int8 on the validation split → manifest ``int8``.
+       ``calib_split`` of the run — or the images of ``calib`` (a folder, or a split JSON's ``calib_split``) —
+       (static), R@1 fp32 vs int8 on the validation split → manifest ``int8``.
     3. ``trt``: ``model.plan`` (``precision`` fp32/fp16/int8, batch profile 1/``opt_batch``/``max_batch``) →
        manifest ``tensorrt``; raises :class:`~medsim.export.errors.TensorRTUnavailable` on hosts without
        TensorRT or a GPU — after steps 1-2 are written.
-    4. ``triton``: ``out_dir/triton/<name>/`` for the engine (with ``trt``) or the ONNX model → manifest ``triton``.
+    4. ``triton``: ``out_dir/triton/<name>/`` for the engine (with ``trt``) or the ONNX model (the INT8 one when
+       step 2 ran and ``triton_kind="cpu"``) → manifest ``triton``.
 
     Returns:
         ``{"out_dir", "files": {...}, "manifest": dict, "lines": [human-readable summary lines]}``.
@@ -59,6 +62,13 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
     check_choice(quantize, ("static", "dynamic"), "quantization mode")
     check_choice(calib_split, ("training", "validation", "test"), "calibration split")
     check_choice(triton_kind, ("gpu", "cpu"), "Triton instance kind")
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old: medsim exports need ONNX opset >= 17 (LayerNormalization, "
+                          "the attention heads' ops and TensorRT 10's parser all assume it)")
+    if triton and trt and triton_kind == "cpu":
+        raise ExportError("--triton-kind cpu cannot serve a TensorRT engine (GPU only); drop --trt or use gpu")
+    if calib is not None and not Path(calib).exists():
+        raise ExportError(f"{calib}: calibration data not found (a folder of images or a split JSON)")
     if precision == "fp16" and not trt:
         raise ExportError("--precision fp16 needs --trt (fp16 is a TensorRT build option; onnxruntime CPU gains "
                           "nothing from fp16): add --trt, or use --precision int8 for a CPU INT8 model")
@@ -97,6 +107,9 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
 
         res = export_onnx(run_(), out, opset=opset, batch=opt_batch, atol=atol)
         manifest = res["manifest"]
+        stale = _remove_stale(out)
+        if stale:
+            lines.append(f"removed   {', '.join(stale)} of an earlier export (built from the previous model.onnx)")
         d = manifest["parity"]["max_abs_diff"]
         lines.append(f"onnx      {res['onnx_path']}  (opset {manifest['opset']}, {manifest['exporter']} exporter; "
                      f"parity vs PyTorch on {manifest['parity']['images']} image(s): "
@@ -118,7 +131,7 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
         run = run_()
         cal = cal_split = None
         if mode == "static":
-            cal, _, cal_split = split_images(run, calib_split, limit=max_calibration)
+            cal, cal_split = _calibration_images(run, calib, calib_split, max_calibration)
         path = quantize_onnx(out / manifest["model"], out / INT8_NAME, mode=mode, calibration_images=cal,
                              max_calibration=max_calibration)
         val, labels, val_split = split_images(run, "validation")
@@ -134,7 +147,8 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
 
     # 3. TensorRT
     if trt:
-        section = _build_trt(out, manifest, run_, precision=precision, calib_split=calib_split, opt_batch=opt_batch,
+        section = _build_trt(out, manifest, run_, precision=precision, calib=calib, calib_split=calib_split,
+                             opt_batch=opt_batch,
                              max_batch=max_batch, workspace_mb=workspace_mb, max_calibration=max_calibration)
         manifest = update_manifest(out, tensorrt=section)
         files["engine"] = str(out / ENGINE_NAME)
@@ -147,15 +161,59 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
         name = triton_name or _model_name(source)
         platform = "tensorrt_plan" if trt else "onnxruntime_onnx"
         kind = "KIND_GPU" if trt else f"KIND_{triton_kind.upper()}"
+        served = out / INT8_NAME if (int8_onnx and not trt and triton_kind == "cpu") else out
         repo = out / "triton"
-        folder = write_triton_repository(out, repo, name=name, platform=platform, max_batch_size=max_batch,
+        folder = write_triton_repository(served, repo, name=name, platform=platform, max_batch_size=max_batch,
                                          preferred_batch_sizes=sorted({opt_batch, max_batch}), kind=kind)
         manifest = update_manifest(out, triton={"repository": "triton", "name": name, "platform": platform,
-                                                "kind": kind, "max_batch_size": max_batch})
+                                                "kind": kind, "max_batch_size": max_batch,
+                                                "model": ENGINE_NAME if trt else (served.name if served != out
+                                                                                  else manifest["model"])})
         files["triton"] = str(folder)
         lines.append(f"triton    {folder}  ({platform}, {kind}; serve with tritonserver --model-repository {repo})")
     lines.append(f"manifest  {out / MANIFEST_NAME}")
     return {"out_dir": str(out), "files": files, "manifest": manifest, "lines": lines}
+
+
+def _calibration_images(run: Any, calib: str | os.PathLike | None, split: str, limit: int
+                        ) -> tuple[np.ndarray, str]:
+    """INT8 calibration images, preprocessed as in evaluation: ``calib`` (a folder of images, or split ``split``
+    of a split JSON) when given, else split ``split`` of the run. Returns ``(images (N, C, *S), description)``."""
+    from medsim.export.run import preprocess_items, split_images
+
+    if calib is None:
+        cal, _, used = split_images(run, split, limit=limit)
+        return cal, used
+    from medsim.data.splits import case_items
+    from medsim.errors import DataError
+
+    try:
+        items = case_items(calib, split=split)[:limit]
+    except DataError as e:
+        raise ExportError(f"calibration data: {e}") from e
+    return preprocess_items(items, run.transform), str(calib)
+
+
+#: files and folders derived from model.onnx: a new model.onnx makes them stale (the fresh manifest no longer lists
+#: them, and a host with TensorRT must never pick up an engine of the previous weights)
+DERIVED = (INT8_NAME, ENGINE_NAME, "trt_int8_calibration.cache", "triton")
+
+
+def _remove_stale(out: Path) -> list[str]:
+    """Delete what an earlier export in ``out`` derived from its model.onnx; returns the names removed."""
+    import shutil
+
+    removed = []
+    for name in DERIVED:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def _model_name(source: str | os.PathLike) -> str:
@@ -165,8 +223,8 @@ def _model_name(source: str | os.PathLike) -> str:
     return name or "medsim"
 
 
-def _build_trt(out: Path, manifest: dict[str, Any], run_: Any, *, precision: str, calib_split: str, opt_batch: int,
-               max_batch: int, workspace_mb: int, max_calibration: int) -> dict[str, Any]:
+def _build_trt(out: Path, manifest: dict[str, Any], run_: Any, *, precision: str, calib: str | os.PathLike | None,
+               calib_split: str, opt_batch: int, max_batch: int, workspace_mb: int, max_calibration: int) -> dict[str, Any]:
     """Build ``model.plan`` and compare it with onnxruntime fp32 on the validation split (GPU hosts)."""
     from medsim.export.onnx_export import ort_session, run_onnx
     from medsim.export.run import split_images
@@ -179,7 +237,7 @@ def _build_trt(out: Path, manifest: dict[str, Any], run_: Any, *, precision: str
     calibrator = None
     section: dict[str, Any] = {"model": ENGINE_NAME, **cfg.to_dict(), "tensorrt_version": trt.__version__}
     if precision == "int8":
-        cal, _, used = split_images(run_(), calib_split, limit=max_calibration)
+        cal, used = _calibration_images(run_(), calib, calib_split, max_calibration)
         calibrator = make_int8_calibrator(cal, batch=opt_batch, cache_file=out / "trt_int8_calibration.cache")
         section["calibration"] = {"split": used, "images": int(len(cal))}
     engine = build_engine(out / manifest["model"], out / ENGINE_NAME, cfg, calibrator=calibrator)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["contact_sheet", "to_uint8"]
+__all__ = ["contact_sheet", "to_uint8", "save_png"]
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -58,9 +58,14 @@ def contact_sheet(images: Sequence[np.ndarray], path: str | os.PathLike, *, mask
         sheet.paste(t, (x, y))
         if captions:
             draw.text((x + 2, y + h + 1), str(captions[i])[: max(4, w // 6)], fill=(230, 230, 230))
+    return save_png(sheet, path)
+
+
+def save_png(image: Any, path: str | os.PathLike) -> Path:
+    """Save a PIL image as PNG under a temporary name, then move it into place (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    sheet.save(tmp)
+    image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

@@ -1,7 +1,8 @@
 """Similar-case search results as a self-contained HTML page: each query with its neighbours, labels and scores.
 
 Images are embedded as base64 PNG thumbnails, so the page can be mailed or archived without the data folder.
-A neighbour whose label matches the query's gets a green frame, otherwise red. Torch-free (PIL only).
+A neighbour whose label matches the query's gets a green frame, otherwise red. :func:`search_png` draws the
+same grid as one PNG. Torch-free (PIL only).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Case", "search_html"]
+__all__ = ["Case", "search_html", "search_png"]
 
 
 @dataclass
@@ -69,3 +70,51 @@ background:#444}}</style></head><body><h2>{html.escape(title)}</h2>
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def _thumb_image(uri: str, size: int):
+    """A (size, size) RGB tile with the image centred on it (dark gray with 'unreadable' when it cannot be read)."""
+    from PIL import Image, ImageDraw
+
+    tile = Image.new("RGB", (size, size), (68, 68, 68))
+    try:
+        with Image.open(uri) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            tile.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+    except Exception:  # noqa: BLE001 - a missing/unreadable gallery image must not break the grid
+        ImageDraw.Draw(tile).text((4, size // 2 - 6), "unreadable", fill=(230, 230, 230))
+    return tile
+
+
+def search_png(queries: Sequence[Case], neighbours: Sequence[Sequence[Case]], path: str | os.PathLike, *,
+               thumb: int = 128) -> Path:
+    """The result grid as one PNG (a row per query: the query, then its neighbours best first, each with rank,
+    label and score under it; frames: gray query, green same label, red different). Written atomically."""
+    from PIL import Image, ImageDraw
+
+    if len(queries) != len(neighbours):
+        raise ValueError(f"got {len(queries)} queries but {len(neighbours)} neighbour lists")
+    pad, text_h = 4, 28
+    cols = 1 + max((len(h) for h in neighbours), default=0)
+    cell_w, cell_h = thumb + 2 * pad, thumb + 2 * pad + text_h
+    canvas = Image.new("RGB", (cols * cell_w, max(1, len(queries)) * cell_h), (34, 34, 34))
+    draw = ImageDraw.Draw(canvas)
+    for r, (q, hits) in enumerate(zip(queries, neighbours)):
+        cells = [(q, "query", (136, 136, 136))]
+        for rank, h in enumerate(hits, start=1):
+            colour = (0, 0, 0) if q.label is None or h.label is None else (
+                (34, 170, 34) if h.label == q.label else (204, 51, 51))
+            cells.append((h, f"#{rank}", colour))
+        for c, (case, tag, colour) in enumerate(cells):
+            x, y = c * cell_w, r * cell_h
+            canvas.paste(_thumb_image(case.uri, thumb), (x + pad, y + pad))
+            if colour != (0, 0, 0):
+                draw.rectangle([x + 1, y + 1, x + cell_w - 2, y + pad + thumb + pad - 2], outline=colour, width=3)
+            line2 = case.label or ("unlabelled" if tag == "query" else "?")
+            line1 = tag if case.score is None else f"{tag}  {case.score:.3f}"
+            draw.text((x + pad, y + 2 * pad + thumb), line1, fill=(238, 238, 238))
+            draw.text((x + pad, y + 2 * pad + thumb + 13), line2[:22], fill=(238, 238, 238))
+    from medsim.viz.contact_sheet import save_png
+
+    return save_png(canvas, path)

@@ -264,6 +264,9 @@ def test_unavailable_backends_say_what_is_missing(model_dir, tmp_path, monkeypat
     d.mkdir()
     for f in model_dir.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
+    man = json.loads((d / "manifest.json").read_text())
+    man["tensorrt"] = {"model": "model.plan", "precision": "fp16"}
+    (d / "manifest.json").write_text(json.dumps(man))
     (d / "model.plan").write_bytes(b"ENGINE")
     with caplog.at_level("INFO", logger="medsim.deploy.engine"):
         assert EmbeddingEngine(d).backend == "ort-cpu"
@@ -368,6 +371,13 @@ def test_tensorrt_backend_plumbing_with_fakes(model_dir, derm_images, tmp_path, 
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(eng, "_import_cudart", lambda: cudart)
     images = derm_images[:10]
+    # an engine file the manifest does not list (left by an earlier export) is never used
+    assert EmbeddingEngine(d).backend == "ort-cpu" and not calls
+    with pytest.raises(BackendUnavailable, match="listed in manifest.json"):
+        EmbeddingEngine(d, backend="tensorrt")
+    man = json.loads((d / "manifest.json").read_text())
+    man["tensorrt"] = {"model": "model.plan", "precision": "fp32"}
+    (d / "manifest.json").write_text(json.dumps(man))
     with EmbeddingEngine(d, batch_size=32) as engine:
         assert engine.backend == "tensorrt" and engine.batch_size == 4  # capped by the profile
         got = engine.embed(images)

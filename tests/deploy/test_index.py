@@ -413,3 +413,51 @@ def test_refine_fewer_cases_than_candidates_and_bad_arguments():
         CaseIndex(16, kind="hnsw", refine=2, model_id=MODEL)
     with pytest.raises(ValueError, match="non-negative integer"):
         CaseIndex(16, kind="ivfpq", refine=-1, model_id=MODEL)
+
+
+@pytest.mark.parametrize("rec, msg", [
+    ({"uri": "b.png", "meta": {"PatientName": "DOE^JOHN"}}, r"record 1\.meta has the key 'PatientName'"),
+    ({"uri": "b.png", "studies": [{"dob": "19700101"}]}, r"record 1\.studies\[0\] has the key 'dob'"),
+    ({"uri": "b.png", "patient": "PAT-0042"}, r"record 1: 'patient' must be a hashed token"),
+    ({"uri": "b.png", "group": 17}, r"record 1: 'group' must be a hashed token"),
+])
+def test_refuses_identifiers_nested_or_unhashed(rec, msg):
+    index = CaseIndex(4, model_id=MODEL)
+    with pytest.raises(ValueError, match=msg):
+        index.add(np.eye(4, dtype=np.float32)[:2], [{"uri": "a.png", "patient": "p-0123456789abcdef"}, rec])
+    assert len(index) == 0
+
+
+def test_info_round_trips_and_is_checked(tmp_path):
+    index = CaseIndex(4, model_id=MODEL)
+    index.add(np.eye(4, dtype=np.float32), records_for(4))
+    index.info["model_dir"] = "/models/dsl"
+    out = index.save(tmp_path / "cases")
+    assert CaseIndex.load(out).info == {"model_dir": "/models/dsl"}
+    index.info["owner"] = {"patient_id": "123"}
+    with pytest.raises(CaseIndexError, match="info.owner has the key 'patient_id'"):
+        index.save(tmp_path / "cases")
+    assert CaseIndex.load(out).info == {"model_dir": "/models/dsl"}  # the earlier save is untouched
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(params=None),
+    lambda m: m.update(records=[1, 2, 3, 4]),
+    lambda m: m.update(ids=["a", "b", "c", "d"]),
+    lambda m: m.update(tombstones=[None]),
+])
+def test_hand_edited_metadata_gives_a_clear_error(tmp_path, edit):
+    index = CaseIndex(4, model_id=MODEL)
+    index.add(np.eye(4, dtype=np.float32), records_for(4))
+    out = index.save(tmp_path / "cases")
+    meta = json.loads((out / META_FILE).read_text())
+    edit(meta)
+    (out / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CaseIndexError, match=rf"{META_FILE}: malformed case index metadata.*rebuild"):
+        CaseIndex.load(out)
+
+
+def test_min_train_size():
+    assert CaseIndex(8, model_id=MODEL).min_train_size == 0
+    assert CaseIndex(8, kind="ivfpq", model_id=MODEL).min_train_size == 256
+    assert CaseIndex(8, kind="ivfpq", nbits=4, nlist=40, model_id=MODEL).min_train_size == 40

@@ -83,7 +83,7 @@ def test_localize_cli_writes_overlays_and_a_dice_table(model_dir, sample_root, t
         assert isinstance(json.loads((out / f"{img.stem}_boxes.json").read_text()), (list, dict))
     table = json.loads((out / "localization.json").read_text())
     assert table["summary"]["images"] == 4 and 0.0 <= table["summary"]["dice"] <= 1.0
-    assert (out / "localization.md").read_text().startswith("| images | Dice |")
+    assert (out / "localization.md").read_text().startswith("| images scored | Dice |")
 
 
 def test_read_cases_takes_series_and_volumes(tmp_path):
@@ -110,3 +110,94 @@ def test_index_build_refine_applies_to_ivfpq_only(model_dir, tiny_run, tmp_path,
                           "--out", str(tmp_path / "ix"), "--kind", "hnsw", "--refine", "4"], capsys)
     assert code == 2 and "refine=4 applies to kind='ivfpq' only" in err and "Traceback" not in err
     assert not (tmp_path / "ix").exists()
+
+
+def test_search_from_a_split_reports_recall_and_draws_a_png(model_dir, tiny_run, loaded, tmp_path, capsys):
+    from PIL import Image
+
+    from medsim.export.run import split_images
+
+    idx = tmp_path / "index"
+    code, _, err = run(["index", "build", "--model", str(model_dir), "--data", str(tiny_run / "split.json"),
+                        "--out", str(idx)], capsys)
+    assert code == 0, err
+    assert not (idx / "model_dir.txt").exists()  # the export folder is recorded inside case_index.json
+    meta = json.loads((idx / "case_index.json").read_text())
+    assert meta["info"]["model_dir"] == str(model_dir.resolve())
+    png = tmp_path / "grid.png"
+    code, out, err = run(["search", "--index", str(idx / "case_index.json"), "--data", str(tiny_run / "split.json"),
+                          "--split", "test", "--k", "3", "--html", str(png)], capsys)
+    assert code == 0, err
+    r1 = float(out.split("R@1 ")[1].split()[0])
+    # the same number from PyTorch: test queries against the training gallery
+    import torch
+
+    net = loaded.network.eval()
+    g, gl, _ = split_images(loaded, "training", fallback=False)
+    q, ql, _ = split_images(loaded, "test", fallback=False)
+    with torch.no_grad():
+        ge, qe = net(torch.as_tensor(g))["embedding"].numpy(), net(torch.as_tensor(q))["embedding"].numpy()
+    top1 = np.argmax(qe @ ge.T, axis=1)
+    assert r1 == pytest.approx(float(np.mean(gl[top1] == ql)), abs=1e-4)
+    with Image.open(png) as im:
+        n_test = len(json.loads((tiny_run / "split.json").read_text())["test"])
+        assert im.size == (4 * 136, n_test * 164)  # (1 query + 3 hits) x 136 px, a row of 164 px per query
+        frame = np.asarray(im.convert("RGB"))[1, 136 + 1]  # top-left frame pixel of the first hit
+    assert tuple(frame) in ((34, 170, 34), (204, 51, 51))  # green: same label, red: different
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["search", "--index", "{idx}", "{img}", "--k", "0"], "Invalid value for '--k'"),
+    (["search", "--index", "{idx}", "{img}", "--html", "/proc/none/x.html"], "error: "),
+    (["search", "--index", "{idx}"], "give query IMAGEs or --data"),
+    (["localize", "--model", "{model}", "{img}", "--out", "{tmp}/o", "--threshold", "abc"],
+     "'otsu' or a number in [0, 1], got 'abc'"),
+    (["localize", "--model", "{model}", "{img}", "--out", "{tmp}/afile"], "is a file"),
+    (["localize", "--model", "{model}", "{img}", "--out", "{tmp}/o", "--mask-file", "{tmp}/bad.png"],
+     "bad.png: ground-truth mask for"),
+    (["index", "build", "--model", "{model}", "--data", "{split}", "--out", "{tmp}/ix", "--kind", "ivfpq"],
+     "needs at least 256"),
+    (["index", "build", "--model", "{model}", "--data", "{tmp}/list.json", "--out", "{tmp}/ix"],
+     "a split JSON is an object"),
+    (["index", "build", "--model", "{model}", "--data", "{tmp}/noimage.json", "--out", "{tmp}/ix"],
+     "row 1"),
+    (["index", "build", "--model", "{tmp}/afile", "--data", "{split}", "--out", "{tmp}/ix"], "Invalid value"),
+])
+def test_bad_input_exits_2_with_one_line(model_dir, tiny_run, sample_root, tmp_path, capsys, args, msg):
+    from medsim.deploy.tasks import build_index
+
+    idx = tmp_path / "index"
+    build_index(model_dir, tiny_run / "split.json", idx, progress=False)
+    img = sorted((sample_root / "derm" / "images").glob("*.png"))[0]
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "noimage.json").write_text(json.dumps({"training": [{"image": "a.png"}, {"label": 1}]}))
+    fill = {"idx": idx, "img": img, "model": model_dir, "tmp": tmp_path, "split": tiny_run / "split.json"}
+    code, _, err = run([a.format(**fill) for a in args], capsys)
+    assert code == 2 and msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "ix").exists()
+
+
+def test_localize_reads_0_1_masks_and_skips_empty_ones(model_dir, sample_root, tmp_path, capsys):
+    from PIL import Image
+
+    images = sorted((sample_root / "derm" / "images").glob("*.png"))[:3]
+    gts = sorted((sample_root / "derm" / "masks").glob("*.png"))
+    masks = []
+    for i, img in enumerate(images):
+        gt = next(g for g in gts if g.stem.startswith(img.stem))
+        m = (np.asarray(Image.open(gt).convert("L")) > 127).astype(np.uint8)  # 0/1 label mask
+        if i == 2:
+            m[:] = 0
+        masks.append(tmp_path / f"m{i}.png")
+        Image.fromarray(m).save(masks[-1])
+    args = ["localize", "--model", str(model_dir), *map(str, images), "--out", str(tmp_path / "loc")]
+    code, text, err = run(args + [a for m in masks for a in ("--mask-file", str(m))], capsys)
+    assert code == 0, err
+    assert "(2 with masks)" in text and "1 image(s) have an empty ground-truth mask" in text
+    ref = json.loads((tmp_path / "loc" / "localization.json").read_text())
+    code, _, _ = run(["localize", "--model", str(model_dir), *map(str, images[:2]), "--out", str(tmp_path / "l255"),
+                      "--masks", str(sample_root / "derm" / "masks")], capsys)
+    same = json.loads((tmp_path / "l255" / "localization.json").read_text())
+    assert same["summary"]["dice"] == pytest.approx(ref["summary"]["dice"])  # 0/1 and 0/255 masks agree

@@ -48,17 +48,49 @@ def test_export_onnx_and_triton(tiny_run, tmp_path, capsys):
     assert (out / "triton" / "tiny" / "1" / "model.onnx").is_file()
     m = json.loads((out / "manifest.json").read_text())
     assert m["triton"] == {"repository": "triton", "name": "tiny", "platform": "onnxruntime_onnx",
-                           "kind": "KIND_GPU", "max_batch_size": 4}
+                           "kind": "KIND_GPU", "max_batch_size": 4, "model": "model.onnx"}
 
 
 @pytest.mark.parametrize("args, msg", [
     (["--precision", "fp16"], "--precision fp16 needs --trt"),
     (["--trt", "--opt-batch", "8", "--max-batch", "4"], "min <= opt <= max"),
     (["--no-onnx"], "nothing to do"),
-    (["--no-onnx", "--triton"], "manifest.json: not found"),
+    (["--no-onnx", "--triton"], "not found — give the folder written by `medsim export"),
+    (["--opset", "11"], "opset 11 is too old"),
+    (["--trt", "--triton", "--triton-kind", "cpu"], "cannot serve a TensorRT engine"),
 ])
 def test_bad_options_exit_2_before_work(tiny_run, tmp_path, capsys, args, msg):
     out = tmp_path / "out"
     code, _, err = run(["export", str(tiny_run), "--out", str(out), *args], capsys)
     assert code == 2 and msg in err and err.count("\n") == 1
     assert not (out / "model.onnx").exists()
+
+
+def test_reexport_removes_what_the_old_model_derived(tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "triton" / "old" / "1").mkdir(parents=True)
+    (out / "model.plan").write_bytes(b"OLD ENGINE")
+    (out / "model.int8.onnx").write_bytes(b"OLD INT8")
+    code, stdout, err = run(["export", str(tiny_run), "--out", str(out), "--opt-batch", "2"], capsys)
+    assert code == 0, err
+    assert "removed   model.int8.onnx, model.plan, triton" in stdout
+    assert not (out / "model.plan").exists() and not (out / "model.int8.onnx").exists()
+    assert not (out / "triton").exists() and (out / "model.onnx").is_file()
+
+
+def test_calibration_folder_and_cpu_triton_serving_int8(tiny_run, sample_root, tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for f in sorted((sample_root / "derm" / "images").glob("*.png"))[:6]:
+        (calib / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    code, stdout, err = run(["export", str(tiny_run), "--out", str(out), "--opt-batch", "2", "--max-batch", "4",
+                             "--quantize", "static", "--calib", str(calib), "--triton", "--triton-kind", "cpu"],
+                            capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["int8"]["calibration"] == {"split": str(calib), "images": 6}
+    assert m["triton"]["kind"] == "KIND_CPU" and m["triton"]["model"] == "model.int8.onnx"
+    served = out / "triton" / "tiny" / "1" / "model.onnx"
+    assert served.read_bytes() == (out / "model.int8.onnx").read_bytes()
+    assert "KIND_CPU" in (out / "triton" / "tiny" / "config.pbtxt").read_text()
