@@ -348,7 +348,8 @@ class EmbeddingEngine:
 
         Args:
             images: a list of images (a single path/array is accepted as a list of one).
-            return_sizes: add ``image_size`` (N, 2) int: each original image's (H, W), for
+            return_sizes: add ``image_size`` (N, 2) int: each original image's (H, W) (ct3d: (N, 3), the volume's
+                original (x, y, z) shape), for
                 :meth:`medsim.deploy.Localizer.localize`.
 
         Returns:
@@ -379,7 +380,7 @@ class EmbeddingEngine:
             flush()
         result = {n: np.concatenate(v) for n, v in chunks.items()} if sizes else self._empty()
         if return_sizes:
-            result["image_size"] = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+            result["image_size"] = np.asarray(sizes, dtype=np.int64).reshape(len(sizes), -1)
         return result
 
     def _empty(self) -> dict[str, np.ndarray]:

@@ -107,6 +107,8 @@ def box_iou(a: Any, b: Any) -> float:
 
 def _gt(gt: np.ndarray, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
     g = np.asarray(gt)
+    if g.dtype == bool and shape is not None and g.shape == shape:  # e.g. a 3D mask on a volume's grid
+        return g
     if g.ndim == 3 and g.shape[-1] in (1, 3, 4):  # RGB(A) masks read with PIL
         g = g[..., : min(3, g.shape[-1])].max(axis=-1)
     if g.ndim != 2:

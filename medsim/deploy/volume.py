@@ -21,6 +21,7 @@ Differences from MONAI are float rounding only (≤ 1e-5 after the window, measu
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +30,8 @@ import numpy as np
 
 from medsim.deploy import DeployError
 
-__all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "preprocess_volume"]
+__all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "preprocess_volume",
+           "model_grid", "label_to_grid", "trilinear_resize", "localize_volumes"]
 
 #: MONAI's tolerance for "this affine is unchanged" (monai.data.utils.AFFINE_TOL)
 _AFFINE_TOL = 1e-3
@@ -143,20 +145,31 @@ def resample_to_spacing(arr: np.ndarray, affine: np.ndarray, pixdim: Sequence[fl
     return out.reshape(shape).astype(np.float32), new_affine
 
 
-def pad_crop(arr: np.ndarray, roi: Sequence[int]) -> np.ndarray:
-    """MONAI ``SpatialPad(roi, method="symmetric")`` (zeros) then ``CenterSpatialCrop(roi)`` on (x, y, z)."""
+def pad_crop(arr: np.ndarray, roi: Sequence[int], *, return_shift: bool = False
+             ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """MONAI ``SpatialPad(roi, method="symmetric")`` (zeros) then ``CenterSpatialCrop(roi)`` on (x, y, z).
+    ``return_shift``: also the (3,) voxel shift — output voxel ``o`` is input voxel ``o + shift``."""
     roi = [int(r) for r in roi]
     pads = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(arr.shape, roi)]
     if any(a or b for a, b in pads):
         arr = np.pad(arr, pads, mode="constant")
     starts = [max(n // 2 - r // 2, 0) for n, r in zip(arr.shape, roi)]
-    return np.ascontiguousarray(arr[tuple(slice(s, s + r) for s, r in zip(starts, roi))])
+    out = np.ascontiguousarray(arr[tuple(slice(s, s + r) for s, r in zip(starts, roi))])
+    if return_shift:
+        return out, np.array([s - p[0] for s, p in zip(starts, pads)], dtype=np.float64)
+    return out
 
 
-def preprocess_volume(source: str | os.PathLike, prep: dict[str, Any]) -> tuple[np.ndarray, tuple[int, ...]]:
-    """A volume → the model input (1, *spatial_size) float32 and the volume's original (x, y, z) shape."""
-    from medsim.deploy.preprocess import _scale_range
+def _shifted(affine: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    t = np.eye(4)
+    t[:3, 3] = shift
+    return affine @ t
 
+
+def _to_grid(source: str | os.PathLike, prep: dict[str, Any], *, mode: str
+             ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+    """Read, orient, resample (``mode``) and pad/crop: ``(array (x, y, z), original shape, 4×4 affine of the
+    model grid)`` — the affine MONAI's MetaTensor carries after the same transforms."""
     if not isinstance(source, (str, os.PathLike)):
         raise DeployError(f"a ct3d model reads volumes from files (NIfTI or a DICOM series folder), not a "
                           f"{type(source).__name__}: the affine (orientation, spacing) is needed")
@@ -171,8 +184,177 @@ def preprocess_volume(source: str | os.PathLike, prep: dict[str, Any]) -> tuple[
     if sp.get("align_corners") or sp.get("scale_extent"):
         raise DeployError("manifest Spacing with align_corners/scale_extent is not reimplemented in medsim.deploy")
     arr, affine = resample_to_spacing(arr, affine, prep["pixdim"], diagonal=bool(sp.get("diagonal", False)),
-                                      mode=str(sp.get("mode", "bilinear")),
-                                      padding_mode=str(sp.get("padding_mode", "border")))
-    arr = _scale_range(arr, prep["scale"])
-    arr = pad_crop(arr, prep["spatial_size"])
+                                      mode=mode, padding_mode=str(sp.get("padding_mode", "border")))
+    return arr, original, affine
+
+
+def _model_input(source: str | os.PathLike, prep: dict[str, Any]
+                 ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+    from medsim.deploy.preprocess import _scale_range
+
+    arr, original, affine = _to_grid(source, prep, mode=str((prep.get("spacing") or {}).get("mode", "bilinear")))
+    arr, shift = pad_crop(_scale_range(arr, prep["scale"]), prep["spatial_size"], return_shift=True)
+    return arr.astype(np.float32, copy=False), original, _shifted(affine, shift)
+
+
+def preprocess_volume(source: str | os.PathLike, prep: dict[str, Any]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A volume → the model input (1, *spatial_size) float32 and the volume's original (x, y, z) shape."""
+    arr, original, _ = _model_input(source, prep)
     return np.ascontiguousarray(arr[None], dtype=np.float32), original
+
+
+def model_grid(source: str | os.PathLike, prep: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The model input of a volume (x, y, z) float32 and the 4×4 affine (voxel → RAS mm) of that grid: what a
+    mask or heatmap at the model's input resolution needs to sit on the original scan in any NIfTI viewer."""
+    arr, _, affine = _model_input(source, prep)
+    return arr, affine
+
+
+def label_to_grid(source: str | os.PathLike, prep: dict[str, Any]) -> np.ndarray:
+    """A label map (NIfTI) on the model grid: the image's orientation / spacing / pad-crop with nearest-neighbour
+    resampling, as training's ``ct3d_transforms(with_mask=True)`` did. Returns (x, y, z) int labels."""
+    arr, _, _ = _to_grid(source, prep, mode="nearest")
+    return np.rint(pad_crop(arr, prep["spatial_size"])).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------- 3D localization
+def trilinear_resize(a: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Trilinear resize of (x, y, z) to ``size``, ``align_corners=False`` with edge clamping (PyTorch's
+    ``interpolate(mode="trilinear")``, i.e. ``medsim.nn.upsample_attention`` for 3D). Returns float64."""
+    from medsim.deploy.localizer import _interp_matrix
+
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 3 or len(size) != 3:
+        raise DeployError(f"trilinear_resize expects a 3D array and a 3D size, got {a.shape} → {tuple(size)}")
+    mx, my, mz = (_interp_matrix(n, int(m)) for n, m in zip(a.shape, size))
+    return np.einsum("ia,jb,kc,abc->ijk", mx, my, mz, a, optimize=True)
+
+
+def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp{os.getpid()}.nii.gz")
+    try:
+        nib.save(nib.Nifti1Image(arr, affine), str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _display_slice(volume: np.ndarray, z: int) -> np.ndarray:
+    """Axial slice ``z`` of an (x, y, z) RAS volume in radiological display: rows anterior → posterior, columns
+    patient right → left (the viewer sees the patient from the feet)."""
+    return volume[::-1, ::-1, z].T
+
+
+def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, localizer: Any, *,
+                     masks: Sequence[str | os.PathLike | None] | None = None, backend: str = "auto",
+                     progress: bool = True) -> dict[str, Any]:
+    """3D counterpart of :func:`medsim.deploy.tasks.localize_images`, on the model grid (RAS, training spacing,
+    ``spatial_size``): per volume ``<stem>_mask.nii.gz`` (uint8), ``<stem>_heatmap.nii.gz`` (float32), both with
+    the grid's affine so they overlay the original scan in world coordinates; ``<stem>_boxes.json`` (voxel boxes
+    ``x0..z1`` on the grid, x1/y1/z1 exclusive, plus their RAS mm corners); ``<stem>_overlay.png`` (the axial slice
+    through the heat peak, radiological display). Ground-truth label maps (> 0 = lesion) are put on the same grid
+    with nearest-neighbour resampling and scored with Dice, IoU, pointing game and box hit (a box holding the
+    lesion centroid or with 3D IoU ≥ 0.5 against its bounding box)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from medsim.deploy.engine import EmbeddingEngine
+    from medsim.deploy.localizer import Localization, _rgb_image, dice, iou, overlay
+    from medsim.deploy.preprocess import load_manifest
+    from medsim.deploy.tasks import _localization_summary, _stem
+    from medsim.errors import atomic_write_text
+    from medsim.viz.contact_sheet import save_png
+
+    prep = load_manifest(model_dir)["preprocessing"]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with EmbeddingEngine(model_dir, backend=backend, batch_size=1) as engine:
+        for i, vol in enumerate(tqdm(volumes, desc="localizing", unit="volume", disable=not progress, leave=False)):
+            grid, affine = model_grid(vol, prep)
+            att = engine.run(grid[None, None])["attention"][0, 0]
+            loc = _localize_grid(localizer, att, grid.shape)
+            stem = _stem(Path(vol))
+            _save_nifti(loc.mask.astype(np.uint8), affine, out / f"{stem}_mask.nii.gz")
+            _save_nifti(loc.heatmap.astype(np.float32), affine, out / f"{stem}_heatmap.nii.gz")
+            for b in loc.boxes:
+                lo = affine @ np.array([b["x0"], b["y0"], b["z0"], 1.0])
+                hi = affine @ np.array([b["x1"] - 1, b["y1"] - 1, b["z1"] - 1, 1.0])
+                b["ras_mm"] = {"min": np.minimum(lo, hi)[:3].round(2).tolist(),
+                               "max": np.maximum(lo, hi)[:3].round(2).tolist()}
+            doc = {"grid_shape": list(grid.shape), "affine": affine.round(6).tolist(), "threshold": loc.threshold,
+                   "box_convention": "voxels of the model grid (x, y, z = RAS axes); x0/y0/z0 inclusive, x1/y1/z1 "
+                                     "exclusive; ras_mm: world corners of the first and last voxel centres",
+                   "boxes": loc.boxes}
+            atomic_write_text(out / f"{stem}_boxes.json", json.dumps(doc, indent=2) + "\n")
+            z = int(np.unravel_index(int(np.argmax(loc.heatmap)), loc.heatmap.shape)[2])
+            X, Y = grid.shape[:2]
+            flat = [{"x0": X - b["x1"], "x1": X - b["x0"], "y0": Y - b["y1"], "y1": Y - b["y0"]}
+                    for b in loc.boxes if b["z0"] <= z < b["z1"]]
+            sl = Localization(heatmap=_display_slice(loc.heatmap, z), mask=_display_slice(loc.mask, z), boxes=flat)
+            bg = _rgb_image(_display_slice(grid, z).clip(0, 1), sl.heatmap.shape)
+            save_png(Image.fromarray(overlay(sl, bg)), out / f"{stem}_overlay.png")
+            row: dict[str, Any] = {"image": str(vol), "boxes": len(loc.boxes), "overlay_slice": z}
+            if masks is not None and masks[i] is not None:
+                gt = label_to_grid(masks[i], prep) > 0
+                if gt.shape != loc.mask.shape:
+                    raise DeployError(f"{masks[i]}: on the model grid the label map is {gt.shape}, the volume "
+                                      f"{loc.mask.shape}: is it the label map of {vol}?")
+                if not gt.any():
+                    row["empty_mask"] = True
+                else:
+                    peak = np.unravel_index(int(np.argmax(loc.heatmap)), gt.shape)
+                    row.update(dice=dice(loc.mask, gt), iou=iou(loc.mask, gt), pointing=float(gt[peak]),
+                               box_hit=float(_box_hit_3d(loc.boxes, gt)))
+            rows.append(row)
+    return _localization_summary(rows, out)
+
+
+def _localize_grid(localizer: Any, attention: np.ndarray, shape: Sequence[int]) -> Any:
+    """Attention (x, y, z) at feature resolution → Localization on the grid (26-connected components)."""
+    from scipy import ndimage
+
+    from medsim.deploy.localizer import Localization, otsu_threshold
+
+    if not np.isfinite(attention).all():
+        raise DeployError("attention map contains NaN/inf values")
+    heat = trilinear_resize(attention, shape)
+    if localizer.normalize:
+        lo, hi = float(heat.min()), float(heat.max())
+        heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    heat = np.clip(heat, 0.0, 1.0).astype(np.float32)
+    t = otsu_threshold(heat) if localizer.threshold == "otsu" else float(localizer.threshold)
+    labels, _ = ndimage.label(heat > t, structure=np.ones((3, 3, 3), dtype=bool))
+    found = []
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        comp = labels[sl] == i
+        area = int(comp.sum())
+        if area < localizer.min_area:
+            continue
+        vals = heat[sl][comp]
+        found.append((i, {"x0": sl[0].start, "y0": sl[1].start, "z0": sl[2].start, "x1": sl[0].stop,
+                          "y1": sl[1].stop, "z1": sl[2].stop,
+                          "score": float(vals.mean() if localizer.score == "mean" else vals.max()),
+                          "peak": float(vals.max()), "volume_voxels": area}))
+    found.sort(key=lambda f: (-f[1]["score"], -f[1]["volume_voxels"]))
+    found = found[: localizer.max_boxes] if localizer.max_boxes is not None else found
+    mask = np.isin(labels, [i for i, _ in found]) if found else np.zeros(heat.shape, dtype=bool)
+    return Localization(heatmap=heat, mask=mask, boxes=[b for _, b in found], threshold=float(t))
+
+
+def _box_hit_3d(boxes: Sequence[dict[str, Any]], gt: np.ndarray, iou_threshold: float = 0.5) -> bool:
+    idx = np.nonzero(gt)
+    c = [float(v.mean()) + 0.5 for v in idx]
+    g = [(int(v.min()), int(v.max()) + 1) for v in idx]
+    for b in boxes:
+        lo, hi = (b["x0"], b["y0"], b["z0"]), (b["x1"], b["y1"], b["z1"])
+        if all(lo[a] <= c[a] < hi[a] for a in range(3)):
+            return True
+        inter = np.prod([max(0, min(hi[a], g[a][1]) - max(lo[a], g[a][0])) for a in range(3)])
+        union = np.prod([hi[a] - lo[a] for a in range(3)]) + np.prod([g[a][1] - g[a][0] for a in range(3)]) - inter
+        if union > 0 and inter / union >= iou_threshold:
+            return True
+    return False

@@ -4,6 +4,8 @@ and as a DICOM series."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -115,18 +117,21 @@ def test_shared_ct_matches_monai(shared_data, source):
     assert ref.std() > 0.01  # real anatomy, not padding
 
 
-def test_engine_embeds_a_volume_file_like_pytorch(sample_root, tmp_path):
-    """A 3D Embedder exported with a ct3d manifest: EmbeddingEngine on the NIfTI file (deploy's own reading and
-    preprocessing) gives PyTorch's embedding on MONAI's preprocessed tensor."""
+KW3D = dict(roi_size=(32, 32, 16), pixdim=(1.5, 1.5, 2.0))
+
+
+@pytest.fixture(scope="module")
+def export3d(sample_root, tmp_path_factory):
+    """A 3D Embedder exported with a ct3d manifest: ``(export folder, network)``."""
     import torch
     from monai.bundle import ConfigParser
 
-    from medsim.deploy.engine import EmbeddingEngine
     from medsim.export import export_onnx
     from medsim.export.run import LoadedRun
     from medsim.nn import Embedder
 
-    kw = dict(roi_size=(32, 32, 16), pixdim=(1.5, 1.5, 2.0))
+    tmp_path = tmp_path_factory.mktemp("export3d")
+    kw = KW3D
     parser = ConfigParser({"eval": {"preprocessing": {"_target_": "medsim.data.transforms.ct3d_transforms",
                                                      "roi_size": list(kw["roi_size"]), "pixdim": list(kw["pixdim"])}},
                            "network_def": {"backbone": "resnet10", "spatial_dims": 3}})
@@ -134,13 +139,25 @@ def test_engine_embeds_a_volume_file_like_pytorch(sample_root, tmp_path):
     net = Embedder("resnet10", spatial_dims=3, in_channels=1, embedding_dim=16, widen_factor=0.25).eval()
     ckpt = tmp_path / "best.pt"
     torch.save({"network": net.state_dict()}, ckpt)
-    path = sample_root / "ct" / "ct.nii.gz"
-    x = _monai(path, **kw)[None]
+    x = _monai(sample_root / "ct" / "ct.nii.gz", **kw)[None]
     run = LoadedRun(run_dir=tmp_path, checkpoint=ckpt, parser=parser, network=net,
                     transform=ct3d_transforms(**kw), classes=["volume"])
     out = export_onnx(run, tmp_path / "model", batch=2, parity_images=np.concatenate([x, x[:, :, ::-1]]))
     assert out["manifest"]["preprocessing"]["kind"] == "ct3d" and out["manifest"]["input"]["shape"][1:] == [1, 32, 32, 16]
-    with EmbeddingEngine(tmp_path / "model", backend="ort-cpu") as engine:
+    return tmp_path / "model", net
+
+
+def test_engine_embeds_a_volume_file_like_pytorch(sample_root, export3d):
+    """EmbeddingEngine on the NIfTI file (deploy's own reading and preprocessing) gives PyTorch's embedding on
+    MONAI's preprocessed tensor."""
+    import torch
+
+    from medsim.deploy.engine import EmbeddingEngine
+
+    model, net = export3d
+    path = sample_root / "ct" / "ct.nii.gz"
+    x = _monai(path, **KW3D)[None]
+    with EmbeddingEngine(model, backend="ort-cpu") as engine:
         got = engine.embed([path, path])
     with torch.no_grad():
         ref = net(torch.from_numpy(x))
@@ -164,3 +181,111 @@ def test_volume_preprocessing_imports_neither_torch_nor_monai(sample_root, tmp_p
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- 3D localization
+def _monai_meta(path, label=None, **kw):
+    """MONAI's ct3d eval pipeline without its final EnsureTyped(track_meta=False): tensors keep their affine."""
+    import monai.transforms as mt
+
+    comp = ct3d_transforms(with_mask=label is not None, **kw)
+    data = {"image": str(path), **({"mask": str(label)} if label is not None else {})}
+    return mt.Compose(comp.transforms[:-1])(data)
+
+
+@pytest.mark.parametrize("where", ["sample", "shared"])
+def test_model_grid_affine_and_labels_match_monai(sample_root, shared_data, where):
+    from medsim.deploy.volume import label_to_grid, model_grid
+
+    folder = sample_root / "ct" if where == "sample" else shared_data / "ct" / "abdomen_small_3mm"
+    if not folder.exists():
+        pytest.skip(f"{folder} is absent")
+    kw = dict(roi_size=(20, 28, 12), pixdim=(2.0, 1.2, 2.5)) if where == "sample" else \
+        dict(roi_size=(64, 64, 32), pixdim=(3.0, 3.0, 4.0))
+    ref = _monai_meta(folder / "ct.nii.gz", folder / "labels.nii.gz", **kw)
+    prep = _manifest(**kw)["preprocessing"]
+    grid, affine = model_grid(folder / "ct.nii.gz", prep)
+    np.testing.assert_allclose(grid, ref["image"].numpy()[0], atol=1e-5)
+    np.testing.assert_allclose(affine, ref["image"].affine.numpy(), atol=1e-4)
+    labels = label_to_grid(folder / "labels.nii.gz", prep)
+    want = ref["mask"].numpy()[0]
+    assert labels.shape == want.shape and (labels > 0).sum() > 0
+    assert (labels == np.rint(want)).mean() > 0.999  # nearest rounding ties may differ at a few voxels
+
+
+def test_trilinear_resize_equals_torch():
+    import torch
+
+    from medsim.deploy.volume import trilinear_resize
+
+    a = np.random.default_rng(0).random((3, 4, 2))
+    ref = torch.nn.functional.interpolate(torch.from_numpy(a)[None, None], size=(12, 10, 7), mode="trilinear",
+                                          align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(trilinear_resize(a, (12, 10, 7)), ref, atol=1e-10)
+
+
+def test_localize_grid_finds_the_hot_region_and_box_hit_rules():
+    from medsim.deploy.localizer import Localizer
+    from medsim.deploy.volume import _box_hit_3d, _localize_grid
+
+    att = np.zeros((4, 4, 2))
+    att[2, 1, 1] = 1.0  # feature voxel (2, 1, 1) of a 4x4x2 map on a 32x32x16 grid: voxels x 16-24, y 8-16, z 8-16
+    loc = _localize_grid(Localizer(threshold=0.5, min_area=1), att, (32, 32, 16))
+    (b,) = loc.boxes
+    assert (b["x0"], b["x1"], b["y0"], b["y1"], b["z0"], b["z1"]) == (16, 24, 8, 16, 8, 16)
+    assert loc.mask.sum() == b["volume_voxels"] and loc.mask[20, 12, 12] and not loc.mask[10, 12, 12]
+    gt = np.zeros((32, 32, 16), bool)
+    gt[18:22, 10:14, 10:14] = True
+    assert _box_hit_3d(loc.boxes, gt)  # centroid (20, 12, 12) inside
+    gt[:] = False
+    gt[0:4, 0:4, 0:4] = True
+    assert not _box_hit_3d(loc.boxes, gt)
+    big = [{"x0": 0, "y0": 0, "z0": 0, "x1": 4, "y1": 4, "z1": 5}]  # IoU 64/80 = 0.8 with gt, centroid inside too
+    assert _box_hit_3d(big, gt)
+    shifted = [{"x0": 1, "y0": 1, "z0": 1, "x1": 5, "y1": 5, "z1": 5}]  # centroid (2.5,2.5,2.5) inside
+    assert _box_hit_3d(shifted, gt)
+    off = [{"x0": 3, "y0": 0, "z0": 0, "x1": 7, "y1": 4, "z1": 4}]  # centroid x 2.5 outside; IoU 16/112
+    assert not _box_hit_3d(off, gt)
+
+
+def test_localize_cli_on_a_volume_writes_nifti_on_the_scan(sample_root, export3d, tmp_path, capsys):
+    import nibabel as nib
+    from PIL import Image
+
+    from medsim.cli import main
+    from medsim.deploy.engine import EmbeddingEngine
+    from medsim.deploy.localizer import dice
+    from medsim.deploy.volume import label_to_grid, model_grid
+
+    model, _ = export3d
+    ct, labels = sample_root / "ct" / "ct.nii.gz", sample_root / "ct" / "labels.nii.gz"
+    with pytest.raises(SystemExit) as e:
+        main(["localize", "--model", str(model), str(ct), "--out", str(tmp_path / "loc"), "--mask-file", str(labels)])
+    out = capsys.readouterr()
+    assert e.value.code == 0, out.err
+    assert "Dice" in out.out and "(1 with masks)" in out.out
+    prep = json.loads((model / "manifest.json").read_text())["preprocessing"]
+    grid, affine = model_grid(ct, prep)
+    mask = nib.load(tmp_path / "loc" / "ct_mask.nii.gz")
+    heat = nib.load(tmp_path / "loc" / "ct_heatmap.nii.gz")
+    assert mask.shape == heat.shape == grid.shape == tuple(KW3D["roi_size"])
+    np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
+    # the heatmap is the engine's attention, trilinearly upsampled and min-max normalised
+    with EmbeddingEngine(model, backend="ort-cpu") as engine:
+        att = engine.run(grid[None, None])["attention"][0, 0]
+    import torch
+
+    up = torch.nn.functional.interpolate(torch.from_numpy(att)[None, None].double(), size=grid.shape,
+                                         mode="trilinear", align_corners=False)[0, 0].numpy()
+    up = (up - up.min()) / (up.max() - up.min())
+    np.testing.assert_allclose(np.asarray(heat.dataobj), up, atol=1e-5)
+    m = np.asarray(mask.dataobj) > 0
+    table = json.loads((tmp_path / "loc" / "localization.json").read_text())
+    assert table["summary"]["dice"] == pytest.approx(dice(m, label_to_grid(labels, prep) > 0))
+    boxes = json.loads((tmp_path / "loc" / "ct_boxes.json").read_text())
+    for b in boxes["boxes"]:
+        assert m[b["x0"]:b["x1"], b["y0"]:b["y1"], b["z0"]:b["z1"]].any()
+        lo = affine @ np.array([b["x0"], b["y0"], b["z0"], 1.0])
+        assert np.allclose(np.minimum(lo[:3], b["ras_mm"]["max"]), lo[:3], atol=0.01)
+    with Image.open(tmp_path / "loc" / "ct_overlay.png") as im:
+        assert im.size == (grid.shape[0], grid.shape[1])  # (width = x, height = y) of an axial slice
