@@ -1,5 +1,6 @@
 """Table-2-style comparison (Fan et al., MICCAI 2020) on real dermoscopy: the gated attention module vs a plain
-backbone and the squeeze-excitation, spatial (non-local), dual (DANet) and global-context (GCNet) modules, all in
+backbone and the squeeze-excitation, spatial (non-local), channel-wise and dual (DANet) and global-context (GCNet)
+modules, all in
 the same FineGrainedMIL pipeline (global branch → attention map → instance boxes → full-resolution crops → fusion)
 of ``bundles/derm_gated``. Only the attention module changes (the paper's protocol); the plain baseline is the
 global branch alone (no attention, no crops: Table 1's "ResNet" row).
@@ -7,7 +8,7 @@ global branch alone (no attention, no crops: Table 1's "ResNet" row).
 Reports test accuracy, balanced accuracy (HAM10000 is imbalanced: ~2/3 nevi), macro-F1 of the fusion logits, the
 global head's accuracy, R@1 / NMI of the embedding, how much of the image the instance boxes cover, and wall time.
 All runs share one lesion-grouped split of a class-stratified HAM10000 subset (``--split-from`` reuses another
-benchmark's split) and one training seed. Budget: a 2-core CPU shared with other jobs, ~25 min for all six.
+benchmark's split) and one training seed. Budget: a 2-core CPU shared with other jobs, ~30 min for all eight.
 
     nice -n 5 python benchmarks/gated_attention.py --dataset-dir ../shared/data/ham10000 \\
         --split-from runs/bench_dsl/classifier__s0/split.json
@@ -39,24 +40,25 @@ METHODS = {  # name -> (bundle variant (None: the gated default), overrides that
     "gated (ours in the paper)": (None, {}),
     "squeeze-excitation": ("se", {}),
     "spatial (non-local)": ("spatial", {}),
+    "channel-wise (DANet CAM)": ("channel", {}),
     "dual (DANet)": ("dual", {}),
     "global context (GCNet)": ("gc", {}),
 }
 RUN_DIRS = {"plain backbone": "plain", "no attention module": "none", "gated (ours in the paper)": "gated",
-            "squeeze-excitation": "se", "spatial (non-local)": "spatial", "dual (DANet)": "dual",
+            "squeeze-excitation": "se", "spatial (non-local)": "spatial", "channel-wise (DANet CAM)": "channel",
+            "dual (DANet)": "dual",
             "global context (GCNet)": "gc"}
 KEEP = {"gated (ours in the paper)": "gated", "plain backbone": "gated_plain"}
 #: Table 2 (attention modules in the same framework) and Table 1's plain ResNet-50, fungi dataset, accuracy
 PAPER = {"plain backbone": 0.907, "gated (ours in the paper)": 0.951, "squeeze-excitation": 0.939,
-         "spatial (non-local)": 0.859, "dual (DANet)": 0.901, "global context (GCNet)": 0.937}
+         "spatial (non-local)": 0.859, "channel-wise (DANet CAM)": 0.883, "dual (DANet)": 0.901,
+         "global context (GCNet)": 0.937}
 
 
-def evaluate_run(run: Path, checkpoint: str = "last.pt", batch: int = 64, seed: int = 0) -> dict:
+def evaluate_run(run: Path, checkpoint: str = "best.pt", batch: int = 64, seed: int = 0) -> dict:
     """Test-split metrics of one checkpoint: accuracy, balanced accuracy, macro-F1 of ``logits`` (and of
-    ``global_logits``), R@1 / NMI / MAP@R of ``embedding``, and instance statistics.
-
-    ``last.pt``, not best.pt: the trainer picks best.pt on validation NMI, which can be an epoch with λ = 1 whose
-    fusion head (``logits``) was never trained."""
+    ``global_logits``), R@1 / NMI / MAP@R of ``embedding`` (the L2-normalised fused features), and instance
+    statistics. ``best.pt``: the bundle's selection, validation balanced accuracy of ``logits``."""
     import torch
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
@@ -193,9 +195,9 @@ def report(doc: dict) -> str:
              f"crops resized to {c['local_size']}×{c['local_size']}; {c['backbone']} (width ×{c['widen_factor']}) cut "
              f"after layer3 for both branches, no pretraining; Adam lr {c['lr']}, class-balanced batches "
              f"(4 per class), {c['epochs']} epochs, λ of Eq. 3 from 1 down by 0.1 per tenth of the run, seed "
-             f"{c['seed']}. Test metrics of the last epoch's checkpoint (last.pt: the end of the λ schedule; the "
-             "bundle's "
-             f"best.pt is chosen on validation NMI and can be an epoch whose fusion head was not yet trained). "
+             f"{c['seed']}. Test metrics of the bundle's best.pt (the epoch with the best validation balanced accuracy of "
+             "the fusion logits). R@1 / NMI: the embedding is the L2-normalised fused feature vector the "
+             "classifiers see. "
              f"Total {doc['total_s'] / 60:.1f} min on {doc['machine']['cores']} CPU cores shared with other jobs.", "",
              "| method | accuracy | balanced acc. | macro-F1 | global-head acc. | R@1 | NMI | boxes: found / area | "
              "s/epoch | wall (s) | paper acc. (fungi) |",

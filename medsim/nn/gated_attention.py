@@ -374,11 +374,12 @@ class FineGrainedMIL(nn.Module):
        ``local_size``, and embedded by a second, shared ResNet trunk (``local_backbone``) + global average pooling.
        Instance features are pooled (``instance_pool``: mean / max, or ``concat`` in size order as in the paper's
        Fig. 2).
-    4. Fusion: [global features, pooled instance features] → ``logits`` (Y_f); → a linear projection to
-       ``embedding_dim`` → L2-normalised ``embedding``.
+    4. Fusion: [global features, pooled instance features] → ``logits`` (Y_f). The ``embedding`` is that fused
+       feature vector, L2-normalised — the representation both cross-entropy terms train (the paper has no
+       metric loss; a separate projection head would stay at its random initialisation).
 
     ``n_instances=0`` gives the plain baseline: the global branch only (``logits`` = ``global_logits``; the
-    embedding projects the global features).
+    embedding is the normalised global features).
 
     Boxes are computed without gradient (the instance selection is not differentiable; the attention module
     learns through the global loss, as in the paper) and without data-dependent Python control flow, so the
@@ -395,7 +396,9 @@ class FineGrainedMIL(nn.Module):
         attention: name in :data:`FINE_GRAINED_ATTENTIONS`; ``attention_kwargs`` go to it.
         threshold: ``"mean"`` or a float in (0, 1) on the min–max scaled Ω.
         instance_pool: ``mean``, ``max`` or ``concat``.
-        embedding_dim: D.
+        embedding_dim: ``None`` (default): D = the fused feature size. An int adds a linear projection to D —
+            trained only by a loss that uses ``embedding`` (``FineGrainedLoss`` does not), so leave it ``None``
+            unless you add a metric term.
         widen_factor / local_widen_factor: trunk width multipliers.
         connectivity: 8 or 4 for the components.
 
@@ -409,7 +412,7 @@ class FineGrainedMIL(nn.Module):
                  spatial_dims: int = 2, in_channels: int = 3, cut: str = "layer3", local_cut: str | None = None,
                  global_size: Sequence[int] | int = (96, 96), local_size: Sequence[int] | int = (64, 64),
                  n_instances: int = 2, attention: str = "gated", attention_kwargs: dict | None = None,
-                 threshold: str | float = "mean", instance_pool: str = "mean", embedding_dim: int = 128,
+                 threshold: str | float = "mean", instance_pool: str = "mean", embedding_dim: int | None = None,
                  widen_factor: float = 1.0, local_widen_factor: float | None = None, connectivity: int = 8):
         super().__init__()
         if spatial_dims != 2:
@@ -441,10 +444,11 @@ class FineGrainedMIL(nn.Module):
         else:
             self.instance_pool = instance_pool
             self.fusion_classifier = None
-        self.embed = nn.Linear(fused, embedding_dim)
+        self.embed: nn.Module | None = nn.Linear(fused, embedding_dim) if embedding_dim is not None else None
         self.n_classes, self.n_instances, self.threshold = int(n_classes), int(n_instances), threshold
         self.connectivity = connectivity
-        self.spatial_dims, self.in_channels, self.embedding_dim = 2, in_channels, embedding_dim
+        self.spatial_dims, self.in_channels = 2, in_channels
+        self.embedding_dim = int(embedding_dim) if embedding_dim is not None else fused
 
     # -- parts
     def global_branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -501,7 +505,7 @@ class FineGrainedMIL(nn.Module):
             fused = torch.cat([g, self.instance_features(x, boxes)], 1)
             out["logits"] = self.fusion_classifier(fused)
             out["instance_boxes"], out["instance_valid"] = boxes, valid
-        out["embedding"] = F.normalize(self.embed(fused), dim=1)
+        out["embedding"] = F.normalize(self.embed(fused) if self.embed is not None else fused, dim=1)
         return out
 
 

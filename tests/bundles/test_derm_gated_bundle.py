@@ -17,7 +17,7 @@ BUNDLE = ROOT / "bundles" / "derm_gated"
 TINY = {"max_epochs": 2, "image_size": 64, "global_size": 32, "local_size": 32, "backbone": "resnet10",
         "widen_factor": 0.25, "embedding_dim": 16, "batch_size": 16, "eval_batch_size": 32,
         "train#handlers#4#_disabled_": True, "train#handlers#5#_disabled_": True}  # no TensorBoard, no progress bar
-VARIANTS = {"plain": "none", "se": "se", "spatial": "spatial", "dual": "dual", "gc": "gc"}
+VARIANTS = {"plain": "none", "se": "se", "spatial": "spatial", "channel": "channel", "dual": "dual", "gc": "gc"}
 
 
 def _train(dataset: Path, out: Path, variant: str | None = None, **extra) -> dict:
@@ -39,7 +39,10 @@ def test_trains_with_the_lambda_schedule(gated_run):
     test = json.loads((out / "eval_test.json").read_text())
     assert 0 <= test["R@1"] <= 1 and res["nmi"] == test["nmi"]
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in recs] == [1, 2] and all(r["K"] == 1 and r["learner_neurons"] == [16] for r in recs)
+    from medsim.export.run import load_run
+
+    d = load_run(out).network.embedding_dim  # the fused feature size: global + pooled instance channels
+    assert [r["epoch"] for r in recs] == [1, 2] and all(r["K"] == 1 and r["learner_neurons"] == [d] for r in recs)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["network_def"]["_target_"] == "medsim.nn.gated_attention.FineGrainedMIL" and cfg["attention"] == "gated"
     assert cfg["split_by"] == "lesion_id" and cfg["mode"] == "mml"  # the rest comes from isic_dsl
@@ -64,7 +67,8 @@ def test_onnx_export_parity_and_instance_boxes(gated_run, tmp_path):
     res = export_onnx(run, tmp_path / "onnx", opset=17, batch=2)
     m = res["manifest"]
     assert m["output_names"] == ["embedding", "attention", "logits"] and m["network"]["class"] == "FineGrainedMIL"
-    assert [o["shape"] for o in m["outputs"]] == [["batch", 16], ["batch", 1, 2, 2], ["batch", 4]]
+    d = run.network.embedding_dim
+    assert [o["shape"] for o in m["outputs"]] == [["batch", d], ["batch", 1, 2, 2], ["batch", 4]]
     assert max(m["parity"]["max_abs_diff"].values()) <= 1e-4
     # the boxes that feed the embedding: the same in the exported graph as in PyTorch
     images, _, _ = split_images(run, "validation")
@@ -100,7 +104,9 @@ def test_variants_wire_the_table2_modules():
         assert (net.local_trunk is None) == (variant == "plain")
         with torch.no_grad():
             out = net(torch.randn(2, 3, 64, 64))
-        assert out["embedding"].shape == (2, 16) and out["attention"].shape == (2, 1, 2, 2)
+        assert out["embedding"].shape == (2, net.embedding_dim) and out["attention"].shape == (2, 1, 2, 2)
+        assert net.embedding_dim == net.global_classifier.in_features + (0 if variant == "plain" else
+                                                                         net.global_classifier.in_features)
 
 
 def test_plain_variant_trains(sample_root, tmp_path):

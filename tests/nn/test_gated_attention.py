@@ -186,14 +186,21 @@ def test_model_outputs_and_plain_baseline():
 def test_gradients_reach_both_branches():
     from medsim.losses.fine_grained import FineGrainedLoss
 
-    m = _tiny(instance_pool="concat")
+    m = _tiny(instance_pool="concat", embedding_dim=None)
     loss_fn = FineGrainedLoss(fixed_lambda=0.5)
     loss_fn(m(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 0])).backward()
     for name in ("trunk.0.weight", "attention.blocks.0.conv.weight", "global_classifier.weight",
-                 "local_trunk.0.weight", "fusion_classifier.weight", "embed.weight"):
+                 "local_trunk.0.weight", "fusion_classifier.weight"):
         g = dict(m.named_parameters())[name].grad
-        assert (g is None) == (name == "embed.weight"), name  # the embedding head is not in the CE loss
-        assert g is None or float(g.abs().sum()) > 0, name
+        assert g is not None and float(g.abs().sum()) > 0, name
+    assert m.embed is None  # the embedding is the fused features the CE terms train, not an untrained head
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        out = m.eval()(x)
+        g = m.global_branch(x)[0].flatten(2).mean(-1)
+        fused = torch.cat([g, m.instance_features(x, out["instance_boxes"])], 1)
+    torch.testing.assert_close(out["embedding"], F.normalize(fused, dim=1))
+    assert m.embedding_dim == fused.shape[1]
     local_channels = m.local_trunk[-1][-1].conv2.out_channels
     assert m.fusion_classifier.in_features == m.global_classifier.in_features + 2 * local_channels  # concat of N = 2
 
