@@ -8,6 +8,10 @@ so the trainer can route any embedding subspace (DSL / MML learners) through it.
                 al. 2017, "Sampling matters"; used by divide-and-conquer MML and DSL)
 ``triplet``     PML ``TripletMarginLoss`` with semi-hard ``TripletMarginMiner``
 ``contrastive`` PML ``ContrastiveLoss`` (pos margin 0, neg margin 0.5 on Euclidean distances)
+``contrastive_abe``  ABE's Eq. 10 (Kim et al. 2018): PML ``ContrastiveLoss`` on *squared* Euclidean distances,
+                m_c = 1, ``MeanReducer`` (every pair counts, zero losses included). Eq. 10 divides the sum over
+                all pairs by one N; PML averages the positive and the negative pairs separately and adds the two
+                means — the same terms, weighted per pair type.
 ``classifier``  cross-entropy on the logits head; the embedding is the penultimate layer
 ==============  =======================================================================================
 """
@@ -22,7 +26,7 @@ from torch import nn
 
 __all__ = ["LOSSES", "MetricLoss", "ClassificationLoss", "make_loss"]
 
-LOSSES = ("margin", "triplet", "contrastive", "classifier")
+LOSSES = ("margin", "triplet", "contrastive", "contrastive_abe", "classifier")
 
 
 class MetricLoss(nn.Module):
@@ -69,6 +73,12 @@ def make_loss(name: str = "margin", *, n_classes: int | None = None, margin: flo
     if name == "triplet":
         return MetricLoss(losses.TripletMarginLoss(margin=0.1 if margin is None else margin, **kwargs),
                           miners.TripletMarginMiner(margin=0.1 if margin is None else margin, type_of_triplets="semihard"))
+    if name == "contrastive_abe":
+        from pytorch_metric_learning import reducers
+
+        return MetricLoss(losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0 if margin is None else margin,
+                                                 distance=distances.LpDistance(power=2),
+                                                 reducer=reducers.MeanReducer(), **kwargs))
     if name == "contrastive":
         return MetricLoss(losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5 if margin is None else margin,
                                                  distance=distances.LpDistance(), **kwargs))

@@ -74,6 +74,18 @@ def test_contrastive_loss_formula():
     torch.testing.assert_close(loss(e, y), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_contrastive_abe_is_eq10_of_the_abe_paper():
+    """Eq. 10: y·D² + (1 − y)·[m_c − D²]+ with m_c = 1 over all pairs i ≠ j (PML: the positive and the negative
+    pairs averaged separately, zero losses included)."""
+    e, y = _batch(2)
+    loss = make_loss("contrastive_abe")
+    d2 = torch.cdist(e, e) ** 2
+    n = len(y)
+    pos = torch.stack([d2[i, j] for i in range(n) for j in range(n) if i != j and y[i] == y[j]])
+    neg = torch.stack([F.relu(1.0 - d2[i, j]) for i in range(n) for j in range(n) if y[i] != y[j]])
+    torch.testing.assert_close(loss(e, y), pos.mean() + neg.mean(), atol=1e-5, rtol=1e-5)
+
+
 def test_classifier_loss_is_cross_entropy():
     e, y = _batch()
     logits = torch.randn(len(y), 3)
