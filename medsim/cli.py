@@ -164,22 +164,26 @@ def data_prepare(source: Path | None, layout: str, image_column: str | None, lab
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--variant", default=None, help="Override config in the bundle's configs/ (isic_dsl: margin, mml, triplet, "
                                                "contrastive, classifier; isic_abe: nodiv; derm_gated: plain, se, "
-                                               "spatial, dual, gc, histology; derm_lossattn: sigmoid, capsule, "
+                                               "spatial, channel, dual, gc, histology; derm_lossattn: sigmoid, capsule, "
                                                "mean, attention_mil, gated_mil).")
 @click.option("--dataset-dir", default=None, help="Dataset folder (ISIC 2019 or HAM10000 layout); default: the "
                                                   "embedded sample.")
 @click.option("--output", "output", default=None, help="Run directory (checkpoints, metrics, split).")
+@click.option("--lenient", is_flag=True, help="Skip unusable files/rows and train on the rest (listed in "
+                                              "<run>/skipped.json) instead of stopping.")
 @click.option("-o", "overrides", multiple=True, metavar="ID=VALUE",
               help="Override a config id, e.g. -o train#trainer#max_epochs=1 or -o max_k=4 (repeatable).")
-def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: str | None,
+def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: str | None, lenient: bool,
           overrides: tuple[str, ...]) -> None:
     """Train BUNDLE (e.g. bundles/isic_dsl); prints test NMI and R@1 of the best validation checkpoint.
 
     A run directory that holds last.pt resumes from it."""
     from medsim.engines.workflow import parse_overrides, train_bundle
 
-    summary = train_bundle(bundle, variant=variant, dataset_dir=dataset_dir, output_dir=output,
-                           overrides=parse_overrides(overrides))
+    ov = parse_overrides(overrides)
+    if lenient:
+        ov["lenient"] = True
+    summary = train_bundle(bundle, variant=variant, dataset_dir=dataset_dir, output_dir=output, overrides=ov)
     click.echo(f"run: {summary['output_dir']} ({summary['seconds']} s)")
     if "nmi" in summary:
         extra = (f"  accuracy {summary['accuracy']:.4f}  balanced accuracy {summary['balanced_accuracy']:.4f}"

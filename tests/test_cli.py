@@ -127,3 +127,34 @@ def test_train_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "cannot tell the dataset layout" in err and "Traceback" not in err
     code, _, err = run(["evaluate", str(tmp_path)], capsys)
     assert code == 2 and "config.json: not found" in err
+
+
+def test_strict_lists_bad_rows_and_bad_files_together(broken_folder, tmp_path, capsys):
+    root, bad = broken_folder
+    table = root / "HAM10000_metadata.csv"
+    lines = table.read_text().splitlines()
+    first = lines[1].split(",")
+    first[1] = "ISIC_missing"  # image_id of a file that does not exist
+    table.write_text("\n".join([*lines, ",".join(first)]) + "\n")
+    code, _, err = run(["data", "split", str(root), "--out", str(tmp_path / "s.json")], capsys)
+    assert code == 2 and "3 unusable file(s) or row(s)" in err, err
+    assert all(name in err for name in bad) and "ISIC_missing" in err
+    code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(root), "--output", str(tmp_path / "r"),
+                        "--lenient", "-o", "max_epochs=0"], capsys)
+    assert (tmp_path / "r" / "skipped.json").is_file(), err
+    assert len(json.loads((tmp_path / "r" / "skipped.json").read_text())["skipped"]) == 3
+
+
+def test_bad_overrides_and_a_run_folder_of_other_data_exit_2(sample_root, tmp_path, capsys):
+    code, _, err = run(["train", "bundles/isic_dsl", "-o", "max_epoch=3"], capsys)
+    assert code == 2 and "no such id" in err and "did you mean 'max_epochs'" in err
+    code, _, err = run(["train", "bundles/isic_dsl", "-o", "max_epochs=abc"], capsys)
+    assert code == 2 and "expects a number" in err and "Traceback" not in err
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    doc = {"meta": {"source": str(tmp_path / "elsewhere"), "by": "lesion_id", "classes": ["a"], "kind": "rgb2d"},
+           "training": [], "validation": [], "test": []}
+    (run_dir / "split.json").write_text(json.dumps(doc))
+    code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(sample_root / "derm"), "--output",
+                        str(run_dir)], capsys)
+    assert code == 2 and "split made for other data" in err and "elsewhere" in err, err

@@ -14,6 +14,7 @@ Volumes follow MONAI's conventions: array axes (i=column, j=row, k=slice), RAS a
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
@@ -378,8 +379,9 @@ def _make_series(uid: str, members: list[tuple[str, Any]]) -> tuple[DicomSeries 
         gaps = np.diff(z)
         if len(gaps) and gaps.max() > 1.5 * np.median(gaps):
             k = int(np.argmax(gaps))
-            logger.warning("series %s: uneven slice spacing, %.2f mm gap after slice %d (median %.2f mm): "
-                           "a slice may be missing", uid[-12:], gaps[k], k, np.median(gaps))
+            logger.warning("series sha256:%s: uneven slice spacing, %.2f mm gap after slice %d (median %.2f mm): "
+                           "a slice may be missing", hashlib.sha256(uid.encode()).hexdigest()[:12], gaps[k], k,
+                           np.median(gaps))
     s = DicomSeries(
         series_uid=uid, files=[f for f, _, _ in positioned], rows=int(first.Rows), columns=int(first.Columns),
         pixel_spacing=(ps[0], ps[1]), orientation=iop, positions=[p for _, _, p in positioned if p is not None],

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from pathlib import Path
 
-__all__ = ["SAFE_FIELDS", "HASHED_FIELDS", "Anonymizer", "load_or_create_salt"]
+__all__ = ["SAFE_FIELDS", "HASHED_FIELDS", "Anonymizer", "load_or_create_salt", "salt_path"]
 
 #: metadata keys a datalist item may carry; anything else a reader finds is dropped.
 HASHED_FIELDS = ("patient", "study", "series", "group")
@@ -22,16 +23,35 @@ SAFE_FIELDS = ("id", "image", "mask", "label", "label_name", *HASHED_FIELDS, "vi
                "location", "size", "level", "tissue_fraction")
 
 SALT_ENV = "MEDSIM_SALT"
+SALT_FILE_ENV = "MEDSIM_SALT_FILE"
 DEFAULT_SALT_FILE = ".medsim-salt"
+
+logger = logging.getLogger(__name__)
+
+
+def salt_path() -> Path:
+    """Where the project's salt lives: ``$MEDSIM_SALT_FILE``; else the first ``.medsim-salt`` in the working
+    folder or one of its parents (a project keeps one at its root, like ``.git``); else the user's
+    ``~/.config/medsim/salt`` — so running from a sub-folder never creates a second salt (which would give the same
+    patient two different tokens)."""
+    env = os.environ.get(SALT_FILE_ENV)
+    if env:
+        return Path(env)
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / DEFAULT_SALT_FILE).is_file():
+            return folder / DEFAULT_SALT_FILE
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config / "medsim" / "salt"
 
 
 def load_or_create_salt(path: str | os.PathLike | None = None) -> bytes:
-    """The project's salt: ``$MEDSIM_SALT`` if set, else the file ``path`` (created with 32 random bytes,
-    mode 0600, when missing). Keep the file with the project and out of version control."""
+    """The project's salt: ``$MEDSIM_SALT`` if set, else the file ``path`` (default :func:`salt_path`), created
+    with 32 random bytes, mode 0600, when missing. Keep the file with the project and out of version control."""
     env = os.environ.get(SALT_ENV)
     if env:
         return env.encode()
-    p = Path(path if path is not None else DEFAULT_SALT_FILE)
+    p = Path(path) if path is not None else salt_path()
     if p.exists():
         return p.read_bytes().strip()
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +59,8 @@ def load_or_create_salt(path: str | os.PathLike | None = None) -> bytes:
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(salt)
+    logger.warning("created a new anonymisation salt in %s: identifiers hashed with it match only runs that use "
+                   "the same salt (keep it; set %s or %s to share one)", p, SALT_ENV, SALT_FILE_ENV)
     return salt
 
 

@@ -35,7 +35,9 @@ def load_checked(source: str | os.PathLike, *, layout: str = "auto", lenient: bo
                  **options: Any) -> tuple[Source, ValidationResult]:
     """Read ``source`` and open every file. In lenient mode the skip report is written to ``report_path``
     (default ``<source name>-skipped.json`` in the working directory) and its path set on the result."""
-    src = open_source(source, layout=layout, lenient=lenient, **options)
+    # strict mode still reads the table leniently when images are decoded next, so that one error lists every
+    # bad row *and* every bad file (validate_source raises with both)
+    src = open_source(source, layout=layout, lenient=lenient or decode, **options)
     report_path = Path(report_path) if report_path is not None else _default_report_path(source)
     if decode:
         result = validate_source(src, lenient=lenient, progress=progress, report_path=report_path)

@@ -482,7 +482,7 @@ def open_source(path: str | os.PathLike, *, layout: str = "auto", lenient: bool 
         layout: one of :data:`LAYOUTS` or ``"auto"``.
         lenient: skip bad rows/files and list them in ``Source.bad`` instead of raising.
         anonymizer: hashes identifiers; by default one keyed with the project salt (``$MEDSIM_SALT`` or
-            ``salt_file``, default ``.medsim-salt``).
+            ``salt_file``, default :func:`medsim.data.phi.salt_path`).
         options: layout-specific (``image_column``, ``label_column``, ``classes`` for CSV; ``patch_size``,
             ``tissue_threshold`` for TIFF).
     """

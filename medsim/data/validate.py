@@ -146,9 +146,11 @@ def validate_source(source: Source, *, lenient: bool = False, progress: bool = T
         if "channels" in info:
             result.channels[info["channels"]] += 1
         keep.append(it)
-    if bad_now and not lenient:
-        raise DataError(items=bad_now, header=f"{len(bad_now)} unusable file(s) in {source.root}; nothing was "
-                                              f"trained. Fix or remove them, or run in lenient mode to skip them:")
+    if (bad_now or source.bad) and not lenient:  # every problem at once: table rows and undecodable files
+        everything = [*source.bad, *bad_now]
+        raise DataError(items=everything, header=f"{len(everything)} unusable file(s) or row(s) in {source.root}; "
+                                                 "nothing was trained. Fix or remove them, or run in lenient mode "
+                                                 "(--lenient) to skip them:")
     for b in bad_now:
         result.report.add(b)
     source.items[:] = keep

@@ -37,22 +37,24 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
 
     out = Path(output_dir)
     split_file = out / "split.json"
+    if not dataset_dir:
+        from medsim.data.sample import ensure_sample
+
+        dataset_dir = ensure_sample() / "derm"
     if split_file.is_file():
         doc = load_split(split_file)
         meta = doc["meta"]
+        _check_same_request(split_file, meta, source=str(Path(dataset_dir).resolve()), by=by, max_items=max_items)
         logger.info("reusing split %s", split_file)
     else:
-        if not dataset_dir:
-            from medsim.data.sample import ensure_sample
-
-            dataset_dir = ensure_sample() / "derm"
         src, _ = load_checked(dataset_dir, layout=layout, lenient=lenient, report_path=out / "skipped.json")
         items = src.items
         if max_items is not None and len(items) > max_items:
             items = _stratified_subset(items, max_items, seed)
         splits = split_items(items, by=by, fractions=fractions, seed=seed)
         meta = {"source": str(Path(dataset_dir).resolve()), "layout": src.layout, "kind": src.kind, "by": by,
-                "fractions": list(fractions), "seed": seed, "classes": src.classes, "skipped": len(src.bad)}
+                "fractions": list(fractions), "seed": seed, "classes": src.classes, "skipped": len(src.bad),
+                "max_items": max_items}
         save_split(splits, split_file, dataset_dir=src.root, meta=meta)
         doc = load_split(split_file)
     result: dict[str, Any] = {"classes": meta["classes"], "kind": meta["kind"]}
@@ -60,6 +62,22 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
         result[key] = [{"image": it["image"], "label": it["label"], "index": i,
                         **({"mask": it["mask"]} if "mask" in it else {})} for i, it in enumerate(doc.get(key, []))]
     return result
+
+
+def _check_same_request(split_file: Path, meta: dict[str, Any], *, source: str, by: str,
+                        max_items: int | None) -> None:
+    """A run directory's split.json is reused (resumes, shared benchmark splits) only for the data it was made
+    from: another dataset, grouping or subset size would silently train and report on the old one."""
+    had = {"dataset": meta.get("source"), "split_by": meta.get("by"), "max_items": meta.get("max_items", max_items)}
+    want = {"dataset": source, "split_by": by, "max_items": max_items}
+    if had["dataset"] is not None and Path(str(had["dataset"])).resolve() == Path(source):
+        had["dataset"] = source
+    if had["split_by"] is not None and by in ("group", "lesion_id") and had["split_by"] in ("group", "lesion_id"):
+        had["split_by"] = by  # aliases of the same key
+    diff = [f"{k} {had[k]!r} (asked: {want[k]!r})" for k in want if had[k] is not None and had[k] != want[k]]
+    if diff:
+        raise MedsimError(f"{split_file}: this run directory holds a split made for other data — {'; '.join(diff)}; "
+                          "train into a new directory (--output DIR) or delete this one to start over")
 
 
 def _stratified_subset(items: list[dict], n: int, seed: int) -> list[dict]:
@@ -174,6 +192,7 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
 
     bundle = Path(bundle)
     ov = dict(overrides or {})
+    _check_overrides(bundle, variant, ov)
     ov["bundle_root"] = str(bundle.resolve())
     if dataset_dir is not None:
         ov["dataset_dir"] = str(Path(dataset_dir).resolve())
@@ -200,6 +219,35 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
     if test.is_file():
         summary.update(json.loads(test.read_text()))
     return summary
+
+
+def _check_overrides(bundle: Path, variant: str | None, overrides: dict[str, Any]) -> None:
+    """Each ``-o ID=VALUE`` names an id of the bundle's config, and a number / flag stays one (a typo would
+    otherwise surface as an error deep inside training)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files(_bundle_files(bundle, variant)))
+    problems = []
+    for key, value in overrides.items():
+        parent = key.rsplit("#", 1)[0] if "#" in key else None
+        if key not in parser and parent is not None and parent in parser and isinstance(parser[parent], dict):
+            continue  # a new key in an existing section (MONAI allows it, e.g. handlers#4#_disabled_)
+        if key not in parser:
+            import difflib
+
+            ids = [k for k in parser.get() if isinstance(k, str)] if isinstance(parser.get(), dict) else []
+            close = difflib.get_close_matches(key, ids, n=1)
+            problems.append(f"-o {key}: no such id in {bundle}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            continue
+        old = parser[key]
+        expr = isinstance(value, str) and value[:1] in ("$", "@", "%")
+        if isinstance(old, bool) and not (isinstance(value, bool) or expr):
+            problems.append(f"-o {key}={value!r}: expects true or false")
+        elif isinstance(old, (int, float)) and not isinstance(old, bool) and not expr and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"-o {key}={value!r}: expects a number (it is {old!r} in the bundle)")
+    if problems:
+        raise MedsimError("; ".join(problems))
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint: str = "best.pt",
