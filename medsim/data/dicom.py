@@ -289,7 +289,7 @@ def _list_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(str(path), "no such file or directory")
     return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and p.name.upper() != "DICOMDIR")
+                  and p.name.upper() != "DICOMDIR" and not p.name.lower().endswith((".nii", ".nii.gz", ".json")))
 
 
 def scan_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> DicomScan:
@@ -324,6 +324,7 @@ def scan_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> DicomSc
                    else f"no-series-uid:{f}")
         ds.PixelData = b""  # keep the header only; pixels are decoded when a series is loaded
         groups[uid].append((str(f), ds))
+    bad.extend(_strays_beside_uidless_series(groups))
     series = []
     for uid, members in groups.items():
         s, rejected = _make_series(uid, members)
@@ -332,6 +333,31 @@ def scan_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> DicomSc
             series.append(s)
     series.sort(key=lambda s: s.files[0])
     return DicomScan(str(root), series, bad, len(files))
+
+
+def _strays_beside_uidless_series(groups: dict[str, list[tuple[str, Any]]]) -> list[BadItem]:
+    """Without SeriesInstanceUID, slices are grouped by folder and geometry; a file whose geometry differs from a
+    folder's multi-slice series would then become a "series" of its own, silently. When a folder holds one such
+    series (≥ 3 slices), its other UID-less, positioned files are foreign slices: removed from ``groups`` and
+    returned as bad items naming how they differ."""
+    by_folder: dict[str, list[str]] = defaultdict(list)
+    for key in groups:
+        if key.startswith("no-series-uid:") and "ImagePositionPatient" in groups[key][0][1]:
+            by_folder[str(Path(groups[key][0][0]).parent)].append(key)
+    bad: list[BadItem] = []
+    for keys in by_folder.values():
+        if len(keys) < 2:
+            continue
+        keys.sort(key=lambda k: -len(groups[k]))
+        main = groups[keys[0]]
+        if len(main) < 3 or len(groups[keys[1]]) == len(main):
+            continue  # no single dominant series: leave the groups as they are
+        ref = _geometry_key(main[0][1])
+        for k in keys[1:]:
+            for f, ds in groups.pop(k):
+                bad.append(BadItem(f, _describe_mismatch(_geometry_key(ds), ref)
+                                   + f" (no SeriesInstanceUID; beside a {len(main)}-slice series in the same folder)"))
+    return bad
 
 
 def _geometry_key(ds) -> tuple:

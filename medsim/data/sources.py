@@ -359,7 +359,8 @@ def _guess_kind(items: list[dict]) -> str:
 
 
 def read_dicom_source(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Source:
-    """DICOM files or series. Multi-slice series become one 3D item (``image`` = its files in slice order);
+    """DICOM files or series. Multi-slice series become one 3D item (``image`` = its files in slice order; ``mask``
+    = the NIfTI label map beside it, ``labels.nii.gz`` in its folder or the folder above, when there is one);
     single images (X-ray) one 2D item each."""
     from medsim.data.dicom import scan_dicom
 
@@ -375,6 +376,10 @@ def read_dicom_source(root: Path, anon: Anonymizer, *, lenient: bool = False) ->
             "image": s.files[0] if s.n_slices == 1 else list(s.files),
             "patient": s.patient_id, "study": s.study_uid, "series": s.series_uid, "view": s.view,
             "laterality": s.laterality}
+        if s.n_slices > 1 and root.is_dir():
+            label = _series_label_map(first.parent, root)
+            if label is not None:
+                it["mask"] = label
         items.append(it)
     info = {"n_files": scan.n_files, "series": [
         {"files": s.n_slices, "shape": list(s.shape), "spacing": [round(v, 4) for v in s.spacing],
@@ -437,6 +442,22 @@ _READERS: dict[str, Callable[..., Source]] = {
     "dicom": read_dicom_source, "nifti": read_nifti, "tiff": read_tiff}
 
 
+def _is_label_map(p: Path) -> bool:
+    return p.name.lower().startswith(("label", "seg", "mask")) or p.parent.name in ("masks", "labels", "labelsTr")
+
+
+def _series_label_map(series_folder: Path, root: Path) -> str | None:
+    """The one NIfTI label map beside a DICOM series: in its folder, else in its parent while still under
+    ``root`` (``case/slices/*.dcm`` + ``case/labels.nii.gz``)."""
+    for folder in (series_folder, series_folder.parent):
+        if folder != series_folder and root.resolve() not in (folder.resolve(), *folder.resolve().parents):
+            break
+        maps = [p for p in folder.glob("*.nii*") if _is_label_map(p)]
+        if len(maps) == 1:
+            return str(maps[0])
+    return None
+
+
 def detect_layout(path: Path) -> str:
     """Guess the layout of ``path`` from the files it holds; raise a DataError saying what was looked for."""
     if not path.exists():
@@ -454,7 +475,11 @@ def detect_layout(path: Path) -> str:
         return "ham10000"
     if (path / "ISIC_2019_Training_GroundTruth.csv").is_file():
         return "isic2019"
-    if (path / "imagesTr").is_dir() or any(path.glob("*.nii*")) or any(path.glob("*/*.nii*")):
+    niis = [*path.glob("*.nii*"), *path.glob("*/*.nii*")]
+    if niis and all(_is_label_map(p) for p in niis) and any(
+            p.suffix.lower() in (".dcm", ".dicom", ".ima") for p in path.rglob("*")):
+        return "dicom"  # a DICOM series with its label map as NIfTI (e.g. slices/ + labels.nii.gz)
+    if (path / "imagesTr").is_dir() or niis:
         return "nifti"
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
     csvs = [p for p in files if p.suffix.lower() == ".csv"]

@@ -564,6 +564,23 @@ def test_anonymised_series_without_uid_groups_by_folder_and_geometry(tmp_path, u
     assert {Path(s.files[0]).parent.name for s in scan.series} == {"a", "b"}
 
 
+def test_foreign_file_beside_an_anonymised_series_is_reported(tmp_path):
+    import shutil
+
+    write_series(tmp_path / "a", series_uid="")
+    stray = tmp_path / "a" / "zz_stray.dcm"
+    shutil.copy(bundled("CT_small.dcm"), stray)  # a 128x128 CT slice; blank its UID like the series'
+    ds = pydicom.dcmread(stray)
+    ds.SeriesInstanceUID = ""
+    ds.save_as(stray)
+    scan = D.scan_dicom(tmp_path / "a")
+    assert [s.n_slices for s in scan.series] == [N]
+    (b,) = scan.bad
+    assert b.path == str(stray) and "foreign slice in series: Rows 128" in b.reason and "no SeriesInstanceUID" in b.reason
+    with pytest.raises(DataError, match="zz_stray.dcm"):
+        D.load_dicom(tmp_path / "a")
+
+
 def test_empty_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="expected one series, found 0"):
@@ -638,3 +655,16 @@ def test_unicode_and_spaces_in_paths(tmp_path):
     with pytest.raises(DataError) as e:
         D.load_dicom(folder)
     assert f"{bad}: empty file" in str(e.value)
+
+
+def test_series_folder_with_a_nifti_label_map_is_a_dicom_source(tmp_path):
+    import nibabel as nib
+
+    from medsim.data.sources import open_source
+
+    write_series(tmp_path / "case" / "slices")
+    nib.save(nib.Nifti1Image(np.zeros((COLS, ROWS, N), np.uint8), np.eye(4)), str(tmp_path / "case" / "labels.nii.gz"))
+    src = open_source(tmp_path / "case")
+    assert src.layout == "dicom" and src.bad == []
+    (item,) = src.items
+    assert len(item["image"]) == N and item["mask"] == str(tmp_path / "case" / "labels.nii.gz")

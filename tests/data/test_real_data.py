@@ -46,6 +46,20 @@ def test_ct_dicom_series_matches_its_label_map(shared_data):
     assert hu[labels > 0].mean() > 0 > hu[labels == 0].mean() - 400  # organs are tissue, outside has air
 
 
+def test_ct_dicom_series_folder_opens_with_its_label_map(shared_data):
+    from medsim.data.transforms import ct3d_transforms
+    from medsim.data.validate import validate_source
+
+    src = open_source(shared_data / "ct" / "dicom_series")  # slices/ + labels.nii.gz: detected as DICOM
+    assert src.layout == "dicom" and src.kind == "ct3d" and src.bad == []
+    (item,) = src.items
+    assert len(item["image"]) == 20 and item["mask"] == str(shared_data / "ct" / "dicom_series" / "labels.nii.gz")
+    assert list(validate_source(src, progress=False).shapes) == [(512, 512, 20)]
+    out = ct3d_transforms((64, 64, 16), pixdim=(4.0, 4.0, 4.0), with_mask=True)(
+        {"image": item["image"], "mask": item["mask"]})
+    assert out["image"].shape == out["mask"].shape == (1, 64, 64, 16) and float(out["mask"].max()) > 0
+
+
 def test_ct_nifti_volumes(shared_data):
     src = open_source(shared_data / "ct" / "abdomen_3mm")
     assert len(src.items) == 1 and src.items[0]["mask"].endswith("labels.nii.gz")
