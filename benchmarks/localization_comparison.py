@@ -44,12 +44,25 @@ from deploy_ham import _gradcam, _split_items, _torch_outputs, ham_boxes, score_
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset-dir", type=Path, default=Path("../shared/data/ham10000"))
-    ap.add_argument("--method", action="append", required=True,
+    ap.add_argument("--method", action="append",
                     help="NAME=RUN_DIR[:gradcam] (repeat); ':gradcam' scores Grad-CAM of the run's classifier")
+    ap.add_argument("--report-from", type=Path, default=None,
+                    help="re-write <out>.md from this results JSON (nothing is scored)")
+    ap.add_argument("--reading", type=Path, default=None,
+                    help="a hand-written markdown reading to store in the JSON (kept by --report-from re-renders)")
     ap.add_argument("--max-images", type=int, default=0, help="score at most this many shared test images")
     ap.add_argument("--out", default="benchmarks/results/localization_comparison")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.report_from is not None:
+        doc = json.loads(args.report_from.read_text())
+        if args.reading is not None:
+            doc["reading"] = args.reading.read_text()
+            Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1))
+        Path(f"{args.out}.md").write_text(report(doc, args.out))
+        return 0
+    if not args.method:
+        ap.error("--method is required (or --report-from)")
     t0 = time.perf_counter()
     methods: dict[str, tuple[Path, str]] = {}
     for spec in args.method:
@@ -91,11 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
            "images": len(items), "results": results, "seconds_per_method": seconds,
            "seconds": round(time.perf_counter() - t0, 1)}
+    if args.reading is not None:
+        doc["reading"] = args.reading.read_text()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(doc, indent=1))
+    text = report(doc, args.out)
+    Path(f"{args.out}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def report(doc: dict, out: str) -> str:
+    """The markdown table (+ the stored hand-written reading, if any) of a results JSON."""
+    results = doc["results"]
     lines = ["# Lesion localization on HAM10000: every method, one protocol", "",
              f"Command: `{doc['command']}`", "",
-             f"{len(items)} test images shared by all runs (lesion-grouped split; maps upsampled to 200×150, Otsu "
+             f"{doc['images']} test images shared by all runs (lesion-grouped split; maps upsampled to 200×150, Otsu "
              "threshold; see the script's docstring for each metric).", "",
              "| method | map | Dice | IoU | pointing | box hit | patch P | patch R | patch F | AP@0.5 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -104,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {k} | {v['map']} {shape} | {v['dice']:.3f} | {v['iou']:.3f} | {v['pointing']:.3f} | "
                      f"{v['box_hit']:.3f} | {v['patch_precision']:.3f} | {v['patch_recall']:.3f} | "
                      f"{v['patch_f']:.3f} | {v['ap50']:.3f} |")
-    lines += ["", f"Overlays (rows: methods; white: lesion outline): `{Path(args.out).name}_overlays.png`. "
+    lines += ["", f"Overlays (rows: methods; white: lesion outline): `{Path(out).name}_overlays.png`. "
                   f"Total {doc['seconds']} s."]
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    if doc.get("reading"):
+        lines += ["", doc["reading"].rstrip()]
+    return "\n".join(lines) + "\n"
 
 
 def _overlays(maps_by_method: dict[str, np.ndarray], items: list[dict], path: str, n: int = 6) -> None:
