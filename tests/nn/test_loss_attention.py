@@ -206,14 +206,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_toy_highest_weight_patch_is_the_class_bearing_one(one_thread):
+@pytest.mark.parametrize("head", ["softmax", "capsule"])
+def test_toy_highest_weight_patch_is_the_class_bearing_one(one_thread, head):
     from medsim.losses.loss_attention import LossAttentionLoss
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     # non-overlapping 4×4 patches (patch conv 4×4, stride 4) so that "the" class-bearing patch is unique
     net = LossAttentionNet("resnet10", n_classes=2, cut="layer1", widen_factor=0.25, strided=(), patch_channels=16,
-                           patch_kernel=4, patch_stride=4)
+                           patch_kernel=4, patch_stride=4, head=head)
     loss = LossAttentionLoss(gamma_max=0.1)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(150):
