@@ -257,13 +257,16 @@ def index() -> None:
               help="ivfpq: re-rank REFINE·k PQ candidates by exact distance (keeps the full vectors; 0: off).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"]), default="auto",
               show_default=True)
-def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, refine: int, backend: str) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="int8: embed with the export's onnxruntime INT8 model (CPU); search then uses it too.")
+def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, refine: int, backend: str,
+                precision: str) -> None:
     """Embed the cases of DATA and save a faiss index with their records (no patient ids in clear)."""
     from medsim.deploy.tasks import build_index
 
     extra = {"refine": refine} if refine else {}
     r = build_index(model_dir, data, out, split=split, kind=kind, backend=backend, progress=sys.stderr.isatty(),
-                    **extra)
+                    precision=precision, **extra)
     click.echo(f"indexed {r['cases']} cases ({r['kind']}, {r['backend']}) -> {r['index']}")
 
 
@@ -284,8 +287,10 @@ _BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
 @click.option("--html", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the results as pictures: an HTML page, or one PNG grid when the name ends in .png.")
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
+              help="Model to embed queries with (default: the one the index was built with).")
 def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, split: str, k: int,
-           model_dir: Path | None, html: Path | None, backend: str) -> None:
+           model_dir: Path | None, html: Path | None, backend: str, precision: str | None) -> None:
     """Find the K most similar indexed cases for each IMAGE (or each case of --data)."""
     import numpy as np
 
@@ -298,7 +303,8 @@ def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, spli
         cases = read_cases(queries, split=split)
         images = tuple(Path(c["uri"]) for c in cases)
         labels = [c.get("label") for c in cases]
-    hits = search_images(index_dir, images, k=k, model_dir=model_dir, html=html, labels=labels, backend=backend)
+    hits = search_images(index_dir, images, k=k, model_dir=model_dir, html=html, labels=labels, backend=backend,
+                         precision=precision)
     if len(images) <= 50:
         for img, row in zip(images, hits):
             click.echo(f"{img}")
@@ -338,8 +344,10 @@ def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | 
 @click.option("--threshold", default="otsu", show_default=True, callback=_threshold,
               help="'otsu' or a number in [0, 1].")
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="int8: the export's onnxruntime INT8 model (CPU).")
 def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path | None, mask_files: tuple[Path, ...],
-             threshold: str | float, backend: str) -> None:
+             threshold: str | float, backend: str, precision: str) -> None:
     """Lesion masks, boxes and overlays from the model's attention for each IMAGE (a 2D image, or for 3D models a
     NIfTI volume or DICOM series folder)."""
     from medsim.deploy.tasks import _stem, localize_images
@@ -357,7 +365,7 @@ def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path |
                                                          ".nii.gz")]
             gts.append(next((c for c in cands if c.is_file() and c.resolve() != img.resolve()), None))
     r = localize_images(model_dir, images, out, masks=gts, threshold=threshold, backend=backend,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), precision=precision)
     click.echo(f"localized {r['images']} image(s) -> {r['out']}")
     if "dice" in r:
         click.echo(f"Dice {r['dice']:.3f}  IoU {r['iou']:.3f}  pointing {r['pointing']:.3f}  box hit {r['box_hit']:.3f}"

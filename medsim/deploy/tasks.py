@@ -55,6 +55,25 @@ def read_cases(data: str | os.PathLike, *, split: str = "training") -> list[dict
     return out
 
 
+def _engine(model_dir: Path, backend: str, precision: str, **kwargs: Any) -> Any:
+    """An EmbeddingEngine for the export's fp32 model, or (``precision="int8"``) its onnxruntime INT8 model —
+    a CPU model (static QDQ / dynamic quantization): ``backend="auto"`` then means ``ort-cpu``; GPU hosts get their
+    INT8 speed from a TensorRT engine instead (``medsim export --trt --precision int8``)."""
+    from medsim.deploy.engine import EmbeddingEngine
+    from medsim.deploy.preprocess import load_manifest
+
+    if precision not in ("fp32", "int8"):
+        raise DeployError(f"precision must be 'fp32' or 'int8', got '{precision}'")
+    if precision == "fp32":
+        return EmbeddingEngine(model_dir, backend=backend, **kwargs)
+    section = load_manifest(model_dir).get("int8")
+    if not section:
+        raise DeployError(f"{model_dir}: the export has no INT8 model; make one with "
+                          "`medsim export RUN --out DIR --quantize static`")
+    return EmbeddingEngine(model_dir, backend="ort-cpu" if backend == "auto" else backend,
+                           model=str(section.get("model", "model.int8.onnx")), **kwargs)
+
+
 def _model_id(model_dir: Path) -> str:
     from medsim.deploy.preprocess import load_manifest
 
@@ -67,12 +86,11 @@ def _model_id(model_dir: Path) -> str:
 
 def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                 split: str = "training", kind: str = "flat", backend: str = "auto", batch_size: int = 32,
-                progress: bool = True, **index_kwargs: Any) -> dict[str, Any]:
+                progress: bool = True, precision: str = "fp32", **index_kwargs: Any) -> dict[str, Any]:
     """Embed the cases of ``data`` with the exported model in ``model_dir`` and save a CaseIndex to ``out``
     (``index_kwargs``: :class:`~medsim.deploy.index.CaseIndex` parameters, e.g. ``refine=4`` for ``ivfpq``).
     Options and case count are checked before any image is embedded; the index records ``model_dir`` in its
     ``info`` so ``medsim search`` finds the model."""
-    from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.index import CaseIndex
     from medsim.deploy.preprocess import load_manifest
 
@@ -91,7 +109,8 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
                           f"{index.min_train_size} to train its quantizers (2**nbits codes); use --kind flat "
                           "(exact, and fast for collections this small) or hnsw")
     index.info["model_dir"] = str(model_dir.resolve())
-    with EmbeddingEngine(model_dir, backend=backend, batch_size=batch_size) as engine:
+    index.info["precision"] = precision
+    with _engine(model_dir, backend, precision, batch_size=batch_size) as engine:
         emb = _embed(engine, [c["uri"] for c in cases], batch_size, progress)["embedding"]
         used = engine.backend
     try:
@@ -138,10 +157,10 @@ def _index_model_dir(index_dir: Path, model_dir: str | os.PathLike | None) -> Pa
 
 def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLike], *, k: int = 5,
                   model_dir: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
-                  labels: Sequence[str | None] | None = None, backend: str = "auto") -> list[list[Any]]:
+                  labels: Sequence[str | None] | None = None, backend: str = "auto",
+                  precision: str | None = None) -> list[list[Any]]:
     """Nearest cases of each query image: ``[[Hit, ...], ...]`` (best first). ``html`` writes a picture page
     (a ``.png`` name: one grid image instead); ``labels`` (one per query) colour the frames of matching hits."""
-    from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.index import CaseIndex
 
     index_dir = Path(index_dir)
@@ -149,7 +168,9 @@ def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLi
         index_dir = index_dir.parent
     mdir = _index_model_dir(index_dir, model_dir)
     index = CaseIndex.load(index_dir, expected_model_id=_model_id(mdir))
-    with EmbeddingEngine(mdir, backend=backend) as engine:
+    if precision is None:  # queries are embedded like the cases were
+        precision = str(index.info.get("precision", "fp32"))
+    with _engine(mdir, backend, precision) as engine:
         emb = engine.embed([str(i) for i in images])["embedding"]
     hits = index.search(emb, k)
     if html is not None:
@@ -194,13 +215,12 @@ _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                     masks: Sequence[str | os.PathLike | None] | None = None, threshold: str | float = "otsu",
-                    backend: str = "auto", progress: bool = True) -> dict[str, Any]:
+                    backend: str = "auto", progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
     """Localize lesions in ``images`` from the model's attention; writes ``<stem>_mask.png``,
     ``<stem>_boxes.json``, ``<stem>_overlay.png`` under ``out`` (3D models: ``<stem>_mask.nii.gz``,
     ``<stem>_heatmap.nii.gz``, boxes and a peak-slice overlay, see :func:`medsim.deploy.volume.localize_volume`).
     With ground-truth ``masks`` also ``localization.json`` / ``localization.md`` (mean Dice, IoU, pointing game,
     box hit rate over the images whose mask is not empty)."""
-    from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.localizer import Localizer, box_hit, dice, iou, pointing_game
     from medsim.deploy.preprocess import load_manifest
 
@@ -215,8 +235,9 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
     if kind == "ct3d":
         from medsim.deploy.volume import localize_volumes
 
-        return localize_volumes(Path(model_dir), images, out, loc, masks=masks, backend=backend, progress=progress)
-    with EmbeddingEngine(Path(model_dir), backend=backend) as engine:
+        return localize_volumes(Path(model_dir), images, out, loc, masks=masks, backend=backend, progress=progress,
+                                precision=precision)
+    with _engine(Path(model_dir), backend, precision) as engine:
         res = _embed(engine, [str(i) for i in images], 32, progress, sizes=True)
     rows = []
     for i, img in enumerate(images):

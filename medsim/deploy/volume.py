@@ -249,7 +249,7 @@ def _display_slice(volume: np.ndarray, z: int) -> np.ndarray:
 
 def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, localizer: Any, *,
                      masks: Sequence[str | os.PathLike | None] | None = None, backend: str = "auto",
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
     """3D counterpart of :func:`medsim.deploy.tasks.localize_images`, on the model grid (RAS, training spacing,
     ``spatial_size``): per volume ``<stem>_mask.nii.gz`` (uint8), ``<stem>_heatmap.nii.gz`` (float32), both with
     the grid's affine so they overlay the original scan in world coordinates; ``<stem>_boxes.json`` (voxel boxes
@@ -260,17 +260,16 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.localizer import Localization, _rgb_image, dice, iou, overlay
     from medsim.deploy.preprocess import load_manifest
-    from medsim.deploy.tasks import _localization_summary, _stem
+    from medsim.deploy.tasks import _engine, _localization_summary, _stem
     from medsim.errors import atomic_write_text
     from medsim.viz.contact_sheet import save_png
 
     prep = load_manifest(model_dir)["preprocessing"]
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with EmbeddingEngine(model_dir, backend=backend, batch_size=1) as engine:
+    with _engine(model_dir, backend, precision, batch_size=1) as engine:
         for i, vol in enumerate(tqdm(volumes, desc="localizing", unit="volume", disable=not progress, leave=False)):
             grid, affine = model_grid(vol, prep)
             att = engine.run(grid[None, None])["attention"][0, 0]

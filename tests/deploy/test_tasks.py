@@ -201,3 +201,41 @@ def test_localize_reads_0_1_masks_and_skips_empty_ones(model_dir, sample_root, t
                       "--masks", str(sample_root / "derm" / "masks")], capsys)
     same = json.loads((tmp_path / "l255" / "localization.json").read_text())
     assert same["summary"]["dice"] == pytest.approx(ref["summary"]["dice"])  # 0/1 and 0/255 masks agree
+
+
+def test_int8_model_through_index_search_and_localize(model_dir, tiny_run, sample_root, tmp_path, capsys):
+    import shutil
+
+    from medsim.deploy.engine import EmbeddingEngine
+    from medsim.export.manifest import update_manifest
+    from medsim.export.quantize import quantize_onnx
+
+    d = tmp_path / "export"
+    shutil.copytree(model_dir, d)
+    img = sorted((sample_root / "derm" / "images").glob("*.png"))[0]
+    code, _, err = run(["localize", "--model", str(d), str(img), "--out", str(tmp_path / "l"), "--precision", "int8"],
+                       capsys)
+    assert code == 2 and "no INT8 model" in err and "--quantize static" in err
+    quantize_onnx(d / "model.onnx", d / "model.int8.onnx", mode="dynamic")
+    update_manifest(d, int8={"model": "model.int8.onnx", "mode": "dynamic"})
+    idx = tmp_path / "ix"
+    code, _, err = run(["index", "build", "--model", str(d), "--data", str(tiny_run / "split.json"), "--out", str(idx),
+                        "--precision", "int8"], capsys)
+    assert code == 0, err
+    from medsim.deploy.index import CaseIndex
+
+    index = CaseIndex.load(idx)
+    assert index.info["precision"] == "int8"
+    with EmbeddingEngine(d, backend="ort-cpu", model="model.int8.onnx") as e8, \
+            EmbeddingEngine(d, backend="ort-cpu") as e32:
+        q8, q32 = e8.embed([img])["embedding"], e32.embed([img])["embedding"]
+    assert np.abs(q8 - q32).max() > 1e-6  # really another model
+    from medsim.deploy.tasks import search_images
+
+    hits = search_images(idx, [img], k=3)  # queries embedded with the index's precision (int8)
+    ref = index.search(q8, 3)
+    assert [h.id for h in hits[0]] == [h.id for h in ref[0]]
+    assert [h.score for h in hits[0]] == pytest.approx([h.score for h in ref[0]], abs=1e-6)
+    code, _, err = run(["localize", "--model", str(d), str(img), "--out", str(tmp_path / "l"), "--precision", "int8"],
+                       capsys)
+    assert code == 0, err
