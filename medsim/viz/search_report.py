@@ -88,18 +88,25 @@ def _thumb_image(uri: str, size: int):
 
 
 def search_png(queries: Sequence[Case], neighbours: Sequence[Sequence[Case]], path: str | os.PathLike, *,
-               thumb: int = 128) -> Path:
+               thumb: int = 128, max_rows: int = 100) -> Path:
     """The result grid as one PNG (a row per query: the query, then its neighbours best first, each with rank,
-    label and score under it; frames: gray query, green same label, red different). Written atomically."""
+    label and score under it; frames: gray query, green same label, red different). At most ``max_rows`` queries
+    (the first ones; a last line says how many were left out — use the HTML page for all). Written atomically."""
     from PIL import Image, ImageDraw
 
     if len(queries) != len(neighbours):
         raise ValueError(f"got {len(queries)} queries but {len(neighbours)} neighbour lists")
+    left_out = max(0, len(queries) - max_rows)
+    queries, neighbours = list(queries)[:max_rows], list(neighbours)[:max_rows]
     pad, text_h = 4, 28
     cols = 1 + max((len(h) for h in neighbours), default=0)
     cell_w, cell_h = thumb + 2 * pad, thumb + 2 * pad + text_h
-    canvas = Image.new("RGB", (cols * cell_w, max(1, len(queries)) * cell_h), (34, 34, 34))
+    footer = 20 if left_out else 0
+    canvas = Image.new("RGB", (cols * cell_w, max(1, len(queries)) * cell_h + footer), (34, 34, 34))
     draw = ImageDraw.Draw(canvas)
+    if left_out:
+        draw.text((pad, len(queries) * cell_h + 4), f"{left_out} more queries not shown (first {max_rows} only)",
+                  fill=(238, 238, 238))
     for r, (q, hits) in enumerate(zip(queries, neighbours)):
         cells = [(q, "query", (136, 136, 136))]
         for rank, h in enumerate(hits, start=1):
