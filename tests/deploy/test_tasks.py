@@ -239,3 +239,17 @@ def test_int8_model_through_index_search_and_localize(model_dir, tiny_run, sampl
     code, _, err = run(["localize", "--model", str(d), str(img), "--out", str(tmp_path / "l"), "--precision", "int8"],
                        capsys)
     assert code == 0, err
+
+
+def test_search_png_caps_its_rows(sample_root, tmp_path):
+    from PIL import Image
+
+    from medsim.viz.search_report import Case, search_png
+
+    imgs = [str(p) for p in sorted((sample_root / "derm" / "images").glob("*.png"))[:3]]
+    q = [Case(i, "a") for i in imgs]
+    hits = [[Case(imgs[0], "a", 0.9), Case("/nonexistent.png", "b", 0.5)] for _ in imgs]
+    with Image.open(search_png(q, hits, tmp_path / "g.png", max_rows=2)) as im:
+        assert im.size == (3 * 136, 2 * 164 + 20)
+        px = np.asarray(im.convert("RGB"))
+    assert tuple(px[1, 136 + 1]) == (34, 170, 34) and tuple(px[1, 2 * 136 + 1]) == (204, 51, 51)
