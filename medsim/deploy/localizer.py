@@ -384,20 +384,29 @@ class Localizer:
         if len(size) != 2:
             raise DeployError(f"image_size must be (H, W), got {image_size!r}")
         heat = bilinear_resize(a.T, size)  # (x, y) → (rows, cols) FIRST, then to (H, W)
-        if self.normalize:
-            lo, hi = float(heat.min()), float(heat.max())
-            heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-        return np.clip(heat, 0.0, 1.0).astype(np.float32)
+        return self._normalized(heat, self.normalize)
 
     def localize(self, attention: np.ndarray, image_size: Sequence[int]) -> Localization:
         """Attention (1, x, y) of one image → :class:`Localization` at ``image_size = (H, W)`` (rows, columns:
         ``engine.embed(..., return_sizes=True)["image_size"][i]`` or ``np.asarray(image).shape[:2]``)."""
+        heat = self.heatmap(attention, image_size)
+        mask, boxes, t = self.components(heat)
+        return Localization(heatmap=heat, mask=mask, boxes=boxes, threshold=t)
+
+    def components(self, heat: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]], float]:
+        """Threshold a heatmap in [0, 1] — 2D (H, W) or 3D (x, y, z) — and box its connected components (8- /
+        26-connected); components under ``min_area`` pixels/voxels are dropped from the mask too.
+
+        Returns:
+            ``(mask, boxes, threshold)``: boxes sorted by score, best first, at most ``max_boxes``. 2D boxes are
+            ``x0, y0, x1, y1`` with x along columns and ``area``; 3D boxes ``x0, y0, z0, x1, y1, z1`` along the
+            array's axes and ``volume_voxels``; both with ``score`` and ``peak``; upper bounds exclusive.
+        """
         from scipy import ndimage
 
-        heat = self.heatmap(attention, image_size)
         t = otsu_threshold(heat) if self.threshold == "otsu" else float(self.threshold)
-        fg = heat > t
-        labels, n = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
+        labels, n = ndimage.label(heat > t, structure=np.ones((3,) * heat.ndim, dtype=bool))
+        size_key = "area" if heat.ndim == 2 else "volume_voxels"
         found: list[tuple[int, dict[str, Any]]] = []
         for i, sl in enumerate(ndimage.find_objects(labels), start=1):
             if sl is None:
@@ -407,17 +416,28 @@ class Localizer:
             if area < self.min_area:
                 continue
             vals = heat[sl][comp]
-            found.append((i, {"x0": int(sl[1].start), "y0": int(sl[0].start), "x1": int(sl[1].stop),
-                              "y1": int(sl[0].stop),
-                              "score": float(vals.mean() if self.score == "mean" else vals.max()),
-                              "peak": float(vals.max()), "area": area}))
-        found.sort(key=lambda f: (-f[1]["score"], -f[1]["area"]))
+            if heat.ndim == 2:  # rows, columns → x = column
+                box = {"x0": sl[1].start, "y0": sl[0].start, "x1": sl[1].stop, "y1": sl[0].stop}
+            else:
+                box = {f"{a}{e}": getattr(sl[j], "start" if e == 0 else "stop")
+                       for e in (0, 1) for j, a in enumerate("xyz")}
+            box = {k: int(v) for k, v in box.items()}
+            box.update(score=float(vals.mean() if self.score == "mean" else vals.max()), peak=float(vals.max()),
+                       **{size_key: area})
+            found.append((i, box))
+        found.sort(key=lambda f: (-f[1]["score"], -f[1][size_key]))
         found = found[: self.max_boxes] if self.max_boxes is not None else found
-        mask = np.isin(labels, [i for i, _ in found]) if found else np.zeros_like(fg)
-        boxes = [b for _, b in found]
-        if n and not boxes:
+        mask = np.isin(labels, [i for i, _ in found]) if found else np.zeros(heat.shape, dtype=bool)
+        if n and not found:
             logger.debug("all %d component(s) are smaller than min_area=%d", n, self.min_area)
-        return Localization(heatmap=heat, mask=mask, boxes=boxes, threshold=float(t))
+        return mask, [b for _, b in found], float(t)
+
+    @staticmethod
+    def _normalized(heat: np.ndarray, normalize: bool) -> np.ndarray:
+        if normalize:
+            lo, hi = float(heat.min()), float(heat.max())
+            heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+        return np.clip(heat, 0.0, 1.0).astype(np.float32)
 
     def save(self, loc: Localization, out_dir: str | os.PathLike, stem: str, *, image: Any = None,
              alpha: float = 0.5) -> dict[str, Path]:

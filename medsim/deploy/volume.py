@@ -312,36 +312,13 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
 
 def _localize_grid(localizer: Any, attention: np.ndarray, shape: Sequence[int]) -> Any:
     """Attention (x, y, z) at feature resolution → Localization on the grid (26-connected components)."""
-    from scipy import ndimage
-
-    from medsim.deploy.localizer import Localization, otsu_threshold
+    from medsim.deploy.localizer import Localization
 
     if not np.isfinite(attention).all():
         raise DeployError("attention map contains NaN/inf values")
-    heat = trilinear_resize(attention, shape)
-    if localizer.normalize:
-        lo, hi = float(heat.min()), float(heat.max())
-        heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    heat = np.clip(heat, 0.0, 1.0).astype(np.float32)
-    t = otsu_threshold(heat) if localizer.threshold == "otsu" else float(localizer.threshold)
-    labels, _ = ndimage.label(heat > t, structure=np.ones((3, 3, 3), dtype=bool))
-    found = []
-    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        comp = labels[sl] == i
-        area = int(comp.sum())
-        if area < localizer.min_area:
-            continue
-        vals = heat[sl][comp]
-        found.append((i, {"x0": sl[0].start, "y0": sl[1].start, "z0": sl[2].start, "x1": sl[0].stop,
-                          "y1": sl[1].stop, "z1": sl[2].stop,
-                          "score": float(vals.mean() if localizer.score == "mean" else vals.max()),
-                          "peak": float(vals.max()), "volume_voxels": area}))
-    found.sort(key=lambda f: (-f[1]["score"], -f[1]["volume_voxels"]))
-    found = found[: localizer.max_boxes] if localizer.max_boxes is not None else found
-    mask = np.isin(labels, [i for i, _ in found]) if found else np.zeros(heat.shape, dtype=bool)
-    return Localization(heatmap=heat, mask=mask, boxes=[b for _, b in found], threshold=float(t))
+    heat = localizer._normalized(trilinear_resize(attention, shape), localizer.normalize)
+    mask, boxes, t = localizer.components(heat)
+    return Localization(heatmap=heat, mask=mask, boxes=boxes, threshold=t)
 
 
 def _box_hit_3d(boxes: Sequence[dict[str, Any]], gt: np.ndarray, iou_threshold: float = 0.5) -> bool:
