@@ -342,7 +342,7 @@ def patch_grid(path: str | os.PathLike, patch_size: int | Sequence[int] = (256, 
         if not 0 <= level < len(levels):
             raise DataError(p, f"level {level} requested, file has {len(levels)} level(s) (0..{len(levels) - 1})")
         p0, pl = levels[0].keyframe, levels[level].keyframe
-        h0, w0 = int(p0.imagelength), int(p0.imagewidth)
+        h0 = int(p0.imagelength)
         hl, wl = int(pl.imagelength), int(pl.imagewidth)
         ratio = float(h0) / float(hl)  # MONAI TiffFileWSIReader.get_downsample_ratio: height ratio for both axes
         ys = list(range(0, hl - ph + 1, sh))

@@ -21,7 +21,7 @@ import numpy as np
 
 from medsim.data.dicom import MAX_PIXELS, check_pixels, dicom_to_array, is_dicom_path, read_dataset
 from medsim.data.sources import NIFTI_SUFFIXES, Source
-from medsim.errors import BadInputReport, BadItem, DataError
+from medsim.errors import BadInputReport, DataError
 
 __all__ = ["check_file", "validate_source", "ValidationResult", "EXPECTED_NDIM"]
 
