@@ -33,6 +33,7 @@ METHODS = {  # name -> (bundle variant, overrides)
     "MML K=4": ("mml", {"k": 4}),
     "MML K=8": ("mml", {"k": 8}),
     "DSL (free K)": (None, {}),
+    "DSL (free K, top-half split)": (None, {"split_quantile": 0.5}),
 }
 
 
@@ -123,9 +124,9 @@ def report(doc: dict) -> str:
                   f"margin {stats.get('MML K=1 (margin)', {}).get('epoch_s', float('nan')):.1f} s."]
         lines += ["", "## DSL logs (K, learners, and why each split happened)", ""]
         for r in runs:
-            if r["method"] != "DSL (free K)":
+            if not r["method"].startswith("DSL"):
                 continue
-            lines.append(f"Seed {r['seed']}:")
+            lines.append(f"{r['method']}, seed {r['seed']}:")
             for e in r["epochs"]:
                 ev = "; ".join(e["events"]) or "-"
                 lines.append(f"- epoch {e['epoch']}: K={e['K']} neurons {e['learner_neurons']} clusters "

@@ -182,7 +182,8 @@ class SubspaceHandler:
         score_loader: loader for neuron scoring (defaults to ``cluster_loader``).
         loss_function: the training loss (for neuron scores).
         k: number of learners for MML.
-        max_k, patience, threshold, min_neurons: DSL's split rule.
+        max_k, patience, threshold, min_neurons: DSL's split rule; ``quantile`` (optional) replaces the fixed
+            threshold by a quantile of the exploring learner's scores (see :func:`split_learner`).
         recluster_every: epochs between re-clusterings (exploration phase).
         finetune_epochs: the last epochs train the whole embedding on all data.
         min_delta: smallest NMI gain that counts as an improvement.
@@ -195,7 +196,7 @@ class SubspaceHandler:
                  k: int = 1, max_k: int = 8, patience: int = 3, threshold: float = 0.5, min_neurons: int = 8,
                  recluster_every: int = 2, finetune_epochs: int = 2, min_delta: float = 1e-3,
                  score_loader: Any = None, score_batches: int | None = None, seed: int = 0,
-                 select_metric: str = "val_nmi"):
+                 select_metric: str = "val_nmi", quantile: float | None = None):
         if mode not in ("dsl", "mml"):
             raise ValueError(f"mode must be 'dsl' or 'mml', got mode={mode!r}")
         self.validator, self.cluster_loader, self.loss_function = validator, cluster_loader, loss_function
@@ -205,6 +206,7 @@ class SubspaceHandler:
         self.finetune_epochs, self.min_delta, self.score_batches, self.seed = finetune_epochs, min_delta, \
             score_batches, seed
         self.select_metric = select_metric
+        self.quantile = quantile
 
     def attach(self, engine: MetricLearningTrainer) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -290,17 +292,19 @@ class SubspaceHandler:
             return f"stop splitting: {plateau} and K reached max_k={self.max_k}"
         scores = neuron_scores(engine.network, self.score_loader, self.loss_function, engine.state.device,
                                max_batches=self.score_batches)
-        parts = split_learner(st, scores, threshold=self.threshold, min_neurons=self.min_neurons)
+        parts = split_learner(st, scores, threshold=self.threshold, min_neurons=self.min_neurons,
+                              quantile=self.quantile)
+        rule = f"threshold {self.threshold}" if self.quantile is None else f"score quantile {self.quantile}"
         if parts is None:
             st.splitting = False
             return (f"stop splitting: {plateau}, but the exploring learner's {len(st.learners[-1])} neurons "
-                    f"cannot form two parts of >= {self.min_neurons} at threshold {self.threshold}")
+                    f"cannot form two parts of >= {self.min_neurons} at {rule}")
         keep, reset = parts
         engine.network.reset_neurons(torch.as_tensor(reset, device=engine.network.embed.weight.device))
         st.nmi_at_last_split = st.best_nmi
         st.bad_epochs = 0
         sizes = self._recluster(engine, epoch)
-        return (f"split: {plateau}; {len(keep)} neurons with score > {self.threshold} form learner {st.k - 1}, "
+        return (f"split: {plateau}; {len(keep)} neurons above the {rule} form learner {st.k - 1}, "
                 f"{len(reset)} re-initialised as learner {st.k}; K={st.k}; re-clustered: sizes {sizes}")
 
 

@@ -88,6 +88,18 @@ def test_split_keeps_high_scoring_neurons_and_resets_the_rest():
     assert split_learner(st, scores2, threshold=0.5, min_neurons=3) is None  # 4 neurons cannot make 2×3
 
 
+def test_quantile_split_keeps_the_top_share_when_one_neuron_dominates():
+    """Scores as on a trained margin-loss embedding: one neuron dominates the min–max scale, so a fixed 0.2 keeps
+    too few to split; the median cut keeps the top half."""
+    scores = torch.cat([torch.linspace(0.01, 0.1, 31), torch.tensor([1.0])])
+    assert split_learner(SubspaceState(learners=[list(range(32))]), scores, threshold=0.2, min_neurons=4) is None
+    st = SubspaceState(learners=[list(range(32))])
+    keep, reset = split_learner(st, scores, quantile=0.5, min_neurons=4)
+    assert keep == list(range(16, 32)) and reset == list(range(16)) and st.k == 2
+    with pytest.raises(ValueError, match="quantile must be in"):
+        split_learner(SubspaceState(learners=[list(range(32))]), scores, quantile=1.0)
+
+
 def test_equal_slices():
     assert equal_slices(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     with pytest.raises(ValueError, match="k=11, dim=10"):
