@@ -118,7 +118,7 @@ def report(doc: dict) -> str:
         lines += ["", "## DSL vs the MML K-sweep", "",
                   f"- DSL mean test NMI {100 * dsl['nmi']:.2f} vs best fixed-K MML ({best_m}) {100 * mml[best_m]['nmi']:.2f}: "
                   f"DSL **{verdict}** the best fixed-K NMI in this budget (the paper's claim).",
-                  f"- Cost: one DSL run {dsl['wall']:.0f} s vs the whole MML sweep K ∈ {{1, 2, 4, 8}} {sweep:.0f} s "
+                  f"- Cost: one DSL run {dsl['wall']:.0f} s vs the MML runs here ({', '.join(mml)}) {sweep:.0f} s "
                   f"({sweep / dsl['wall']:.1f}× as long), per seed.",
                   f"- Epoch time (training + validation + re-clustering/scoring): DSL {dsl['epoch_s']:.1f} s vs plain "
                   f"margin {stats.get('MML K=1 (margin)', {}).get('epoch_s', float('nan')):.1f} s."]
@@ -132,6 +132,8 @@ def report(doc: dict) -> str:
                 lines.append(f"- epoch {e['epoch']}: K={e['K']} neurons {e['learner_neurons']} clusters "
                              f"{e['cluster_sizes']} val NMI {e.get('val_nmi', float('nan')):.4f} — {ev}")
             lines.append("")
+    if doc.get("reading"):  # written by hand after a run, kept in the JSON
+        lines += [doc["reading"].rstrip(), ""]
     return "\n".join(lines) + "\n"
 
 
