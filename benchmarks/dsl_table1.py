@@ -34,6 +34,8 @@ METHODS = {  # name -> (bundle variant, overrides)
     "MML K=8": ("mml", {"k": 8}),
     "DSL (free K)": (None, {}),
     "DSL (free K, top-half split)": (None, {"split_quantile": 0.5}),
+    "DSL (free K, top-half split, grace 3, Adam reset)": (None, {"split_quantile": 0.5, "split_grace": 3,
+                                                                 "split_reset_optimizer": True}),
 }
 
 

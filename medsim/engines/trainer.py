@@ -183,7 +183,10 @@ class SubspaceHandler:
         loss_function: the training loss (for neuron scores).
         k: number of learners for MML.
         max_k, patience, threshold, min_neurons: DSL's split rule; ``quantile`` (optional) replaces the fixed
-            threshold by a quantile of the exploring learner's scores (see :func:`split_learner`).
+            threshold by a quantile of the exploring learner's scores (see :func:`split_learner`); ``grace``: extra
+            epochs a fresh split gets before the plateau rule judges it (re-initialised neurons and a new
+            clustering first cost validation NMI); ``reset_optimizer``: zero the optimiser's running moments
+            (Adam's exp_avg / exp_avg_sq) of the re-initialised rows, so they do not inherit the old neurons'.
         recluster_every: epochs between re-clusterings (exploration phase).
         finetune_epochs: the last epochs train the whole embedding on all data.
         min_delta: smallest NMI gain that counts as an improvement.
@@ -196,7 +199,8 @@ class SubspaceHandler:
                  k: int = 1, max_k: int = 8, patience: int = 3, threshold: float = 0.5, min_neurons: int = 8,
                  recluster_every: int = 2, finetune_epochs: int = 2, min_delta: float = 1e-3,
                  score_loader: Any = None, score_batches: int | None = None, seed: int = 0,
-                 select_metric: str = "val_nmi", quantile: float | None = None):
+                 select_metric: str = "val_nmi", quantile: float | None = None, grace: int = 0,
+                 reset_optimizer: bool = False):
         if mode not in ("dsl", "mml"):
             raise ValueError(f"mode must be 'dsl' or 'mml', got mode={mode!r}")
         self.validator, self.cluster_loader, self.loss_function = validator, cluster_loader, loss_function
@@ -207,6 +211,9 @@ class SubspaceHandler:
             score_batches, seed
         self.select_metric = select_metric
         self.quantile = quantile
+        if grace < 0:
+            raise ValueError(f"grace must be >= 0 epochs, got {grace}")
+        self.grace, self.reset_optimizer = int(grace), bool(reset_optimizer)
 
     def attach(self, engine: MetricLearningTrainer) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -300,9 +307,15 @@ class SubspaceHandler:
             return (f"stop splitting: {plateau}, but the exploring learner's {len(st.learners[-1])} neurons "
                     f"cannot form two parts of >= {self.min_neurons} at {rule}")
         keep, reset = parts
-        engine.network.reset_neurons(torch.as_tensor(reset, device=engine.network.embed.weight.device))
+        index = torch.as_tensor(reset, device=engine.network.embed.weight.device)
+        engine.network.reset_neurons(index)
+        if self.reset_optimizer:
+            for param in (engine.network.embed.weight, engine.network.embed.bias):
+                for value in engine.optimizer.state.get(param, {}).values():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        value[index] = 0
         st.nmi_at_last_split = st.best_nmi
-        st.bad_epochs = 0
+        st.bad_epochs = -self.grace
         sizes = self._recluster(engine, epoch)
         return (f"split: {plateau}; {len(keep)} neurons above the {rule} form learner {st.k - 1}, "
                 f"{len(reset)} re-initialised as learner {st.k}; K={st.k}; re-clustered: sizes {sizes}")

@@ -149,6 +149,41 @@ def test_dsl_handler_splits_on_plateau_and_stops_when_splits_stop_helping():
     assert st.neurons_for_cluster(1, 16) == list(range(16))
 
 
+def test_split_grace_and_optimizer_reset():
+    """``grace`` gives a fresh split extra epochs before it is judged; ``reset_optimizer`` zeroes Adam's moments of
+    the re-initialised rows only."""
+    torch.manual_seed(0)
+    net = ToyEmbedder(dim=16)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    _relevant_loss(list(range(16)))(net(torch.randn(4, 6))["embedding"], None).backward()
+    opt.step()  # Adam now holds non-zero exp_avg / exp_avg_sq for every row
+    st = SubspaceState(learners=[])
+    validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
+    h = SubspaceHandler(validator, _loader(), _relevant_loss(list(range(8))), mode="dsl", patience=2,
+                        min_neurons=2, max_k=4, finetune_epochs=0, grace=2, reset_optimizer=True)
+
+    def eng(epoch):
+        e = _engine(net, st, epoch)
+        e.optimizer = opt
+        return e
+
+    h.started(eng(0))
+    for epoch in (1, 2, 3):
+        h.epoch_completed(eng(epoch))
+    assert st.k == 2
+    reset, kept = st.learners[-1], st.learners[0]
+    for key in ("exp_avg", "exp_avg_sq"):
+        m = opt.state[net.embed.weight][key]
+        assert torch.all(m[reset] == 0) and torch.all(m[kept] != 0)
+        assert torch.all(opt.state[net.embed.bias][key][reset] == 0)
+    for epoch in (4, 5, 6, 7):  # grace 2 + patience 2: judged only after the 4th epoch without improvement
+        assert st.splitting
+        h.epoch_completed(eng(epoch))
+    assert not st.splitting and "no better than before the last split" in st.history[-1]["events"][0]
+    with pytest.raises(ValueError, match="grace must be >= 0"):
+        SubspaceHandler(validator, _loader(), _relevant_loss([0]), grace=-1)
+
+
 def test_mml_handler_reclusters_every_n_epochs_and_finetunes_at_the_end():
     net = ToyEmbedder(dim=16)
     st = SubspaceState(learners=[])
