@@ -292,9 +292,7 @@ _BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
 def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, split: str, k: int,
            model_dir: Path | None, html: Path | None, backend: str, precision: str | None) -> None:
     """Find the K most similar indexed cases for each IMAGE (or each case of --data)."""
-    import numpy as np
-
-    from medsim.deploy.tasks import read_cases, search_images
+    from medsim.deploy.tasks import read_cases, recall_from_hits, search_images
 
     if bool(images) == (queries is not None):
         raise click.UsageError("give query IMAGEs or --data (not both)")
@@ -311,11 +309,10 @@ def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, spli
             click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<12} case")
             for r, h in enumerate(row, start=1):
                 click.echo(f"  {r:>4}  {h.score:7.4f}  {str(h.record.get('label')):<12} {h.record.get('uri', h.id)}")
-    if labels is not None and any(lab is not None for lab in labels):
-        scored = [(lab, row) for lab, row in zip(labels, hits) if lab is not None]
-        line = "  ".join(f"R@{r} {np.mean([any(h.record.get('label') == lab for h in row[:r]) for lab, row in scored]):.4f}"
-                         for r in sorted({1, min(k, 5), k}))
-        click.echo(f"{line}  ({len(scored)} labelled queries, k={k})")
+    recall = recall_from_hits(labels or [], hits, sorted({1, min(k, 5), k}))
+    if recall:
+        n = sum(lab is not None for lab in labels or [])
+        click.echo("  ".join(f"{name} {v:.4f}" for name, v in recall.items()) + f"  ({n} labelled queries, k={k})")
     if html:
         click.echo(f"wrote {html}")
 

@@ -155,28 +155,41 @@ def pointing_game(heatmap: np.ndarray, gt: np.ndarray, *, tolerance: int = 0) ->
     return bool(np.min((rr - r) ** 2 + (cc - c) ** 2) <= tolerance ** 2)
 
 
+def _box_extent(box: Any, ndim: int) -> list[tuple[float, float]]:
+    """A box's [lo, hi) per array axis: 2D boxes are x = column, y = row; 3D boxes x, y, z along axes 0, 1, 2."""
+    if ndim == 2:
+        x0, y0, x1, y1 = _as_xyxy(box)
+        return [(y0, y1), (x0, x1)]
+    return [(float(box[f"{a}0"]), float(box[f"{a}1"])) for a in "xyz"]
+
+
 def box_hit(boxes: Sequence[Any], gt: np.ndarray, *, iou_threshold: float = 0.5, centroid: bool = True) -> bool:
     """Is the lesion found by a box?
 
     Rule: a hit when **any** predicted box has IoU >= ``iou_threshold`` with the bounding box of the gt mask
     (all its foreground pixels, one box), **or** — with ``centroid=True`` — any predicted box contains the gt
     mask's centroid (mean foreground pixel position, in pixel-centre coordinates: pixel (r, c) covers
-    [c, c + 1) × [r, r + 1) and its centre is (c + 0.5, r + 0.5)). No boxes: no hit.
+    [c, c + 1) × [r, r + 1) and its centre is (c + 0.5, r + 0.5)). No boxes: no hit. ``gt`` may also be a 3D
+    boolean mask (x, y, z) with boxes ``x0, y0, z0, x1, y1, z1`` (as :meth:`Localizer.components` gives).
 
     Raises:
         DeployError: the gt mask is empty.
     """
-    g = _gt(gt, None, "box_hit")
-    gbox = mask_box(g)
-    if gbox is None:
+    g = np.asarray(gt, dtype=bool) if np.asarray(gt).ndim == 3 and np.asarray(gt).dtype == bool else \
+        _gt(gt, None, "box_hit")
+    idx = np.nonzero(g)
+    if not idx[0].size:
         raise DeployError("box_hit: the ground-truth mask is empty")
-    rr, cc = np.nonzero(g)
-    cy, cx = float(rr.mean()) + 0.5, float(cc.mean()) + 0.5
+    centre = [float(v.mean()) + 0.5 for v in idx]
+    gbox = [(float(v.min()), float(v.max()) + 1.0) for v in idx]
+    gvol = np.prod([hi - lo for lo, hi in gbox])
     for b in boxes:
-        if box_iou(b, gbox) >= iou_threshold:
+        ext = _box_extent(b, g.ndim)
+        inter = np.prod([max(0.0, min(h1, h2) - max(l1, l2)) for (l1, h1), (l2, h2) in zip(ext, gbox)])
+        union = np.prod([hi - lo for lo, hi in ext]) + gvol - inter
+        if union > 0 and inter / union >= iou_threshold:
             return True
-        x0, y0, x1, y1 = _as_xyxy(b)
-        if centroid and x0 <= cx < x1 and y0 <= cy < y1:
+        if centroid and all(lo <= c < hi for (lo, hi), c in zip(ext, centre)):
             return True
     return False
 

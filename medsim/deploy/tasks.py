@@ -20,7 +20,7 @@ import numpy as np
 from medsim.deploy import DeployError
 from medsim.errors import atomic_write_text
 
-__all__ = ["read_cases", "build_index", "search_images", "localize_images"]
+__all__ = ["read_cases", "build_index", "search_images", "localize_images", "recall_from_hits"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,16 @@ def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLi
     return hits
 
 
+def recall_from_hits(labels: Sequence[Any], hits: Sequence[Sequence[Any]], ks: Sequence[int]) -> dict[str, float]:
+    """Recall@K of a search: the share of labelled queries with a same-label case among their first K hits
+    (``labels[i]`` is query i's label, None = unlabelled and skipped; hits from :meth:`CaseIndex.search`)."""
+    scored = [(lab, row) for lab, row in zip(labels, hits) if lab is not None]
+    if not scored:
+        return {}
+    return {f"R@{k}": float(np.mean([any(h.record.get("label") == lab for h in row[:k]) for lab, row in scored]))
+            for k in ks}
+
+
 def _read_mask(path: str | os.PathLike, image: str | os.PathLike) -> np.ndarray:
     """A ground-truth mask file → (H, W) array as stored (0/1 or 0/255 both work downstream)."""
     from PIL import Image, UnidentifiedImageError
@@ -218,7 +228,7 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
                     backend: str = "auto", progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
     """Localize lesions in ``images`` from the model's attention; writes ``<stem>_mask.png``,
     ``<stem>_boxes.json``, ``<stem>_overlay.png`` under ``out`` (3D models: ``<stem>_mask.nii.gz``,
-    ``<stem>_heatmap.nii.gz``, boxes and a peak-slice overlay, see :func:`medsim.deploy.volume.localize_volume`).
+    ``<stem>_heatmap.nii.gz``, boxes and a peak-slice overlay, see :func:`medsim.deploy.volume.localize_volumes`).
     With ground-truth ``masks`` also ``localization.json`` / ``localization.md`` (mean Dice, IoU, pointing game,
     box hit rate over the images whose mask is not empty)."""
     from medsim.deploy.localizer import Localizer, box_hit, dice, iou, pointing_game

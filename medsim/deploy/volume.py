@@ -260,7 +260,7 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from medsim.deploy.localizer import Localization, _rgb_image, dice, iou, overlay
+    from medsim.deploy.localizer import Localization, _rgb_image, box_hit, dice, iou, overlay
     from medsim.deploy.preprocess import load_manifest
     from medsim.deploy.tasks import _engine, _localization_summary, _stem
     from medsim.errors import atomic_write_text
@@ -305,7 +305,7 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
                 else:
                     peak = np.unravel_index(int(np.argmax(loc.heatmap)), gt.shape)
                     row.update(dice=dice(loc.mask, gt), iou=iou(loc.mask, gt), pointing=float(gt[peak]),
-                               box_hit=float(_box_hit_3d(loc.boxes, gt)))
+                               box_hit=float(box_hit(loc.boxes, gt)))
             rows.append(row)
     return _localization_summary(rows, out)
 
@@ -319,18 +319,3 @@ def _localize_grid(localizer: Any, attention: np.ndarray, shape: Sequence[int]) 
     heat = localizer._normalized(trilinear_resize(attention, shape), localizer.normalize)
     mask, boxes, t = localizer.components(heat)
     return Localization(heatmap=heat, mask=mask, boxes=boxes, threshold=t)
-
-
-def _box_hit_3d(boxes: Sequence[dict[str, Any]], gt: np.ndarray, iou_threshold: float = 0.5) -> bool:
-    idx = np.nonzero(gt)
-    c = [float(v.mean()) + 0.5 for v in idx]
-    g = [(int(v.min()), int(v.max()) + 1) for v in idx]
-    for b in boxes:
-        lo, hi = (b["x0"], b["y0"], b["z0"]), (b["x1"], b["y1"], b["z1"])
-        if all(lo[a] <= c[a] < hi[a] for a in range(3)):
-            return True
-        inter = np.prod([max(0, min(hi[a], g[a][1]) - max(lo[a], g[a][0])) for a in range(3)])
-        union = np.prod([hi[a] - lo[a] for a in range(3)]) + np.prod([g[a][1] - g[a][0] for a in range(3)]) - inter
-        if union > 0 and inter / union >= iou_threshold:
-            return True
-    return False

@@ -253,3 +253,17 @@ def test_search_png_caps_its_rows(sample_root, tmp_path):
         assert im.size == (3 * 136, 2 * 164 + 20)
         px = np.asarray(im.convert("RGB"))
     assert tuple(px[1, 136 + 1]) == (34, 170, 34) and tuple(px[1, 2 * 136 + 1]) == (204, 51, 51)
+
+
+def test_recall_from_hits_against_its_definition():
+    from types import SimpleNamespace
+
+    from medsim.deploy.tasks import recall_from_hits
+
+    def row(*labels):
+        return [SimpleNamespace(record={"label": lab}) for lab in labels]
+
+    hits = [row("a", "b", "c"), row("b", "b", "a"), row("c", "c", "c"), row("a", "a", "a")]
+    r = recall_from_hits(["a", "a", "a", None], hits, [1, 2, 3])
+    assert r == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(1 / 3), "R@3": pytest.approx(2 / 3)}
+    assert recall_from_hits([None, None], hits[:2], [1]) == {}

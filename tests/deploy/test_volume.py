@@ -226,7 +226,8 @@ def test_trilinear_resize_equals_torch():
 
 def test_localize_grid_finds_the_hot_region_and_box_hit_rules():
     from medsim.deploy.localizer import Localizer
-    from medsim.deploy.volume import _box_hit_3d, _localize_grid
+    from medsim.deploy.localizer import box_hit as _box_hit_3d  # the one rule, 2D and 3D
+    from medsim.deploy.volume import _localize_grid
 
     att = np.zeros((4, 4, 2))
     att[2, 1, 1] = 1.0  # feature voxel (2, 1, 1) of a 4x4x2 map on a 32x32x16 grid: voxels x 16-24, y 8-16, z 8-16
@@ -287,5 +288,8 @@ def test_localize_cli_on_a_volume_writes_nifti_on_the_scan(sample_root, export3d
         assert m[b["x0"]:b["x1"], b["y0"]:b["y1"], b["z0"]:b["z1"]].any()
         lo = affine @ np.array([b["x0"], b["y0"], b["z0"], 1.0])
         assert np.allclose(np.minimum(lo[:3], b["ras_mm"]["max"]), lo[:3], atol=0.01)
+        hi = affine @ np.array([b["x1"] - 1, b["y1"] - 1, b["z1"] - 1, 1.0])
+        np.testing.assert_allclose(b["ras_mm"]["min"], np.minimum(lo, hi)[:3], atol=0.006)  # rounded to 0.01 mm
+        np.testing.assert_allclose(b["ras_mm"]["max"], np.maximum(lo, hi)[:3], atol=0.006)
     with Image.open(tmp_path / "loc" / "ct_overlay.png") as im:
         assert im.size == (grid.shape[0], grid.shape[1])  # (width = x, height = y) of an axial slice
