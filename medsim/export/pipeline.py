@@ -200,19 +200,29 @@ DERIVED = (INT8_NAME, ENGINE_NAME, "trt_int8_calibration.cache", "triton")
 
 
 def _remove_stale(out: Path) -> list[str]:
-    """Delete what an earlier export in ``out`` derived from its model.onnx; returns the names removed."""
+    """Delete what an earlier export in ``out`` derived from its model.onnx; returns the names removed. In
+    ``triton/`` only the model folders medsim wrote (they hold a copy of its manifest) go; other models in the
+    repository stay, and the folder itself goes only when nothing else is left in it."""
     import shutil
 
     removed = []
     for name in DERIVED:
         p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-        else:
+        if name == "triton":
+            if not p.is_dir() or p.is_symlink():
+                continue
+            ours = [d for d in p.iterdir() if d.is_dir() and (d / MANIFEST_NAME).is_file()]
+            for d in ours:
+                shutil.rmtree(d)
+            if ours and not any(p.iterdir()):
+                p.rmdir()
+                removed.append(name)
+            else:
+                removed += [f"{name}/{d.name}" for d in ours]
             continue
-        removed.append(name)
+        if p.exists() or p.is_symlink():
+            p.unlink()
+            removed.append(name)
     return removed
 
 

@@ -69,6 +69,7 @@ def test_bad_options_exit_2_before_work(tiny_run, tmp_path, capsys, args, msg):
 def test_reexport_removes_what_the_old_model_derived(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "triton" / "old" / "1").mkdir(parents=True)
+    (out / "triton" / "old" / "manifest.json").write_text("{}")  # the copy medsim writes beside its model
     (out / "model.plan").write_bytes(b"OLD ENGINE")
     (out / "model.int8.onnx").write_bytes(b"OLD INT8")
     code, stdout, err = run(["export", str(tiny_run), "--out", str(out), "--opt-batch", "2"], capsys)
@@ -76,6 +77,13 @@ def test_reexport_removes_what_the_old_model_derived(tiny_run, tmp_path, capsys)
     assert "removed   model.int8.onnx, model.plan, triton" in stdout
     assert not (out / "model.plan").exists() and not (out / "model.int8.onnx").exists()
     assert not (out / "triton").exists() and (out / "model.onnx").is_file()
+    # another model in the Triton repository is not medsim's to delete
+    (out / "triton" / "old" / "1").mkdir(parents=True)
+    (out / "triton" / "old" / "manifest.json").write_text("{}")
+    (out / "triton" / "someone_else" / "1").mkdir(parents=True)
+    code, stdout, err = run(["export", str(tiny_run), "--out", str(out), "--opt-batch", "2"], capsys)
+    assert code == 0 and "removed   triton/old" in stdout, err
+    assert (out / "triton" / "someone_else" / "1").is_dir() and not (out / "triton" / "old").exists()
 
 
 def test_calibration_folder_and_cpu_triton_serving_int8(tiny_run, sample_root, tmp_path, capsys):
