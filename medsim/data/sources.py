@@ -404,7 +404,7 @@ def read_nifti(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Source
     else:
         for folder in sorted({p.parent for p in root.rglob("*.nii*") if is_nii(p)}):
             niis = sorted(p for p in folder.iterdir() if is_nii(p))
-            labels = [p for p in niis if p.name.startswith(("label", "seg", "mask"))]
+            labels = [p for p in niis if _is_label_map(p)]
             images = [p for p in niis if p not in labels]
             if folder.name in ("masks", "labels"):
                 continue
