@@ -166,8 +166,11 @@ def data_prepare(source: Path | None, layout: str, image_column: str | None, lab
                                                "contrastive, classifier; isic_abe: nodiv; derm_gated: plain, se, "
                                                "spatial, channel, dual, gc, histology; derm_lossattn: sigmoid, capsule, "
                                                "mean, attention_mil, gated_mil).")
-@click.option("--dataset-dir", default=None, help="Dataset folder (ISIC 2019 or HAM10000 layout); default: the "
-                                                  "embedded sample.")
+@click.option("--dataset-dir", default=None,
+              help="Dataset folder or CSV datalist in any layout `data inspect` reads, detected: "
+                   f"{', '.join(c for c in LAYOUT_CHOICES if c != 'auto')} (see README 'Layouts read'); default: the "
+                   "embedded sample. Splits keep each lesion (-o split_by=patient_id: patient) in one split; a layout "
+                   "without that column (a class-per-folder tree, a bare CSV) is split per image, with a warning.")
 @click.option("--output", "output", default=None, help="Run directory (checkpoints, metrics, split).")
 @click.option("--lenient", is_flag=True, help="Skip unusable files/rows and train on the rest (listed in "
                                               "<run>/skipped.json) instead of stopping.")

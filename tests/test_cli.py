@@ -158,3 +158,40 @@ def test_bad_overrides_and_a_run_folder_of_other_data_exit_2(sample_root, tmp_pa
     code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(sample_root / "derm"), "--output",
                         str(run_dir)], capsys)
     assert code == 2 and "split made for other data" in err and "elsewhere" in err, err
+
+
+def test_folder_layout_without_group_column_trains_split_per_image(tmp_path, capsys, caplog):
+    """A folder of class sub-folders has no lesion/patient column: train splits per image (warned) and records
+    the grouping it used; a second run into the same folder accepts that split (resume check)."""
+    from PIL import Image
+    import numpy as np
+
+    data = tmp_path / "classes"
+    rng = np.random.default_rng(0)
+    for c in ("benign", "malignant"):
+        (data / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / c / f"{c}{i}.png")
+    run_dir = tmp_path / "run"
+    args = ["train", "bundles/isic_dsl", "--dataset-dir", str(data), "--output", str(run_dir),
+            "-o", "train#trainer#max_epochs=1", "-o", "image_size=32", "-o", "backbone=resnet10",
+            "-o", "widen_factor=0.25", "-o", "batch_size=8", "-o", "train#handlers#5#_disabled_=true"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert "NMI" in out and (run_dir / "best.pt").is_file()
+    assert any("splitting per image" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    meta = json.loads((run_dir / "split.json").read_text())["meta"]
+    assert meta["by"] == "lesion_id" and meta["grouped_by"] == "image" and meta["layout"] == "folder"
+    assert sum(meta["counts"].values()) == 12
+    code, out, err = run(args, capsys)  # the run is complete now; the split is reused, not refused
+    assert code == 0 and "split made for other data" not in err, err
+
+
+def test_train_help_lists_every_layout(capsys):
+    from medsim.cli import LAYOUT_CHOICES
+
+    code, out, _ = run(["train", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert all(name in text for name in LAYOUT_CHOICES if name != "auto")
+    assert "split per image" in text

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medsim.data.sources import Source, open_source
-from medsim.data.splits import save_split, split_items, split_summary
+from medsim.data.splits import grouping_key, save_split, split_items, split_summary
 from medsim.data.validate import ValidationResult, validate_source
 from medsim.errors import MedsimError
 
@@ -59,14 +59,15 @@ def make_split(source: str | os.PathLike, out: str | os.PathLike, *, by: str = "
     report = Path(out).with_suffix(".skipped.json")
     src, result = load_checked(source, layout=layout, lenient=lenient, report_path=report, decode=decode,
                                progress=progress, **options)
-    splits = split_items(src.items, by=by, fractions=fractions, seed=seed)
-    summary = split_summary(splits, by)
+    grouped_by = grouping_key(src.items, by)  # "image" when the layout has no lesion/patient column (warned)
+    splits = split_items(src.items, by=grouped_by, fractions=fractions, seed=seed)
+    summary = split_summary(splits, grouped_by)
     from medsim import __version__
 
     save_split(splits, out, dataset_dir=src.root if Path(src.root).is_dir() else Path(src.root).parent, meta={
         "source": str(Path(source).resolve()), "layout": src.layout, "kind": src.kind, "by": by,
-        "fractions": list(fractions), "seed": seed, "classes": src.classes, "medsim_version": __version__,
-        "skipped": len(result.report.skipped)})
+        "grouped_by": grouped_by, "fractions": list(fractions), "seed": seed, "classes": src.classes,
+        "medsim_version": __version__, "skipped": len(result.report.skipped)})
     if result.report.skipped:
         logger.warning("%d item(s) skipped; see %s", len(result.report.skipped), report)
     return summary
@@ -120,12 +121,13 @@ def _prepare_one(source: Path, out: Path, name: str, *, by: str | None, size: in
     if src.classes:
         lines.append(f"[{name}] classes: " + ", ".join(f"{c} {n}" for c, n in src.class_counts().items()))
     if by is not None and len(src.items) >= 10:
-        splits = split_items(src.items, by=by, seed=seed)
+        grouped_by = grouping_key(src.items, by)
+        splits = split_items(src.items, by=grouped_by, seed=seed)
         save_split(splits, out / f"{name}_split.json", dataset_dir=src.root, meta={
-            "source": str(source.resolve()), "layout": src.layout, "kind": src.kind, "by": by, "seed": seed,
-            "classes": src.classes})
-        s = split_summary(splits, by)
-        lines.append(f"[{name}] split by {by}: " + ", ".join(f"{k} {v['items']} ({v['groups']} groups)"
+            "source": str(source.resolve()), "layout": src.layout, "kind": src.kind, "by": by,
+            "grouped_by": grouped_by, "seed": seed, "classes": src.classes})
+        s = split_summary(splits, grouped_by)
+        lines.append(f"[{name}] split by {grouped_by}: " + ", ".join(f"{k} {v['items']} ({v['groups']} groups)"
                                                              for k, v in s.items()))
     images, masks = _first_batch(src.items, src.kind, size)
     captions = [str(it.get("label_name", it.get("view", "")) or "") for it in src.items[: len(images)]]

@@ -10,6 +10,7 @@ dataset folder and a ``meta`` block recording how it was made, so a run can be r
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,9 @@ import numpy as np
 
 from medsim.errors import DataError, MedsimError, atomic_write_text
 
-__all__ = ["split_items", "save_split", "load_split", "SPLIT_KEYS", "GROUP_ALIASES"]
+__all__ = ["split_items", "save_split", "load_split", "grouping_key", "SPLIT_KEYS", "GROUP_ALIASES"]
+
+logger = logging.getLogger(__name__)
 
 SPLIT_KEYS = ("training", "validation", "test")
 #: names a user may give for ``--by`` -> the item key holding that grouping
@@ -36,9 +39,38 @@ def _fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) ->
     if n_groups < n_splits:
         raise MedsimError(f"only {n_groups} distinct groups: too few to hold out {fraction:.0%} of them "
                           f"(needs at least {n_splits}); use larger fractions or more data")
+    if np.unique(labels, return_counts=True)[1].max() < n_splits:
+        # sklearn refuses when every class has fewer members than folds (a handful of images per class): split
+        # by group without stratifying rather than stop
+        logger.warning("every class has fewer than %d items: holding out %.0f%% without keeping class proportions",
+                       n_splits, 100 * fraction)
+        labels = np.zeros_like(labels)
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest, held = next(iter(cv.split(np.zeros(len(labels)), labels, groups)))
     return rest, held
+
+
+#: groupings a layout may simply not have (a folder of class sub-folders, a CSV without a lesion/patient column):
+#: splitting falls back to one group per image, with a warning, instead of stopping
+FALLBACK_GROUPINGS = ("group", "patient")
+
+
+def grouping_key(items: Sequence[dict], by: str) -> str:
+    """The grouping ``split_items`` will use for ``by``: ``by`` itself, or ``"image"`` (one group per image, logged
+    as a warning) when no item carries a lesion/patient grouping — the layout has no such column.
+
+    Raises:
+        MedsimError: no item has ``by`` and it is not a lesion/patient grouping (e.g. ``study`` on 2D images).
+    """
+    key = GROUP_ALIASES.get(by, by)
+    if key == "id" or any(it.get(key) is not None for it in items):
+        return by if by in GROUP_ALIASES else key
+    if key in FALLBACK_GROUPINGS:
+        logger.warning("no item has a '%s' grouping (this layout has no %s column): splitting per image, so images "
+                       "of one %s may land in different splits", by, by, "lesion" if key == "group" else "patient")
+        return "image"
+    raise MedsimError(f"no item has '{by}' (item key '{key}'); available keys: "
+                      f"{', '.join(sorted(set().union(*items)))}")
 
 
 def split_items(items: Sequence[dict], *, by: str = "group", fractions: Sequence[float] = (0.7, 0.15, 0.15),
@@ -48,20 +80,18 @@ def split_items(items: Sequence[dict], *, by: str = "group", fractions: Sequence
     Args:
         items: datalist items (with ``label`` for stratification when present).
         by: the grouping: an item key or alias (``lesion_id`` → ``group``, ``patient_id`` → ``patient``).
-            Items lacking it form a group of their own.
+            Items lacking it form a group of their own; when no item has a lesion/patient grouping the split is
+            per image (see :func:`grouping_key`, which tells the grouping actually used).
         fractions: (train, val, test), summing to 1; a 0 skips that split.
         seed: fixes the assignment.
     """
-    key = GROUP_ALIASES.get(by, by)
     fr = np.asarray(fractions, dtype=float)
     if fr.shape != (3,) or (fr < 0).any() or abs(fr.sum() - 1) > 1e-6:
         raise MedsimError(f"fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
     if not items:
         raise MedsimError("no items to split")
-    missing = sum(1 for it in items if it.get(key) is None)
-    if missing == len(items) and key != "id":
-        raise MedsimError(f"no item has '{by}' (item key '{key}'); available keys: "
-                          f"{', '.join(sorted(set().union(*items)))}")
+    used = grouping_key(items, by)
+    key = GROUP_ALIASES.get(used, used)
     groups = np.array([str(it.get(key) if it.get(key) is not None else f"__item{i}") for i, it in
                        enumerate(items)])
     labels = np.array([it.get("label", 0) for it in items])

@@ -33,7 +33,7 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
     ``max_items`` keeps a stratified random subset (for quick runs and benchmarks), drawn before splitting.
     """
     from medsim.data.prepare import load_checked
-    from medsim.data.splits import load_split, save_split, split_items
+    from medsim.data.splits import grouping_key, load_split, save_split, split_items
 
     out = Path(output_dir)
     split_file = out / "split.json"
@@ -51,8 +51,11 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
         items = src.items
         if max_items is not None and len(items) > max_items:
             items = _stratified_subset(items, max_items, seed)
-        splits = split_items(items, by=by, fractions=fractions, seed=seed)
+        grouped_by = grouping_key(items, by)  # "image" when the layout has no lesion/patient column (warned)
+        splits = split_items(items, by=grouped_by, fractions=fractions, seed=seed)
+        # "by" is what was asked (a resume asks the same), "grouped_by" the grouping the split really kept
         meta = {"source": str(Path(dataset_dir).resolve()), "layout": src.layout, "kind": src.kind, "by": by,
+                "grouped_by": grouped_by,
                 "fractions": list(fractions), "seed": seed, "classes": src.classes, "skipped": len(src.bad),
                 "max_items": max_items}
         save_split(splits, split_file, dataset_dir=src.root, meta=meta)
