@@ -39,6 +39,21 @@ def cli(debug: bool, verbose: int) -> None:
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
 
 
+def _threads_option(*, torch: bool):
+    """``--threads N`` (or ``MEDSIM_THREADS``): CPU threads for torch (commands that run it) and onnxruntime."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+        if value is not None:
+            from medsim.threads import set_threads
+
+            set_threads(value, torch=torch)
+
+    return click.option("--threads", type=click.IntRange(min=1), default=None, envvar="MEDSIM_THREADS",
+                        expose_value=False, callback=apply,
+                        help="CPU threads for " + ("torch and " if torch else "") + "onnxruntime (env MEDSIM_THREADS; "
+                             "default: the libraries' choice).")
+
+
 # ------------------------------------------------------------------------------------------------------ data
 @cli.group()
 def data() -> None:
@@ -176,6 +191,7 @@ def data_prepare(source: Path | None, layout: str, image_column: str | None, lab
                                               "<run>/skipped.json) instead of stopping.")
 @click.option("-o", "overrides", multiple=True, metavar="ID=VALUE",
               help="Override a config id, e.g. -o train#trainer#max_epochs=1 or -o max_k=4 (repeatable).")
+@_threads_option(torch=True)
 def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: str | None, lenient: bool,
           overrides: tuple[str, ...]) -> None:
     """Train BUNDLE (e.g. bundles/isic_dsl); prints test NMI and R@1 of the best validation checkpoint.
@@ -198,6 +214,7 @@ def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: st
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["test", "validation", "training"]))
 @click.option("--checkpoint", default="best.pt", show_default=True, help="best.pt (validation-selected) or last.pt")
+@_threads_option(torch=True)
 def evaluate(run_dir: Path, split: str, checkpoint: str) -> None:
     """Retrieval and clustering metrics of a run on one split; writes eval_<split>.json and .md."""
     from medsim.engines.workflow import evaluate_run
@@ -230,6 +247,7 @@ def evaluate(run_dir: Path, split: str, checkpoint: str) -> None:
 @click.option("--opt-batch", type=int, default=8, show_default=True,
               help="Parity batch, TensorRT optimum and Triton preferred batch.")
 @click.option("--max-batch", type=int, default=32, show_default=True, help="TensorRT/Triton largest batch.")
+@_threads_option(torch=True)
 def export(source: Path, out: Path, onnx: bool, trt: bool, precision: str, calib: Path | None, calib_split: str,
            quantize: str | None, triton: bool, triton_kind: str, opset: int, opt_batch: int, max_batch: int) -> None:
     """Export SOURCE (a run directory or a checkpoint inside one) to ONNX with a parity check against PyTorch
@@ -262,6 +280,7 @@ def index() -> None:
               show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="int8: embed with the export's onnxruntime INT8 model (CPU); search then uses it too.")
+@_threads_option(torch=False)
 def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, refine: int, backend: str,
                 precision: str) -> None:
     """Embed the cases of DATA and save a faiss index with their records (no patient ids in clear)."""
@@ -292,6 +311,7 @@ _BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
               help="Model to embed queries with (default: the one the index was built with).")
+@_threads_option(torch=False)
 def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, split: str, k: int,
            model_dir: Path | None, html: Path | None, backend: str, precision: str | None) -> None:
     """Find the K most similar indexed cases for each IMAGE (or each case of --data)."""
@@ -346,6 +366,7 @@ def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | 
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="int8: the export's onnxruntime INT8 model (CPU).")
+@_threads_option(torch=False)
 def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path | None, mask_files: tuple[Path, ...],
              threshold: str | float, backend: str, precision: str) -> None:
     """Lesion masks, boxes and overlays from the model's attention for each IMAGE (a 2D image, or for 3D models a

@@ -195,3 +195,41 @@ def test_train_help_lists_every_layout(capsys):
     text = " ".join(out.split())
     assert all(name in text for name in LAYOUT_CHOICES if name != "auto")
     assert "split per image" in text
+
+
+def test_threads_option_reaches_torch_and_onnxruntime(tmp_path, monkeypatch, capsys):
+    """`--threads N` (and MEDSIM_THREADS) sets torch's threads and every onnxruntime session medsim opens."""
+    import os
+
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    from medsim.deploy.engine import CPU_EP, _ort_session
+    from medsim.export.onnx_export import ort_session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = tmp_path / "id.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    before = torch.get_num_threads()
+    for var in ("MEDSIM_THREADS", "OMP_NUM_THREADS"):  # restored after the test
+        monkeypatch.setenv(var, "")
+    try:
+        # the option applies while parsing, before the command runs (this one then exits 2: not a run folder)
+        code, _, err = run(["evaluate", str(tmp_path), "--threads", "3"], capsys)
+        assert code == 2 and "config.json: not found" in err
+        assert torch.get_num_threads() == 3 and os.environ["MEDSIM_THREADS"] == "3"
+        assert _ort_session(model, [CPU_EP], None).get_session_options().intra_op_num_threads == 3
+        assert ort_session(model).get_session_options().intra_op_num_threads == 3
+        assert ort_session(model, threads=1).get_session_options().intra_op_num_threads == 1  # explicit wins
+
+        monkeypatch.setenv("MEDSIM_THREADS", "2")  # the environment alone, on a torch-free command
+        code, _, err = run(["localize", "--model", str(tmp_path), str(model), "--out", str(tmp_path / "o")], capsys)
+        assert torch.get_num_threads() == 2
+        assert _ort_session(model, [CPU_EP], None).get_session_options().intra_op_num_threads == 2
+        code, _, err = run(["evaluate", str(tmp_path), "--threads", "0"], capsys)
+        assert code == 2 and "--threads" in err
+    finally:
+        torch.set_num_threads(before)

@@ -57,11 +57,10 @@ def _import_ort() -> Any:
 
 def _ort_session(path: Path, providers: list[Any], threads: int | None) -> Any:
     """An ``onnxruntime.InferenceSession`` for ``path`` asking for ``providers`` (in order)."""
+    from medsim.threads import ort_session_options
+
     ort = _import_ort()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # a CUDA provider that fails to load is judged from get_providers(), not the log
-    if threads:
-        so.intra_op_num_threads = int(threads)
+    so = ort_session_options(ort, threads)  # threads: default MEDSIM_THREADS (medsim --threads)
     try:
         return ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -206,7 +205,8 @@ class EmbeddingEngine:
         batch_size: images per inference call (capped by a TensorRT engine's profile maximum).
         model: the ONNX file to run with onnxruntime, relative to ``model_dir`` (default: manifest ``model``,
             i.e. ``model.onnx``; ``model.int8.onnx`` for the INT8 export).
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        threads: onnxruntime intra-op threads (default: ``MEDSIM_THREADS``, i.e. ``medsim ... --threads``; unset:
+            onnxruntime's choice).
         device_id: CUDA device for ``tensorrt`` / ``ort-cuda``.
 
     Attributes:

@@ -173,10 +173,9 @@ def ort_session(onnx_path: str | os.PathLike, *, threads: int | None = None):
     except ImportError as e:
         raise ExportError("onnxruntime is not installed: pip install 'medsim[cpu]' (or onnxruntime-gpu on a GPU "
                           "host)") from e
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
+    from medsim.threads import ort_session_options
+
+    so = ort_session_options(ort, threads)  # threads: default MEDSIM_THREADS (medsim --threads)
     try:
         return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001

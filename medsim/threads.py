@@ -1,0 +1,70 @@
+"""How many CPU threads medsim's compute uses: ``--threads N`` on a command, or ``MEDSIM_THREADS``.
+
+The value lives in one place, the ``MEDSIM_THREADS`` environment variable: :func:`set_threads` (called by the CLI's
+``--threads`` option) writes it and applies it to torch; every onnxruntime session medsim opens takes its
+intra-op thread count from :func:`ort_session_options`. No torch import here, so ``medsim.deploy`` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from medsim.errors import MedsimError
+
+__all__ = ["THREADS_ENV", "configured_threads", "set_threads", "ort_session_options"]
+
+THREADS_ENV = "MEDSIM_THREADS"
+
+logger = logging.getLogger(__name__)
+
+
+def configured_threads() -> int | None:
+    """``MEDSIM_THREADS`` as a positive int, or None when unset (libraries then choose).
+
+    Raises:
+        MedsimError: the variable is set to something other than a positive integer.
+    """
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise MedsimError(f"{THREADS_ENV}={raw!r}: expected a positive number of threads")
+    return n
+
+
+def set_threads(n: int, *, torch: bool = True) -> None:
+    """Use ``n`` CPU threads from now on: onnxruntime sessions opened later (through ``MEDSIM_THREADS``), OpenMP
+    libraries loaded later (``OMP_NUM_THREADS``: faiss, torch) and — with ``torch=True`` — torch itself, intra-op
+    and, where torch still allows it (before any parallel work), inter-op."""
+    if isinstance(n, bool) or int(n) < 1:
+        raise MedsimError(f"--threads expects a positive number, got {n!r}")
+    n = int(n)
+    os.environ[THREADS_ENV] = str(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if not torch and "torch" not in sys.modules:
+        return
+    import torch as _torch
+
+    _torch.set_num_threads(n)
+    try:
+        _torch.set_num_interop_threads(n)
+    except RuntimeError as e:  # once per process, and only before inter-op work started
+        logger.debug("torch inter-op threads stay %d (%s)", _torch.get_num_interop_threads(), e)
+
+
+def ort_session_options(ort: Any, threads: int | None = None) -> Any:
+    """``onnxruntime.SessionOptions`` for medsim's sessions: quiet log, ``threads`` (default
+    ``MEDSIM_THREADS``; unset: onnxruntime's choice) intra-op threads."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # a provider that fails to load is judged from get_providers(), not the log
+    threads = threads or configured_threads()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return so
