@@ -16,7 +16,7 @@ import click
 
 from medsim.errors import MedsimError
 
-LAYOUT_CHOICES = ["auto", "ham10000", "isic2019", "folder", "csv", "dicom", "nifti", "tiff"]
+LAYOUT_CHOICES = ["auto", "ham10000", "isic2019", "folder", "csv", "dicom", "nifti", "tiff", "image"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -25,17 +25,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from medsim.errors import BadItem, DataError
+from medsim.files import check_pixel_count, sniff_format, visible_files
 
-__all__ = ["MAX_PIXELS", "DicomSeries", "DicomScan", "read_dataset", "check_pixels", "dicom_to_array",
+__all__ = ["DicomSeries", "DicomScan", "read_dataset", "check_pixels", "dicom_to_array",
            "apply_window", "scan_dicom", "load_series", "load_dicom", "DicomReader", "is_dicom_path"]
 
 logger = logging.getLogger(__name__)
 # MONAI's optional nvImageCodec plugin logs a warning on every import where it is absent (always, on CPU hosts)
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
-#: upper bound on decoded pixels per file (rows × columns × frames × samples); larger files are refused as
-#: possible decompression bombs. Override with ``$MEDSIM_MAX_PIXELS``.
-MAX_PIXELS = int(os.environ.get("MEDSIM_MAX_PIXELS", 2**28))
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -56,7 +54,8 @@ def read_dataset(path: str | os.PathLike, *, header_only: bool = False):
         size = os.path.getsize(path)
         if size == 0:
             raise DataError(path, "empty file (0 bytes)")
-        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+        # a data set without the 128-byte preamble (sniffed by content) is read the way pydicom can: forced
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only, force=sniff_format(path) == "dicom")
         cut = _truncation(ds, size, header_only)
         if cut:
             raise DataError(path, f"unreadable DICOM: {cut}")
@@ -125,10 +124,7 @@ def check_pixels(ds, path: str | os.PathLike, *, max_pixels: int | None = None) 
         raise DataError(path, "missing or invalid Rows/Columns") from e
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     n_pixels = rows * cols * _n_frames(ds) * samples
-    limit = MAX_PIXELS if max_pixels is None else max_pixels
-    if n_pixels > limit:
-        raise DataError(path, f"{rows}x{cols}x{_n_frames(ds)}x{samples} = {n_pixels} pixels exceeds the limit of "
-                              f"{limit} (possible decompression bomb; raise MEDSIM_MAX_PIXELS if it is genuine)")
+    check_pixel_count(n_pixels, path, f"{rows}x{cols}x{_n_frames(ds)}x{samples}", limit=max_pixels)
     ts = getattr(ds.get("file_meta", None), "TransferSyntaxUID", None)
     if ts is None:
         from pydicom.uid import ImplicitVRLittleEndian as ts  # dcmread's own assumption without file meta
@@ -268,6 +264,8 @@ class DicomScan:
     series: list[DicomSeries]
     bad: list[BadItem]
     n_files: int
+    #: hidden files and folders (``.DS_Store``, ``._*``, ``.git/``) skipped by the directory scan
+    hidden: int = 0
 
 
 def _normal(iop: Sequence[float]) -> np.ndarray:
@@ -283,13 +281,15 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n and all(np.isfinite(out)) else None
 
 
-def _list_files(path: Path) -> list[Path]:
+def _list_files(path: Path) -> tuple[list[Path], int]:
+    """The candidate DICOM files under ``path`` and how many hidden entries were skipped."""
     if path.is_file():
-        return [path]
+        return [path], 0
     if not path.exists():
         raise DataError(str(path), "no such file or directory")
-    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and p.name.upper() != "DICOMDIR" and not p.name.lower().endswith((".nii", ".nii.gz", ".json")))
+    found = visible_files(path)
+    return [p for p in found.files if p.name.upper() != "DICOMDIR"
+            and not p.name.lower().endswith((".nii", ".nii.gz", ".json"))], found.hidden
 
 
 def scan_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> DicomScan:
@@ -301,14 +301,14 @@ def scan_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> DicomSc
     duplicate positions) go to ``bad`` with the reason; the rest form :class:`DicomSeries` sorted by position.
     """
     if isinstance(path, (list, tuple)):
-        files = [Path(p) for p in path]
+        files, hidden = [Path(p) for p in path], 0
         root = files[0].parent if files else Path(".")
         missing = [BadItem(str(f), "file not found") for f in files if not f.is_file()]
         if missing:
             raise DataError(items=missing)
     else:
         root = Path(path)
-        files = _list_files(root)
+        files, hidden = _list_files(root)
     bad: list[BadItem] = []
     groups: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     for f in files:
@@ -332,7 +332,7 @@ def scan_dicom(path: str | os.PathLike | Sequence[str | os.PathLike]) -> DicomSc
         if s is not None:
             series.append(s)
     series.sort(key=lambda s: s.files[0])
-    return DicomScan(str(root), series, bad, len(files))
+    return DicomScan(str(root), series, bad, len(files), hidden)
 
 
 def _strays_beside_uidless_series(groups: dict[str, list[tuple[str, Any]]]) -> list[BadItem]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from medsim.data.sources import open_source
 from medsim.data.validate import validate_source
+from medsim.errors import BadItem
 
 __all__ = ["inspect_source", "format_report"]
 
@@ -15,7 +16,7 @@ def inspect_source(path: str | os.PathLike, *, layout: str = "auto", decode: boo
                    **options: Any) -> dict[str, Any]:
     """Read ``path`` leniently and (``decode``) open every file; return a JSON-able report."""
     src = open_source(path, layout=layout, lenient=True, **options)
-    n_listed = len(src.items)
+    n_listed = len(src.items) + len(src.bad)  # every item and table row found, before anything is decoded
     result = validate_source(src, lenient=True, progress=progress) if decode else None
     groups = {k: len({it[k] for it in src.items if k in it}) for k in ("group", "patient", "study")}
     report: dict[str, Any] = {
@@ -23,7 +24,8 @@ def inspect_source(path: str | os.PathLike, *, layout: str = "auto", decode: boo
         "items": len(src.items), "listed": n_listed,
         "classes": src.class_counts(),
         "groups": {k: v for k, v in groups.items() if v},
-        "unreadable": [b.line() for b in src.bad],
+        "unreadable": _unreadable_once(src.bad),
+        "hidden": int(src.info.get("hidden", 0)),
     }
     if result is not None:
         report["shapes"] = {"x".join(map(str, k)): v for k, v in result.shapes.most_common()}
@@ -33,11 +35,21 @@ def inspect_source(path: str | os.PathLike, *, layout: str = "auto", decode: boo
     return report
 
 
+def _unreadable_once(bad: list[BadItem]) -> list[str]:
+    """One line per unreadable file (or table row): a file that fails for several items — a mask two rows
+    share, a slice of a series — is listed, and counted, once."""
+    seen: dict[tuple[str, int | None], str] = {}
+    for b in bad:
+        seen.setdefault((b.path, b.row), b.line())
+    return list(seen.values())
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The report as aligned text tables for a terminal."""
     lines = [f"source   {r['path']}", f"layout   {r['layout']} ({r['kind']})",
-             f"items    {r['items']} usable" + (f" of {r['listed'] + len(r['unreadable'])}" if r['unreadable']
-                                                 else "")]
+             f"items    {r['items']} usable" + (f" of {r['listed']}" if r['listed'] != r['items'] else "")]
+    if r.get("hidden"):
+        lines.append(f"hidden   skipped {r['hidden']} hidden file(s)/folder(s) (.DS_Store, ._*, dot-folders)")
     if r.get("n_files") is not None:
         lines.append(f"files    {r['n_files']}")
     if r["classes"]:

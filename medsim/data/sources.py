@@ -11,7 +11,11 @@ Layouts (``open_source(path)`` detects them):
 ``nifti``         NIfTI volumes with optional label maps (``ct.nii.gz`` + ``labels.nii.gz`` per folder,
                   or ``imagesTr/`` + ``labelsTr/``)
 ``tiff``          large TIFF histology images cut into patches with their coordinates
+``image``         one 2D image file (PNG, JPEG, BMP, a TIFF smaller than one patch), known by its content
 ================  ==========================================================================================
+
+A single file is recognised by its content (:func:`medsim.files.file_format`), not its name. Folder scans skip
+hidden files and folders (``.DS_Store``, AppleDouble ``._*``, ``.git/``) and count them in ``Source.info["hidden"]``.
 
 Each item carries ``image`` (path), ``label`` (int) and ``label_name`` when labelled, ``id``, and metadata for
 pair sampling (``group`` = lesion, ``patient``, ``study``, ``series``, ``view``, ``laterality``). Identifiers are
@@ -27,6 +31,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from medsim.data.phi import Anonymizer
 from medsim.errors import BadItem, DataError
+from medsim.files import FORMAT_NAMES, file_format, visible_files
 
 __all__ = ["Source", "LAYOUTS", "IMAGE_SUFFIXES", "open_source", "detect_layout", "HAM10000_CLASSES",
            "ISIC2019_CLASSES"]
@@ -44,7 +50,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
-LAYOUTS = ("ham10000", "isic2019", "folder", "csv", "dicom", "nifti", "tiff")
+LAYOUTS = ("ham10000", "isic2019", "folder", "csv", "dicom", "nifti", "tiff", "image")
 
 #: column aliases for the generic CSV datalist: canonical key -> accepted header names (case-insensitive)
 CSV_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -138,12 +144,17 @@ def _finish(root: Path, layout: str, kind: str, items: list[dict], bad: list[Bad
     if bad and not lenient:
         raise DataError(items=bad, header=f"{len(bad)} problem(s) in {root} ({layout} layout); fix them or "
                                           f"use lenient mode to skip and report them:")
+    if not items:
+        if bad:  # say why each was unusable: "no usable items" alone names no file and no reason
+            raise DataError(items=bad, header=f"no usable items in {root} ({layout} layout); {len(bad)} "
+                                              "unusable:")
+        raise DataError(root, f"no usable items found ({layout} layout)")
     if bad:
         logger.warning("%s: skipped %d bad item(s); first: %s", root, len(bad), bad[0].line())
-    if not items:
-        raise DataError(root, f"no usable items found ({layout} layout)"
-                        + (f"; {len(bad)} skipped" if bad else ""))
-    return Source(str(root), layout, kind, items, classes, bad, info or {})
+    info = info or {}
+    if info.get("hidden"):
+        logger.info("%s: skipped %d hidden file(s)/folder(s)", root, info["hidden"])
+    return Source(str(root), layout, kind, items, classes, bad, info)
 
 
 def _check_duplicates(items: list[dict], rows: _Rows, key: str = "id") -> list[dict]:
@@ -263,18 +274,21 @@ def read_isic2019(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Sou
 
 def read_folder(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Source:
     """One sub-folder per class, images inside (any depth). Classes sorted by name."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    entries = list(root.iterdir())
+    classes = sorted(d.name for d in entries if d.is_dir() and not d.name.startswith("."))
+    hidden = sum(1 for e in entries if e.name.startswith("."))
     items, bad = [], []
     for c in classes:
-        for p in sorted((root / c).rglob("*")):
-            if not p.is_file() or p.name.startswith("."):
-                continue
+        found = visible_files(root / c)
+        hidden += found.hidden
+        for p in found.files:
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 bad.append(BadItem(str(p), f"not an image file (suffix '{p.suffix}'; expected "
                                            f"{', '.join(IMAGE_SUFFIXES)})"))
                 continue
             items.append({"id": str(p.relative_to(root)), "image": str(p), "label_name": c})
-    return _finish(root, "folder", "rgb2d", _clean(_labelled(items, classes), anon), bad, classes, lenient)
+    return _finish(root, "folder", "rgb2d", _clean(_labelled(items, classes), anon), bad, classes, lenient,
+                   {"hidden": hidden})
 
 
 def read_csv_datalist(table: Path, anon: Anonymizer, *, lenient: bool = False, image_column: str | None = None,
@@ -381,7 +395,7 @@ def read_dicom_source(root: Path, anon: Anonymizer, *, lenient: bool = False) ->
             if label is not None:
                 it["mask"] = label
         items.append(it)
-    info = {"n_files": scan.n_files, "series": [
+    info = {"n_files": scan.n_files, "hidden": scan.hidden, "series": [
         {"files": s.n_slices, "shape": list(s.shape), "spacing": [round(v, 4) for v in s.spacing],
          "modality": s.modality} for s in scan.series]}
     kind = "ct3d" if volumes and len(volumes) == len(scan.series) else "gray2d"
@@ -391,19 +405,20 @@ def read_dicom_source(root: Path, anon: Anonymizer, *, lenient: bool = False) ->
 def read_nifti(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Source:
     """NIfTI volumes and label maps: a single file, ``imagesTr/`` + ``labelsTr/`` (Decathlon), or folders each
     holding an image (``ct|mr|image*.nii.gz``) and ``labels.nii.gz`` / ``label*.nii.gz``."""
-    def is_nii(p: Path) -> bool:
-        return p.name.endswith(NIFTI_SUFFIXES)
-
-    items, bad = [], []
+    items, bad, hidden = [], [], 0
     if root.is_file():
         items.append({"id": root.name, "image": str(root)})
     elif (root / "imagesTr").is_dir():
-        for img in sorted(p for p in (root / "imagesTr").iterdir() if is_nii(p)):
+        found = visible_files(root, NIFTI_SUFFIXES)
+        hidden = found.hidden
+        for img in (p for p in found.files if p.parent == root / "imagesTr"):
             lab = root / "labelsTr" / img.name
             items.append({"id": img.name, "image": str(img), **({"mask": str(lab)} if lab.is_file() else {})})
     else:
-        for folder in sorted({p.parent for p in root.rglob("*.nii*") if is_nii(p)}):
-            niis = sorted(p for p in folder.iterdir() if is_nii(p))
+        found = visible_files(root, NIFTI_SUFFIXES)
+        hidden = found.hidden
+        for folder in sorted({p.parent for p in found.files}):
+            niis = [p for p in found.files if p.parent == folder]
             labels = [p for p in niis if _is_label_map(p)]
             images = [p for p in niis if p not in labels]
             if folder.name in ("masks", "labels"):
@@ -416,7 +431,7 @@ def read_nifti(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Source
                 if len(labels) == 1:
                     it["mask"] = str(labels[0])
                 items.append(it)
-    return _finish(root, "nifti", "ct3d", _clean(items, anon), bad, [], lenient)
+    return _finish(root, "nifti", "ct3d", _clean(items, anon), bad, [], lenient, {"hidden": hidden})
 
 
 def read_tiff(root: Path, anon: Anonymizer, *, lenient: bool = False, patch_size: int = 256,
@@ -424,8 +439,8 @@ def read_tiff(root: Path, anon: Anonymizer, *, lenient: bool = False, patch_size
     """Large TIFF histology images cut into ``patch_size`` patches (see :mod:`medsim.data.histology`)."""
     from medsim.data.histology import patch_grid
 
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix.lower() in
-                                                 (".tif", ".tiff", ".svs"))
+    found = visible_files(root, (".tif", ".tiff", ".svs")) if root.is_dir() else None
+    files = [root] if found is None else found.files
     items, bad = [], []
     for f in files:
         try:
@@ -433,13 +448,25 @@ def read_tiff(root: Path, anon: Anonymizer, *, lenient: bool = False, patch_size
         except DataError as e:
             bad.extend(e.items)
     return _finish(root, "tiff", "rgb2d", _clean(items, anon), bad, [], lenient,
-                   {"slides": len(files), "patch_size": patch_size})
+                   {"slides": len(files), "patch_size": patch_size, "hidden": found.hidden if found else 0})
+
+
+def read_image_file(path: Path, anon: Anonymizer, *, lenient: bool = False) -> Source:
+    """One 2D image file (PNG, JPEG, BMP, TIFF, …) as a one-item source; ``kind`` from its mode (gray2d for
+    single-channel images and grayscale saved as RGB, else rgb2d). Decoding problems are found by validation."""
+    if not path.is_file():
+        raise DataError(path, "the image layout reads one image file; for a folder use --layout folder or auto")
+    items = [{"id": path.name, "image": str(path)}]
+    return _finish(path, "image", _guess_kind(items), _clean(items, anon), [], [], lenient)
 
 
 # --------------------------------------------------------------------------------------------------- entry
 _READERS: dict[str, Callable[..., Source]] = {
     "ham10000": read_ham10000, "isic2019": read_isic2019, "folder": read_folder, "csv": read_csv_datalist,
-    "dicom": read_dicom_source, "nifti": read_nifti, "tiff": read_tiff}
+    "dicom": read_dicom_source, "nifti": read_nifti, "tiff": read_tiff, "image": read_image_file}
+
+#: a single TIFF at least this wide and high is a slide cut into patches (tiff layout), a smaller one an image
+_SLIDE_MIN_SIDE = 256
 
 
 def _is_label_map(p: Path) -> bool:
@@ -458,26 +485,53 @@ def _series_label_map(series_folder: Path, root: Path) -> str | None:
     return None
 
 
+def _single_file_layout(path: Path) -> str:
+    """csv for a ``.csv`` name; otherwise what the content is (:func:`medsim.files.file_format`): nifti, dicom,
+    tiff for a slide (``.svs``, or a TIFF of at least one patch a side), image for any other 2D image."""
+    if path.name.lower().endswith(".csv"):
+        return "csv"
+    if path.stat().st_size == 0:
+        raise DataError(path, "empty file (0 bytes)")
+    fmt = file_format(path)
+    if fmt in ("nifti", "dicom"):
+        return fmt
+    if path.suffix.lower() == ".svs" or (fmt == "tiff" and _is_slide_sized(path)):
+        return "tiff"
+    if fmt in FORMAT_NAMES:
+        return "image"
+    raise DataError(path, "cannot tell what this file is: its content is no PNG, JPEG, TIFF, BMP, NIfTI or "
+                          "DICOM file and its name is not a .csv datalist (or pass --layout)")
+
+
+def _is_slide_sized(path: Path) -> bool:
+    try:
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # the header only: the size, no pixels
+                return min(im.size) >= _SLIDE_MIN_SIDE
+    except Exception:  # noqa: BLE001 - a TIFF PIL cannot open (e.g. a BigTIFF slide): the slide reader decides
+        return True
+
+
 def detect_layout(path: Path) -> str:
     """Guess the layout of ``path`` from the files it holds; raise a DataError saying what was looked for."""
     if not path.exists():
         raise DataError(path, "no such file or directory")
     if path.is_file():
-        name = path.name.lower()
-        if name.endswith(".csv"):
-            return "csv"
-        if name.endswith(NIFTI_SUFFIXES):
-            return "nifti"
-        if path.suffix.lower() in (".tif", ".tiff", ".svs"):
-            return "tiff"
-        return "dicom"
+        return _single_file_layout(path)
     if (path / "HAM10000_metadata.csv").is_file():
         return "ham10000"
     if (path / "ISIC_2019_Training_GroundTruth.csv").is_file():
         return "isic2019"
-    niis = [*path.glob("*.nii*"), *path.glob("*/*.nii*")]
-    if niis and all(_is_label_map(p) for p in niis) and any(
-            p.suffix.lower() in (".dcm", ".dicom", ".ima") for p in path.rglob("*")):
+    niis = [p for p in (*path.glob("*.nii*"), *path.glob("*/*.nii*")) if not p.name.startswith(".")
+            and not p.parent.name.startswith(".")]
+
+    def has_dicom() -> bool:  # hidden files (AppleDouble ._x.dcm) are no evidence
+        return any(p.suffix.lower() in (".dcm", ".dicom", ".ima") for p in visible_files(path).files)
+
+    if niis and all(_is_label_map(p) for p in niis) and has_dicom():
         return "dicom"  # a DICOM series with its label map as NIfTI (e.g. slices/ + labels.nii.gz)
     if (path / "imagesTr").is_dir() or niis:
         return "nifti"
@@ -485,10 +539,11 @@ def detect_layout(path: Path) -> str:
     csvs = [p for p in files if p.suffix.lower() == ".csv"]
     if len(csvs) == 1:
         return "csv"
-    if any(p.suffix.lower() in (".dcm", ".dicom", ".ima") for p in path.rglob("*")):
+    if has_dicom():
         return "dicom"
     subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    if subdirs and any(p.suffix.lower() in IMAGE_SUFFIXES for d in subdirs for p in d.iterdir()):
+    if subdirs and any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") for d in subdirs
+                       for p in d.iterdir()):
         return "folder"
     if any(p.suffix.lower() in (".tif", ".tiff", ".svs") for p in files):
         return "tiff"

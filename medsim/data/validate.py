@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from medsim.data.dicom import MAX_PIXELS, check_pixels, dicom_to_array, is_dicom_path, read_dataset
-from medsim.data.sources import NIFTI_SUFFIXES, Source
+from medsim.data.dicom import check_pixels, dicom_to_array, read_dataset
+from medsim.data.sources import Source
 from medsim.errors import BadInputReport, DataError
+from medsim.files import check_pixel_count, file_format, open_image
 
 __all__ = ["check_file", "validate_source", "ValidationResult", "EXPECTED_NDIM"]
 
@@ -32,26 +32,8 @@ EXPECTED_NDIM = {"rgb2d": 2, "gray2d": 2, "ct3d": 3}
 
 
 def _check_pil(path: Path, kind: str) -> dict[str, Any]:
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        # PIL warns above MAX_IMAGE_PIXELS and raises above 2×: treat both as a decompression bomb.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-        try:
-            with Image.open(path) as im:
-                size, mode, frames = im.size, im.mode, getattr(im, "n_frames", 1)
-                im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DataError(path, f"image too large, possible decompression bomb ({e}); raise "
-                                  f"MEDSIM_MAX_PIXELS if it is genuine") from e
-        except FileNotFoundError as e:
-            raise DataError(path, "file not found") from e
-        except Exception as e:  # UnidentifiedImageError, truncated data (OSError), SyntaxError from plugins
-            raise DataError(path, f"not a readable image ({type(e).__name__}: {e})") from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+    with open_image(path) as im:  # the shared pixel limit; truncated/corrupt files named with their format
+        size, mode, frames = im.size, im.mode, getattr(im, "n_frames", 1)
     if frames > 1 and kind in ("rgb2d", "gray2d"):
         raise DataError(path, f"expected a single 2D image, got {frames} frames")
     if mode not in ("RGB", "RGBA", "L", "LA", "P", "I", "I;16", "I;16B", "I;16L", "F", "1", "CMYK", "YCbCr"):
@@ -66,9 +48,7 @@ def _check_nifti(path: Path, kind: str) -> dict[str, Any]:
 
     try:
         img = nib.load(str(path))
-        n = int(np.prod(img.shape))
-        if n > MAX_PIXELS:
-            raise DataError(path, f"{img.shape} = {n} voxels exceeds the limit of {MAX_PIXELS}")
+        check_pixel_count(int(np.prod(img.shape)), path, "x".join(map(str, img.shape)))
         data = np.asanyarray(img.dataobj)
     except DataError:
         raise
@@ -106,9 +86,10 @@ def check_file(path: str | os.PathLike, kind: str) -> dict[str, Any]:
         raise DataError(p, "file not found")
     if p.stat().st_size == 0:
         raise DataError(p, "empty file (0 bytes)")
-    if p.name.endswith(NIFTI_SUFFIXES):
+    fmt = file_format(p)  # by content: a JPEG named .dcm is a JPEG, a DICOM named .png a DICOM
+    if fmt == "nifti":
         return _check_nifti(p, kind)
-    if is_dicom_path(p) and p.is_file():
+    if fmt == "dicom":
         return _check_dicom(p, kind)
     return _check_pil(p, kind)
 

@@ -36,6 +36,8 @@ import numpy as np
 
 from medsim.data.dicom import apply_window  # torch-free: reused, not copied
 from medsim.deploy import DeployError, UnsupportedPreprocessing
+from medsim.errors import DataError
+from medsim.files import check_pixel_count, file_format, open_image  # one format sniffer and pixel limit
 from medsim.export.manifest import MANIFEST_NAME  # torch-free module (medsim.export loads lazily)
 
 __all__ = ["MANIFEST_NAME", "ImageSource", "load_manifest", "read_image", "preprocess", "preprocess_with_size",
@@ -43,8 +45,6 @@ __all__ = ["MANIFEST_NAME", "ImageSource", "load_manifest", "read_image", "prepr
 
 logger = logging.getLogger(__name__)
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: the MONAI steps each kind may contain; anything else means the manifest describes a pipeline this module
 #: would silently get wrong, so it is refused
 KNOWN_STEPS = {
@@ -97,15 +97,9 @@ def _prep_section(manifest: dict[str, Any] | str | os.PathLike) -> dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------------------- reading
-def _is_dicom_file(p: Path) -> bool:
-    if p.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(p, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+def _runtime_error(e: DataError) -> DeployError:
+    """The data layer's one-line ``path: reason`` as the runtime's error type."""
+    return DeployError(str(e))
 
 
 def _hwc_to_cxy(arr: np.ndarray, what: str) -> np.ndarray:
@@ -131,15 +125,14 @@ def _read_pil(p: Path) -> np.ndarray:
     if _PILImage is None:  # pragma: no cover
         raise DeployError(f"{p}: reading images needs Pillow (pip install pillow)")
     try:
-        with _PILImage.open(p) as im:
-            if im.mode == "P":
-                logger.warning("%s: palette image; read as palette indices, as training's MONAI PILReader did "
-                               "(convert it to RGB/L beforehand if the model was trained on such files)", p)
-            arr = np.asarray(im)
-    except FileNotFoundError:
-        raise DeployError(f"{p}: file not found") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, DecompressionBombError…
-        raise DeployError(f"{p}: not a readable image ({type(e).__name__}: {e})") from e
+        im = open_image(p)  # the data layer's pixel limit: a decompression bomb is refused here too
+    except DataError as e:
+        raise _runtime_error(e) from None
+    with im:
+        if im.mode == "P":
+            logger.warning("%s: palette image; read as palette indices, as training's MONAI PILReader did "
+                           "(convert it to RGB/L beforehand if the model was trained on such files)", p)
+        arr = np.asarray(im)
     return _hwc_to_cxy(arr, str(p))
 
 
@@ -148,7 +141,11 @@ def _read_nifti(p: Path) -> np.ndarray:
     try:
         import nibabel as nib
 
-        arr = np.asanyarray(nib.load(str(p)).dataobj)
+        img = nib.load(str(p))
+        check_pixel_count(int(np.prod(img.shape)), p, "x".join(map(str, img.shape)))
+        arr = np.asanyarray(img.dataobj)
+    except DataError as e:
+        raise _runtime_error(e) from None
     except ImportError:
         try:
             import SimpleITK as sitk
@@ -172,18 +169,16 @@ def _read_dicom(p: Path) -> np.ndarray:
     """(1, columns, rows) in [0, 1] from a single-frame grayscale DICOM: modality LUT (RescaleSlope/Intercept),
     VOI LUT or window, MONOCHROME1 inverted — as training's ``DicomReader(display=True)``."""
     try:
-        import pydicom
         from pydicom.pixels import apply_modality_lut
     except ImportError:
         raise DeployError(f"{p}: reading DICOM needs pydicom >= 3 (pip install pydicom)") from None
-    try:
-        ds = pydicom.dcmread(str(p))
-    except FileNotFoundError:
-        raise DeployError(f"{p}: file not found") from None
-    except Exception as e:  # noqa: BLE001 - InvalidDicomError, EOFError, struct.error…
-        raise DeployError(f"{p}: not a readable DICOM file ({type(e).__name__}: {e})") from e
-    if "PixelData" not in ds:
-        raise DeployError(f"{p}: DICOM without PixelData (not an image)")
+    from medsim.data.dicom import check_pixels, read_dataset
+
+    try:  # the data layer's reader and checks: no preamble, truncation, pixel limit, decoder present
+        ds = read_dataset(p)
+        check_pixels(ds, p)
+    except DataError as e:
+        raise _runtime_error(e) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if not photometric.startswith("MONOCHROME"):
         raise DeployError(f"{p}: {photometric} DICOM; gray2d models take grayscale (MONOCHROME1/2) images")
@@ -236,10 +231,13 @@ def read_image(source: ImageSource, kind: str = "rgb2d") -> np.ndarray:
         raise DeployError(f"{p}: a directory; 2D models take one image file (DICOM series are not supported)")
     if not p.is_file():
         raise DeployError(f"{p}: file not found")
-    name = p.name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
+    try:
+        fmt = file_format(p)  # by content, as the data layer reads it
+    except DataError as e:
+        raise _runtime_error(e) from None
+    if fmt == "nifti":
         return _read_nifti(p)
-    if _is_dicom_file(p):
+    if fmt == "dicom":
         if kind != "gray2d":
             raise DeployError(f"{p}: DICOM input to a {kind} model; {kind} models were trained on images read "
                               "with PIL (convert the DICOM to PNG first)")

@@ -196,13 +196,15 @@ def recall_from_hits(labels: Sequence[Any], hits: Sequence[Sequence[Any]], ks: S
 
 def _read_mask(path: str | os.PathLike, image: str | os.PathLike) -> np.ndarray:
     """A ground-truth mask file → (H, W) array as stored (0/1 or 0/255 both work downstream)."""
-    from PIL import Image, UnidentifiedImageError
+    from medsim.errors import DataError
+    from medsim.files import open_image
 
     try:
-        with Image.open(path) as m:
-            return np.asarray(m.convert("L"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DeployError(f"{path}: ground-truth mask for {image} cannot be read ({type(e).__name__}: {e})") from e
+        m = open_image(path)  # the data layer's pixel limit: a mask can be a decompression bomb too
+    except DataError as e:
+        raise DeployError(f"{path}: ground-truth mask for {image} cannot be read ({e.reason})") from None
+    with m:
+        return np.asarray(m.convert("L"))
 
 
 def _display_image(path: str | os.PathLike, kind: str) -> np.ndarray:

@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from medsim.deploy import DeployError
+from medsim.errors import DataError
+from medsim.files import check_pixel_count
 
 __all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "preprocess_volume",
            "model_grid", "label_to_grid", "trilinear_resize", "localize_volumes"]
@@ -51,8 +53,11 @@ def read_volume(source: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             raise DeployError(f"{p}: reading NIfTI needs nibabel (pip install nibabel)") from None
         try:
             img = nib.load(str(p))
+            check_pixel_count(int(np.prod(img.shape)), p, "x".join(map(str, img.shape)))  # before decoding
             arr = np.asanyarray(img.dataobj).astype(np.float32)
             affine = np.array(img.affine, dtype=np.float64)
+        except DataError as e:
+            raise DeployError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - ImageFileError, EOFError, OSError…
             raise DeployError(f"{p}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
         while arr.ndim > 3 and arr.shape[-1] == 1:

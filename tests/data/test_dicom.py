@@ -14,6 +14,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+import medsim.files
 from medsim.data import dicom as D
 from medsim.errors import DataError
 
@@ -400,12 +401,12 @@ def test_decompression_bomb_header(tmp_path):
 
 
 def test_decompression_bomb_compressed_small_limit(monkeypatch):
-    monkeypatch.setattr(D, "MAX_PIXELS", 64 * 64 - 1)
+    monkeypatch.setattr(medsim.files, "MAX_PIXELS", 64 * 64 - 1)
     path = bundled("MR_small_jp2klossless.dcm")
     with pytest.raises(DataError, match="exceeds the limit of 4095") as e:
         read(path)
     assert str(e.value).startswith(str(path))
-    monkeypatch.setattr(D, "MAX_PIXELS", 64 * 64)
+    monkeypatch.setattr(medsim.files, "MAX_PIXELS", 64 * 64)
     assert read(path).shape == (64, 64)
 
 

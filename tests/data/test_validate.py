@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsim.data import validate as V
+import medsim.files
 from medsim.data.sources import open_source
 from medsim.data.validate import check_file, validate_source
 from medsim.errors import DataError
@@ -28,7 +28,7 @@ def test_truncated_png(tmp_path):
     p = _png(tmp_path / "a.png")
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=r"a\.png: not a readable image"):
+    with pytest.raises(DataError, match=r"a\.png: truncated PNG file"):
         check_file(p, "rgb2d")
 
 
@@ -42,7 +42,7 @@ def test_empty_and_non_image(tmp_path, content, reason):
 
 def test_decompression_bomb(tmp_path, monkeypatch):
     p = _png(tmp_path / "big.png", (100, 100, 3))
-    monkeypatch.setattr(V, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(medsim.files, "MAX_PIXELS", 1000)
     with pytest.raises(DataError, match="decompression bomb"):
         check_file(p, "rgb2d")
 
