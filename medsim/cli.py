@@ -19,6 +19,13 @@ from medsim.errors import MedsimError
 LAYOUT_CHOICES = ["auto", "ham10000", "isic2019", "folder", "csv", "dicom", "nifti", "tiff", "image"]
 
 
+class _ProgressFormatter(logging.Formatter):
+    """INFO lines as plain progress text; warnings and errors keep their level and logger name, so they stand out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if record.levelno == logging.INFO else super().format(record)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -36,7 +43,14 @@ def cli(debug: bool, verbose: int) -> None:
       search     query similar cases
       localize   attention-derived lesion masks, boxes and overlays
     """
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    # medsim's own progress (INFO: epochs, resumes, backends) is shown by default; other libraries speak from
+    # WARNING (-v: everyone's INFO, -vv: DEBUG)
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("medsim").setLevel(min(level, logging.INFO))
+    for handler in logging.getLogger().handlers:
+        if type(handler.formatter) is logging.Formatter:  # ours, not a test harness' or an application's
+            handler.setFormatter(_ProgressFormatter(handler.formatter._fmt))
 
 
 def _threads_option(*, torch: bool):
@@ -204,6 +218,10 @@ def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: st
         ov["lenient"] = True
     summary = train_bundle(bundle, variant=variant, dataset_dir=dataset_dir, output_dir=output, overrides=ov)
     click.echo(f"run: {summary['output_dir']} ({summary['seconds']} s)")
+    if summary.get("epochs_trained") == 0 and (Path(summary["output_dir"]) / "last.pt").is_file():
+        click.echo("nothing trained: this run folder was already complete (see the warning above); the result below "
+                   "is its existing best.pt. Start a new run with --output NEW_DIR (or delete the folder), or raise "
+                   "-o max_epochs=N to train on.")
     if "nmi" in summary:
         extra = (f"  accuracy {summary['accuracy']:.4f}  balanced accuracy {summary['balanced_accuracy']:.4f}"
                  if "accuracy" in summary else "")

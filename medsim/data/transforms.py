@@ -31,6 +31,21 @@ def _keys(with_mask: bool) -> tuple[list[str], list[str]]:
     return keys, (["bilinear", "nearest"] if with_mask else ["bilinear"])
 
 
+def _load_images(keys: list[str], reader):
+    """``LoadImaged(keys, reader)``, without MONAI's nvImageCodec notices: ``LoadImage`` instantiates every
+    default reader, even beside the one medsim chooses here, and the absent GPU DICOM codec warns on every CPU
+    host (a ``UserWarning`` and a log line per command) about a reader medsim never uses."""
+    import logging
+    import warnings
+
+    import monai.transforms as mt
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+        return mt.LoadImaged(keys, reader=reader, image_only=True, ensure_channel_first=True)
+
+
 def _readers():
     from monai.data import PILReader
 
@@ -54,8 +69,7 @@ def rgb2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = 
     xs: list = [
         # PIL explicitly (as medsim.deploy reads): MONAI's reader choice by suffix would take a DICOM reader for
         # .tif files when ITK is absent
-        *([mt.LoadImaged(keys, reader=PILReader(reverse_indexing=True), image_only=True, ensure_channel_first=True)]
-          if load else []),
+        *([_load_images(keys, PILReader(reverse_indexing=True))] if load else []),
         mt.EnsureTyped(keys, dtype="float32", track_meta=False),
         _ToRGBd("image"),
         mt.ScaleIntensityRanged("image", 0.0, 255.0, 0.0, 1.0, clip=True),
@@ -86,7 +100,7 @@ def gray2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool =
 
     keys, modes = _keys(with_mask)
     xs: list = [
-        mt.LoadImaged(keys, reader=_readers(), image_only=True, ensure_channel_first=True),
+        _load_images(keys, _readers()),
         mt.EnsureTyped(keys, dtype="float32", track_meta=False),
         _ChannelMaxd("image"),
         mt.ScaleIntensityd("image", minv=0.0, maxv=1.0),
@@ -112,8 +126,7 @@ def ct3d_transforms(roi_size: Sequence[int] = (96, 96, 96), *, pixdim: Sequence[
 
     keys, modes = _keys(with_mask)
     xs: list = [
-        mt.LoadImaged(keys, reader=[DicomReader(display=False), "NibabelReader"], image_only=True,
-                      ensure_channel_first=True),
+        _load_images(keys, [DicomReader(display=False), "NibabelReader"]),
         mt.EnsureTyped(keys, dtype="float32"),
         mt.Orientationd(keys, axcodes="RAS", labels=None),
         mt.Spacingd(keys, pixdim=tuple(pixdim), mode=modes),

@@ -276,16 +276,17 @@ class SubspaceHandler:
                 events.append(self._try_split(engine, epoch))
             elif st.k > 1 and epoch % self.recluster_every == 0:
                 events.append(f"re-clustered into {st.k}: sizes {self._recluster(engine, epoch)}")
-            if (self.mode == "dsl" and not st.splitting) or epoch >= max_epochs - self.finetune_epochs:
+            stopped = self.mode == "dsl" and not st.splitting
+            left = max_epochs - epoch  # epochs still to train: none after the last one, so no fine-tune to announce
+            if left > 0 and (stopped or left <= self.finetune_epochs):
                 if st.phase != "finetune" and (self.mode == "dsl" or self.k > 1):
                     st.phase = "finetune"
-                    why = "splitting stopped" if self.mode == "dsl" and not st.splitting else \
-                        f"last {self.finetune_epochs} epochs"
+                    why = "splitting stopped" if stopped else f"last {left} epoch{'s' if left > 1 else ''}"
                     events.append(f"final fine-tune of the whole embedding on all data ({why})")
         rec["events"] = events
         st.history.append(rec)
-        for e in events:
-            logger.info("epoch %d: %s", epoch, e)
+        for e in events:  # MetricsLogger's epoch line shows them at INFO
+            logger.debug("epoch %d: %s", epoch, e)
 
     def _try_split(self, engine: MetricLearningTrainer, epoch: int) -> str:
         st = engine.subspaces
@@ -367,7 +368,15 @@ class Checkpointer:
                               f"train into another --output directory, or delete it to start over") from e
         engine.state.epoch = int(ckpt["engine"]["epoch"])
         engine.state.iteration = int(ckpt["engine"]["iteration"])
-        logger.warning("resumed from %s at epoch %d", path, engine.state.epoch)
+        max_epochs = getattr(engine.state, "max_epochs", None)
+        if max_epochs is not None and engine.state.epoch >= max_epochs:
+            logger.warning("%s is already complete: last.pt is at epoch %d and max_epochs is %d, so nothing is "
+                           "trained and the test result is that of the existing best.pt. To start a new run, train "
+                           "into a new folder (medsim train --output NEW_DIR; monai.bundle: --output_dir NEW_DIR) or "
+                           "delete this one; to train on, raise max_epochs above %d.", self.save_dir,
+                           engine.state.epoch, max_epochs, engine.state.epoch)
+        else:
+            logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
 
 
 class MetricsLogger:
@@ -392,7 +401,7 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self.echo:
-            logger.warning("epoch %d/%d  K=%d  loss %.4f  val NMI %.4f  R@1 %.4f%s", rec["epoch"],
-                           engine.state.max_epochs, rec["K"], rec["loss"] or float("nan"),
-                           rec.get("val_nmi", float("nan")), rec.get("val_R@1", float("nan")),
-                           "".join(f"\n    {e}" for e in rec["events"]))
+            logger.info("epoch %d/%d  K=%d  loss %.4f  val NMI %.4f  R@1 %.4f%s", rec["epoch"],
+                        engine.state.max_epochs, rec["K"], rec["loss"] or float("nan"),
+                        rec.get("val_nmi", float("nan")), rec.get("val_R@1", float("nan")),
+                        "".join(f"\n    {e}" for e in rec["events"]))

@@ -45,7 +45,7 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
         doc = load_split(split_file)
         meta = doc["meta"]
         _check_same_request(split_file, meta, source=str(Path(dataset_dir).resolve()), by=by, max_items=max_items)
-        logger.info("reusing split %s", split_file)
+        logger.debug("reusing split %s", split_file)  # evaluated more than once per run by MONAI's workflow
     else:
         src, _ = load_checked(dataset_dir, layout=layout, lenient=lenient, report_path=out / "skipped.json")
         items = src.items
@@ -215,13 +215,22 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
     out = Path(wf.parser.get_parsed_content("output_dir"))
     out.mkdir(parents=True, exist_ok=True)
     wf.parser.export_config_file(wf.parser.get(), str(out / "config.json"), indent=1)
+    logged = _epochs_logged(out)
     wf.run()
     wf.finalize()
-    summary = {"output_dir": str(out), "seconds": round(time.time() - t0, 1)}
+    # 0 on a run folder that was already complete (its last.pt at max_epochs: the trainer warned and stopped)
+    summary = {"output_dir": str(out), "seconds": round(time.time() - t0, 1),
+               "epochs_trained": _epochs_logged(out) - logged}
     test = out / "eval_test.json"
     if test.is_file():
         summary.update(json.loads(test.read_text()))
     return summary
+
+
+def _epochs_logged(run_dir: Path) -> int:
+    """Epochs recorded in ``run_dir/metrics.jsonl`` (one line each, written by ``MetricsLogger``)."""
+    f = run_dir / "metrics.jsonl"
+    return sum(1 for line in f.read_text(encoding="utf-8").splitlines() if line.strip()) if f.is_file() else 0
 
 
 def _check_overrides(bundle: Path, variant: str | None, overrides: dict[str, Any]) -> None:

@@ -273,3 +273,44 @@ def test_embedding_metric_adds_classification_metrics_for_logits():
     m.reset()
     m.update((emb, labels, None))  # an embedder without logits
     assert "val_accuracy" not in m.compute()
+
+
+@pytest.mark.parametrize("mode", ["mml", "dsl"])
+def test_no_final_fine_tune_announced_without_epochs_left(mode):
+    """The fine-tune phase starts only when epochs remain after this one, and says how many: a 1-epoch run has
+    none (no "last 2 epochs" message), a 2-epoch run has 1."""
+    validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
+    for max_epochs, expected in ((1, None), (2, "last 1 epoch)")):
+        st = SubspaceState(learners=[])
+        h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), mode=mode, k=4, recluster_every=5,
+                            finetune_epochs=2, min_neurons=2)
+        net = ToyEmbedder(dim=16)
+        h.started(_engine(net, st, 0, max_epochs))
+        h.epoch_completed(_engine(net, st, 1, max_epochs))
+        fine = [e for e in st.history[-1]["events"] if "final fine-tune" in e]
+        if expected is None:
+            assert fine == [] and st.phase == "explore"
+        else:
+            assert len(fine) == 1 and fine[0].endswith(expected) and st.phase == "finetune"
+
+
+def test_resuming_a_complete_run_says_it_is_complete(tmp_path, caplog):
+    """last.pt at epoch >= max_epochs: a warning says nothing will be trained and how to start a new run; a run
+    with epochs left logs its resume at INFO."""
+    import logging
+
+    from medsim.engines.trainer import Checkpointer
+
+    ck = Checkpointer(tmp_path, {"network": ToyEmbedder()})
+    ck.save(SimpleNamespace(state=SimpleNamespace(epoch=3, iteration=30)))
+    with caplog.at_level(logging.INFO, logger="medsim"):
+        engine = SimpleNamespace(state=SimpleNamespace(epoch=0, iteration=0, max_epochs=1))
+        ck.load(engine)
+        assert engine.state.epoch == 3
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "already complete" in warned[0].getMessage()
+        assert "--output NEW_DIR" in warned[0].getMessage() and "epoch 3 and max_epochs is 1" in warned[0].getMessage()
+        caplog.clear()
+        ck.load(SimpleNamespace(state=SimpleNamespace(epoch=0, iteration=0, max_epochs=5)))
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+            (logging.INFO, f"resumed from {tmp_path / 'last.pt'} at epoch 3")]
