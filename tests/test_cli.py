@@ -259,3 +259,30 @@ def test_train_output_shows_progress_not_noise_and_says_when_a_run_is_complete(s
     assert "WARNING medsim.engines.trainer" in again.stderr and "already complete" in again.stderr
     assert "nothing trained" in again.stdout and "--output NEW_DIR" in again.stdout
     assert "epoch 1/1" not in again.stderr
+
+
+def test_prepare_preview_shows_every_class(tmp_path, capsys, monkeypatch):
+    """Items come sorted by class (10 of 'a' first): the preview still shows each of the 6 classes."""
+    from PIL import Image
+    import numpy as np
+
+    import medsim.viz.contact_sheet as sheet
+
+    data = tmp_path / "classes"
+    rng = np.random.default_rng(0)
+    for c, n in (("a", 10), ("b", 2), ("c", 2), ("d", 2), ("e", 2), ("f", 2)):
+        (data / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / c / f"{c}{i}.png")
+    drawn = {}
+    real = sheet.contact_sheet
+
+    def spy(images, path, **kw):
+        drawn["captions"], drawn["n"] = list(kw.get("captions") or []), len(images)
+        return real(images, path, **kw)
+
+    monkeypatch.setattr(sheet, "contact_sheet", spy)
+    code, out, err = run(["data", "prepare", str(data), "--out", str(tmp_path / "p"), "--size", "16"], capsys)
+    assert code == 0, err
+    assert set(drawn["captions"]) == {"a", "b", "c", "d", "e", "f"} and drawn["n"] == 8
+    assert (tmp_path / "p" / "classes_preview.png").is_file()

@@ -94,6 +94,21 @@ def _first_batch(items: list[dict], kind: str, size: int, n: int = 8) -> tuple[A
     return torch.as_tensor(batch["image"]), (torch.as_tensor(batch["mask"]) if with_mask else None)
 
 
+def _preview_items(items: list[dict], n: int = 8) -> list[dict]:
+    """The items a preview shows: every class at least once (round robin over classes in order of first
+    appearance), ``n`` in all — more when there are more classes than ``n``."""
+    by_class: dict[Any, list[dict]] = {}
+    for it in items:
+        by_class.setdefault(it.get("label", it.get("label_name")), []).append(it)
+    queues = list(by_class.values())
+    shown: list[dict] = []
+    for depth in range(max(map(len, queues), default=0)):
+        shown += [q[depth] for q in queues if depth < len(q)]
+        if len(shown) >= max(n, len(queues)):
+            break
+    return shown[: max(n, len(queues))]
+
+
 def _preview(images, masks, kind: str, path: Path, captions: list[str]) -> Path:
     from medsim.viz.contact_sheet import contact_sheet
 
@@ -129,8 +144,9 @@ def _prepare_one(source: Path, out: Path, name: str, *, by: str | None, size: in
         s = split_summary(splits, grouped_by)
         lines.append(f"[{name}] split by {grouped_by}: " + ", ".join(f"{k} {v['items']} ({v['groups']} groups)"
                                                              for k, v in s.items()))
-    images, masks = _first_batch(src.items, src.kind, size)
-    captions = [str(it.get("label_name", it.get("view", "")) or "") for it in src.items[: len(images)]]
+    shown = _preview_items(src.items)
+    images, masks = _first_batch(shown, src.kind, size, n=len(shown))
+    captions = [str(it.get("label_name", it.get("view", "")) or "") for it in shown]
     pic = _preview(images, masks, src.kind, out / f"{name}_preview.png", captions)
     lines.append(f"[{name}] batch {tuple(images.shape)} {images.dtype}, range [{float(images.min()):.2f}, "
                  f"{float(images.max()):.2f}]" + (f", masks {tuple(masks.shape)}" if masks is not None else "")
