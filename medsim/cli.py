@@ -355,7 +355,8 @@ def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, spli
         n = sum(lab is not None for lab in labels or [])
         click.echo("  ".join(f"{name} {v:.4f}" for name, v in recall.items()) + f"  ({n} labelled queries, k={k})")
     if html:
-        click.echo(f"wrote {html}")
+        bare = not labels or all(lab is None for lab in labels)
+        click.echo(f"wrote {html}" + (" (unlabelled queries: hits not marked right/wrong)" if bare else ""))
 
 
 def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | float:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Case", "search_html", "search_png"]
+__all__ = ["Case", "search_html", "search_png", "unlabelled_note"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +28,15 @@ class Case:
     uri: str
     label: str | None = None
     score: float | None = None
+
+
+def unlabelled_note(queries: Sequence[Case]) -> str | None:
+    """What the pictures say when hits cannot be marked right/wrong: queries without a label (bare images)."""
+    n = sum(q.label is None for q in queries)
+    if not n:
+        return None
+    return ("unlabelled queries: hits not marked" if n == len(queries) else
+            f"{n} of {len(queries)} queries unlabelled: their hits not marked")
 
 
 def _thumb(uri: str, size: int) -> str:
@@ -57,12 +69,15 @@ def search_html(queries: Sequence[Case], neighbours: Sequence[Sequence[Case]], p
                          f'<div>score {h.score:.3f}</div></td>' if h.score is not None else
                          f'<td class="{cls}">{_thumb(h.uri, thumb)}<div>#{rank} {html.escape(h.label or "?")}</div></td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    note = unlabelled_note(queries)  # bare image queries: no label to compare a hit with
+    legend = ("" if note and all(q.label is None for q in queries) else
+              "Green frame: same label as the query; red: different. ") + (f"{note[0].upper()}{note[1:]}. " if note else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;background:#222;color:#eee}} td{{padding:4px;text-align:center;
 vertical-align:top;font-size:12px;border:3px solid transparent}} td.query{{border-color:#888}}
 td.hit{{border-color:#2a2}} td.miss{{border-color:#c33}} .missing{{width:{thumb}px;height:{thumb}px;
 background:#444}}</style></head><body><h2>{html.escape(title)}</h2>
-<p>Green frame: same label as the query; red: different. Scores are cosine similarities.</p>
+<p>{legend}Scores are cosine similarities.</p>
 <table>{''.join(rows)}</table></body></html>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,22 +106,29 @@ def search_png(queries: Sequence[Case], neighbours: Sequence[Sequence[Case]], pa
                thumb: int = 128, max_rows: int = 100) -> Path:
     """The result grid as one PNG (a row per query: the query, then its neighbours best first, each with rank,
     label and score under it; frames: gray query, green same label, red different). At most ``max_rows`` queries
-    (the first ones; a last line says how many were left out — use the HTML page for all). Written atomically."""
+    (the first ones; a last line, and a logged warning, say how many were left out — use the HTML page for all);
+    queries without a label get a line saying their hits are not marked. Written atomically."""
     from PIL import Image, ImageDraw
 
     if len(queries) != len(neighbours):
         raise ValueError(f"got {len(queries)} queries but {len(neighbours)} neighbour lists")
     left_out = max(0, len(queries) - max_rows)
+    if left_out:
+        logger.warning("%s: the grid shows the first %d of %d queries; write an .html page to see all of them",
+                       path, max_rows, len(queries))
     queries, neighbours = list(queries)[:max_rows], list(neighbours)[:max_rows]
+    notes = [f"{left_out} more queries not shown (first {max_rows} only)"] if left_out else []
+    note = unlabelled_note(queries)
+    if note:
+        notes.append(note)
     pad, text_h = 4, 28
     cols = 1 + max((len(h) for h in neighbours), default=0)
     cell_w, cell_h = thumb + 2 * pad, thumb + 2 * pad + text_h
-    footer = 20 if left_out else 0
+    footer = 16 * len(notes) + (4 if notes else 0)
     canvas = Image.new("RGB", (cols * cell_w, max(1, len(queries)) * cell_h + footer), (34, 34, 34))
     draw = ImageDraw.Draw(canvas)
-    if left_out:
-        draw.text((pad, len(queries) * cell_h + 4), f"{left_out} more queries not shown (first {max_rows} only)",
-                  fill=(238, 238, 238))
+    for i, text in enumerate(notes):
+        draw.text((pad, max(1, len(queries)) * cell_h + 4 + 16 * i), text, fill=(238, 238, 238))
     for r, (q, hits) in enumerate(zip(queries, neighbours)):
         cells = [(q, "query", (136, 136, 136))]
         for rank, h in enumerate(hits, start=1):
