@@ -9,7 +9,8 @@ one answer to each question:
 - :func:`sniff_format` — PNG / JPEG / TIFF / BMP / NIfTI / DICOM from the first bytes, never from the name;
   :func:`file_format` falls back on the name only when the content matches nothing.
 - :func:`open_image` — ``PIL.Image.open`` + ``load`` under that limit; every failure is one
-  :class:`~medsim.errors.DataError` naming the file ("truncated JPEG file", "image too large", …).
+  :class:`~medsim.errors.DataError` naming the file ("truncated JPEG file", "image too large", …);
+  :func:`raise_pil_limit` lets MONAI's PIL reader load what that accepted.
 - :func:`visible_files` — the files under a folder, with hidden ones (``.DS_Store``, AppleDouble ``._*``,
   ``.git/``) skipped and counted.
 """
@@ -25,8 +26,8 @@ from typing import Iterable
 
 from medsim.errors import DataError
 
-__all__ = ["MAX_PIXELS", "check_pixel_count", "sniff_format", "file_format", "FORMAT_NAMES", "open_image", "VisibleFiles",
-           "visible_files"]
+__all__ = ["MAX_PIXELS", "check_pixel_count", "sniff_format", "file_format", "FORMAT_NAMES", "open_image",
+           "raise_pil_limit", "VisibleFiles", "visible_files"]
 
 #: upper bound on decoded pixels per file (rows × columns × frames × samples, or voxels of a volume); larger files
 #: are refused as possible decompression bombs. 2**28 = a 16384 × 16384 image. Override with ``$MEDSIM_MAX_PIXELS``.
@@ -183,6 +184,16 @@ def open_image(path: str | os.PathLike):
             raise DataError(p, f"corrupt {what} file ({type(e).__name__}: {e})") from None
         finally:
             Image.MAX_IMAGE_PIXELS = old
+
+
+def raise_pil_limit() -> None:
+    """Let PIL itself (and so MONAI's ``PILReader`` in training transforms) decode every image :func:`open_image`
+    accepts: PIL's own default refuses above 178,956,970 pixels, below :data:`MAX_PIXELS`. Images above the limit
+    are refused by validation (:func:`open_image`) before any training starts."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < _limit():
+        Image.MAX_IMAGE_PIXELS = _limit()
 
 
 # ------------------------------------------------------------------------------------------------- folders

@@ -40,6 +40,9 @@ def _load_images(keys: list[str], reader):
 
     import monai.transforms as mt
 
+    from medsim.files import raise_pil_limit
+
+    raise_pil_limit()  # PIL's default limit is below medsim's: what validation accepted must load
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)

@@ -225,6 +225,19 @@ def test_limit_holds_for_dicom_and_nifti_at_runtime(tmp_path, monkeypatch):
         read_volume(nii)
 
 
+def test_training_transforms_load_what_validation_accepted(tmp_path, monkeypatch):
+    """PIL's own default limit is below medsim's: the training loader must not refuse a checked image."""
+    from medsim.data.transforms import rgb2d_transforms
+    from medsim.data.validate import check_file
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # PIL refuses above 2 x 40 = 80 pixels
+    monkeypatch.setattr(medsim.files, "MAX_PIXELS", 200)
+    p = _img(tmp_path / "ten.png", _rng_rgb(10, 10))  # 100 pixels: within medsim's limit
+    assert check_file(p, "rgb2d")["shape"] == (10, 10)
+    out = rgb2d_transforms((8, 8), normalize=False)({"image": str(p)})
+    assert tuple(out["image"].shape) == (3, 8, 8) and Image.MAX_IMAGE_PIXELS == 200
+
+
 def test_runtime_refuses_a_bomb_header_as_image_and_as_mask(tmp_path):
     """At the default limit: the runtime's image reader and its ground-truth mask reader, each naming the file."""
     from medsim.deploy import DeployError
