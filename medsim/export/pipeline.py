@@ -1,8 +1,9 @@
 """``medsim export`` as one library call: ONNX + manifest first, then the optional INT8 ONNX, TensorRT engine
 and Triton repository, each recorded in ``manifest.json``.
 
-Order matters for hosts without a GPU: the ONNX model and manifest are finished (and verified) before anything
-needs TensorRT, so ``--trt`` on a CPU host still leaves a usable export and then fails with one clear message.
+Every option — TensorRT's presence included — is checked before anything is written or removed: ``--trt`` on a
+host without TensorRT or a GPU fails with one clear message and leaves ``out_dir`` as it was (an earlier export's
+INT8 model and Triton folder are only replaced once the new export can be completed).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medsim.export.errors import ExportError, ExportParityError, check_choice
+from medsim.export.errors import ExportError, ExportParityError, TensorRTUnavailable, check_choice
 from medsim.export.manifest import MANIFEST_NAME, read_manifest, update_manifest
 
 __all__ = ["export_run", "INT8_NAME", "ENGINE_NAME", "TRT_FP32_ATOL"]
@@ -44,8 +45,8 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
        ``calib_split`` of the run — or the images of ``calib`` (a folder, or a split JSON's ``calib_split``) —
        (static), R@1 fp32 vs int8 on the validation split → manifest ``int8``.
     3. ``trt``: ``model.plan`` (``precision`` fp32/fp16/int8, batch profile 1/``opt_batch``/``max_batch``) →
-       manifest ``tensorrt``; raises :class:`~medsim.export.errors.TensorRTUnavailable` on hosts without
-       TensorRT or a GPU — after steps 1-2 are written.
+       manifest ``tensorrt``; on hosts without TensorRT or a GPU :class:`~medsim.export.errors.TensorRTUnavailable`
+       is raised before step 1, with nothing written or removed.
     4. ``triton``: ``out_dir/triton/<name>/`` for the engine (with ``trt``) or the ONNX model (the INT8 one when
        step 2 ran and ``triton_kind="cpu"``) → manifest ``triton``.
 
@@ -56,7 +57,7 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
         ExportError (and subclasses): bad options (checked before any work), a missing earlier export with
         ``onnx=False``, parity failures, TensorRT unavailable.
     """
-    from medsim.export.tensorrt import PRECISIONS, TrtBuildConfig
+    from medsim.export.tensorrt import PRECISIONS, TrtBuildConfig, require_tensorrt
 
     check_choice(precision, PRECISIONS, "precision")
     check_choice(quantize, ("static", "dynamic"), "quantization mode")
@@ -72,9 +73,14 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
     if precision == "fp16" and not trt:
         raise ExportError("--precision fp16 needs --trt (fp16 is a TensorRT build option; onnxruntime CPU gains "
                           "nothing from fp16): add --trt, or use --precision int8 for a CPU INT8 model")
-    if trt:  # validate the profile before spending time on ONNX
+    if trt:  # validate the profile, and that TensorRT can run here, before spending time on ONNX
         TrtBuildConfig(precision=precision, min_batch=1, opt_batch=opt_batch, max_batch=max_batch,
                        workspace_mb=workspace_mb)
+        try:
+            require_tensorrt()
+        except TensorRTUnavailable as e:  # a new model.onnx would make the folder's INT8/engine/Triton stale
+            raise TensorRTUnavailable(f"{e}; nothing in {out_dir} was changed (export without --trt to write the "
+                                      "ONNX model)") from e
     elif opt_batch < 1 or max_batch < opt_batch:
         raise ExportError(f"batch sizes need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, "
                           f"max_batch={max_batch}")

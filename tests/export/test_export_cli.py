@@ -1,9 +1,11 @@
-"""``medsim export``: ONNX + manifest first; --trt on a host without TensorRT/GPU exits 2 with one line."""
+"""``medsim export``: ONNX + manifest first; --trt on a host without TensorRT/GPU exits 2 with one line, before
+anything in the output folder is written or removed."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,17 +28,33 @@ def no_tensorrt(monkeypatch):
     monkeypatch.setattr(mod, "gpu_available", lambda: (False, "no nvidia-smi on PATH"))
 
 
-def test_export_trt_without_tensorrt_exits_2_after_onnx(tiny_run, tmp_path, capsys, no_tensorrt):
+def test_export_trt_without_tensorrt_exits_2_writing_nothing(tiny_run, tmp_path, capsys, no_tensorrt):
     out = tmp_path / "out"
     code, stdout, err = run(["export", str(tiny_run), "--out", str(out), "--trt", "--precision", "fp16",
                              "--opt-batch", "2", "--max-batch", "4"], capsys)
     assert code == 2
     assert err.startswith("error: TensorRT export is not possible here") and err.count("\n") == 1
     assert "`tensorrt` Python package" in err and "pip install 'medsim[gpu]'" in err
-    assert (out / "model.onnx").is_file() and (out / "manifest.json").is_file()
-    assert not (out / "model.plan").exists()
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["parity"]["batch_sizes"] == [1, 2] and "tensorrt" not in m
+    assert "nothing in" in err and "was changed (export without --trt" in err
+    assert not out.exists()
+
+
+def test_trt_triton_without_tensorrt_keeps_the_int8_model_and_triton_folder(tiny_run, tmp_path, capsys,
+                                                                            no_tensorrt):
+    """An INT8 + Triton export, then `--trt --triton` on a host without TensorRT: exit 2 before anything is
+    removed — the INT8 model, the Triton folder and the manifest are byte for byte what they were."""
+    out = tmp_path / "out"
+    code, _, err = run(["export", str(tiny_run), "--out", str(out), "--opt-batch", "2", "--max-batch", "4",
+                        "--precision", "int8", "--triton", "--triton-kind", "cpu"], capsys)
+    assert code == 0, err
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert {Path("model.int8.onnx"), Path("triton/tiny/1/model.onnx"), Path("manifest.json")} <= set(before)
+    code, stdout, err = run(["export", str(tiny_run), "--out", str(out), "--trt", "--triton", "--opt-batch", "2",
+                             "--max-batch", "4"], capsys)
+    assert code == 2 and "TensorRT export is not possible here" in err and "nothing in" in err
+    assert "removed" not in stdout
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
 
 
 def test_export_onnx_and_triton(tiny_run, tmp_path, capsys):
