@@ -13,14 +13,21 @@ venv="${MEDSIM_VENV:-$here/.venv}"
 extras="${MEDSIM_EXTRAS:-cpu}"
 [[ "${1:-}" == "--dev" ]] && extras="$extras,dev"
 
+step() { echo "[install] $*" >&2; }  # one line per step; pip's own output stays quiet (-q)
+
 python="${PYTHON:-python3}"
 if [[ ! -x "$venv/bin/python" ]]; then
+  step "1/3 creating the virtual environment $venv"
   "$python" -m venv "$venv"
+else
+  step "1/3 reusing the virtual environment $venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # torch first, pinned: a bare torch/monai requirement would otherwise pull a multi-GB CUDA build.
 torch_index=()
 [[ -n "${MEDSIM_TORCH_INDEX:-}" ]] && torch_index=(--index-url "$MEDSIM_TORCH_INDEX")
+step "2/3 installing torch 2.13.0 (CPU build unless MEDSIM_TORCH_INDEX says otherwise; about a minute)"
 "${pip[@]}" install "${torch_index[@]}" -c constraints.txt "torch==2.13.0" 2> >(grep -v 'is ignored' >&2)
+step "3/3 installing medsim with extras [$extras] and its dependencies (MONAI, onnx, faiss, ...)"
 "${pip[@]}" install -c constraints.txt -e ".[$extras]" 2> >(grep -v 'is ignored' >&2)
-echo "medsim installed in $venv (extras: $extras)" >&2
+step "done: medsim installed in $venv (extras: $extras); try $venv/bin/medsim --help"
