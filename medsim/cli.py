@@ -205,15 +205,17 @@ def data_prepare(source: Path | None, layout: str, image_column: str | None, lab
                                               "<run>/skipped.json) instead of stopping.")
 @click.option("-o", "overrides", multiple=True, metavar="ID=VALUE",
               help="Override a config id, e.g. -o train#trainer#max_epochs=1 or -o max_k=4 (repeatable).")
+@click.option("--allow-expressions", is_flag=True,
+              help="Let -o values be MONAI expressions ($...) or macros (%...), which run code; off by default.")
 @_threads_option(torch=True)
 def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: str | None, lenient: bool,
-          overrides: tuple[str, ...]) -> None:
+          overrides: tuple[str, ...], allow_expressions: bool) -> None:
     """Train BUNDLE (e.g. bundles/isic_dsl); prints test NMI and R@1 of the best validation checkpoint.
 
     A run directory that holds last.pt resumes from it."""
     from medsim.engines.workflow import parse_overrides, train_bundle
 
-    ov = parse_overrides(overrides)
+    ov = parse_overrides(overrides, allow_expressions=allow_expressions)
     if lenient:
         ov["lenient"] = True
     summary = train_bundle(bundle, variant=variant, dataset_dir=dataset_dir, output_dir=output, overrides=ov)
@@ -414,10 +416,12 @@ def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path |
         click.echo(f"{r['empty_masks']} image(s) have an empty ground-truth mask: not scored")
 
 
-def _medsim_cause(e: BaseException) -> MedsimError | None:
+def _medsim_cause(e: BaseException) -> MedsimError | OSError | None:
+    """The bad-input error (a MedsimError, or an OSError naming a file) inside an exception that MONAI's config
+    machinery or ignite wrapped around it."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, MedsimError):
+        if isinstance(e, MedsimError) or isinstance(e, OSError) and getattr(e, "filename", None):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
@@ -451,6 +455,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         cause = _medsim_cause(e)  # bad input raised inside MONAI's config machinery / ignite comes wrapped
+        if isinstance(cause, OSError):
+            click.echo(f"error: {cause.filename}: {cause.strerror or cause}", err=True)
+            sys.exit(2)
         if cause is not None:
             click.echo(f"error: {cause}", err=True)
             sys.exit(2)

@@ -6,13 +6,15 @@ it and exit with code 2 without a traceback (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-__all__ = ["MedsimError", "DataError", "BadItem", "BadInputReport", "atomic_write_text"]
+__all__ = ["MedsimError", "DataError", "BadItem", "BadInputReport", "atomic_path", "atomic_write_text",
+           "atomic_write_bytes"]
 
 
 class MedsimError(Exception):
@@ -93,14 +95,42 @@ class BadInputReport:
         return "\n".join([head, *("  " + s.line() for s in self.skipped)])
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (no half-written file on a crash)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[Path]:
+    """Write ``path`` atomically: yields a temporary path in the same folder to write to; when the block ends
+    without an error the file is fsynced and moved into place with ``os.replace``, so readers never see half a
+    file. On any error (a full disk, a crash of the writer) the temporary file is removed and an ``OSError`` names
+    ``path`` — the file the user asked for — not the temporary one; the previous ``path``, if any, is untouched.
+
+    ``suffix`` keeps an extension some writers need (``.npz``, ``.onnx``, ``.nii.gz``) at the end of the name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):
+            raise OSError(e.errno, f"cannot write it ({e.strerror or e})", str(path)) from e
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_path` (no half-written file, no temp file left)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

@@ -28,6 +28,9 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.engines import SupervisedTrainer
 
+from medsim.errors import MedsimError
+
+from medsim.engines.runs import load_checkpoint
 from medsim.engines.subspaces import (SubspaceState, cluster_counts, embed_loader, equal_slices, neuron_scores,
                                       split_learner)
 
@@ -38,28 +41,34 @@ logger = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """``torch.save`` through :func:`medsim.errors.atomic_path` (never half a file, no temp file left behind).
+
+    Only plain data is saved (tensors, numbers, strings, lists, dicts: :func:`medsim.engines.runs.plain_state`),
+    so the file loads with ``torch.load(weights_only=True)``."""
+    from medsim.engines.runs import plain_state
+    from medsim.errors import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(plain_state(obj), tmp)
+    return Path(path)
 
 
 class RNGState:
     """torch / numpy / python RNG states as a checkpointable object."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain values only (numpy's key array as a tensor), so checkpoints load with weights_only=True
+        return {"torch": torch.get_rng_state(),
+                "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                          float(gauss)],
+                "python": random.getstate()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
+        random.setstate(tuple(state["python"]) if isinstance(state["python"], list) else state["python"])
 
 
 class MetricLearningTrainer(SupervisedTrainer):
@@ -357,13 +366,15 @@ class Checkpointer:
         if not (self.resume and path.is_file()):
             return
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint(path)
+        except MedsimError as e:
+            raise MedsimError(f"{e}; cannot resume from it — train into another --output directory, or delete it "
+                              "to start over") from e
+        try:
             for k, obj in self.objects.items():
                 if k in ckpt:
                     obj.load_state_dict(ckpt[k])
-        except Exception as e:  # corrupt file, or a checkpoint of another configuration
-            from medsim.errors import MedsimError
-
+        except Exception as e:  # a checkpoint of another configuration
             raise MedsimError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                               f"train into another --output directory, or delete it to start over") from e
         engine.state.epoch = int(ckpt["engine"]["epoch"])

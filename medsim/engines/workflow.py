@@ -15,10 +15,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from medsim.errors import MedsimError, atomic_write_text
+from medsim.errors import MedsimError, atomic_path, atomic_write_text
 
-__all__ = ["bundle_datalists", "evaluate_checkpoint", "finish_training", "train_bundle", "evaluate_run",
-           "parse_overrides", "embed_dataset", "evaluate_network"]
+__all__ = ["bundle_datalists", "datalists_from_split", "evaluate_checkpoint", "finish_training", "train_bundle",
+           "evaluate_run", "parse_overrides", "embed_dataset", "evaluate_network", "check_writable_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,17 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
                 "max_items": max_items}
         save_split(splits, split_file, dataset_dir=src.root, meta=meta)
         doc = load_split(split_file)
-    result: dict[str, Any] = {"classes": meta["classes"], "kind": meta["kind"]}
+    return datalists_from_split(doc)
+
+
+def datalists_from_split(split: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """A split document (or its file) as the datalists a bundle trains on: ``{"training", "validation", "test":
+    [{"image", "label", "index", "mask"?}], "classes", "kind"}`` (plain data: nothing in it is evaluated)."""
+    from medsim.data.splits import load_split
+
+    doc = split if isinstance(split, dict) else load_split(split)
+    meta = doc.get("meta") or {}
+    result: dict[str, Any] = {"classes": meta.get("classes", []), "kind": meta.get("kind", "")}
     for key in ("training", "validation", "test"):
         result[key] = [{"image": it["image"], "label": it["label"], "index": i,
                         **({"mask": it["mask"]} if "mask" in it else {})} for i, it in enumerate(doc.get(key, []))]
@@ -119,7 +129,7 @@ def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, tes
     out = Path(output_dir)
     best = out / "best.pt"
     if best.is_file():
-        network.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["network"])
+        _load_weights(network, best)
     res = evaluate_checkpoint(network, test_loader, device, seed=seed)
     atomic_write_text(out / "eval_test.json", json.dumps({"split": "test", "checkpoint": str(best), **res},
                                                          indent=2))
@@ -130,8 +140,35 @@ def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, tes
     return res
 
 
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["train#trainer#max_epochs=1", "lr=1e-3"]`` -> ``{id: value}``; values parsed as JSON when they can be."""
+def _load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load ``checkpoint``'s ``network`` state_dict (weights only: nothing in the file runs) into ``network``."""
+    from medsim.engines.runs import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state.get("network"), dict):
+        raise MedsimError(f"{checkpoint}: no 'network' state_dict in the checkpoint (keys: {sorted(state)[:8]})")
+    try:
+        network.load_state_dict(state["network"])
+    except RuntimeError as e:
+        raise MedsimError(f"{checkpoint}: weights do not fit the run's network ({str(e).splitlines()[0]})") from e
+
+
+def _has_expression(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.startswith(("$", "%"))
+    if isinstance(value, dict):
+        return any(_has_expression(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_expression(v) for v in value)
+    return False
+
+
+def parse_overrides(pairs: Sequence[str], *, allow_expressions: bool = False) -> dict[str, Any]:
+    """``["train#trainer#max_epochs=1", "lr=1e-3"]`` -> ``{id: value}``; values parsed as JSON when they can be.
+
+    A value that MONAI would evaluate as Python (``$expr``) or load from another file (``%file#id``) is refused
+    unless ``allow_expressions`` (the CLI's ``--allow-expressions``): ``-o`` is for values.
+    """
     out: dict[str, Any] = {}
     for p in pairs:
         if "=" not in p:
@@ -141,6 +178,9 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
             out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
             out[k.strip()] = v
+        if _has_expression(out[k.strip()]) and not allow_expressions:
+            raise MedsimError(f"-o {p}: the value is a MONAI expression ($...) or macro (%...), which runs code; "
+                              "give a plain value, or pass --allow-expressions if you mean to run it")
     return out
 
 
@@ -190,12 +230,22 @@ def _bundle_files(bundle: Path, variant: str | None) -> list[str]:
 
 def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, dataset_dir: str | None = None,
                  output_dir: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run a bundle's training workflow (initialize → run → finalize) through MONAI's ``ConfigWorkflow``."""
+    """Run a bundle's training workflow (initialize → run → finalize) through MONAI's ``ConfigWorkflow``.
+
+    Everything that can be checked is checked before anything is written, so a refused run changes nothing in an
+    existing run folder: the overrides, ``max_epochs``, the output folder, a resumed run's split (same data),
+    ``last.pt`` (a weights-only checkpoint) and its network (the same arguments as ``run.json`` recorded). Then
+    ``run.json`` (the plain record ``export``/``evaluate`` rebuild the network from) and ``config.json`` (the
+    config as trained, for people to read: never parsed again) are written and training runs.
+    """
     from monai.bundle import ConfigWorkflow
+
+    from medsim.engines.runs import RUN_RECORD, load_checkpoint, record_from_parser
 
     bundle = Path(bundle)
     ov = dict(overrides or {})
     _check_overrides(bundle, variant, ov)
+    user_ov = dict(ov)
     ov["bundle_root"] = str(bundle.resolve())
     if dataset_dir is not None:
         ov["dataset_dir"] = str(Path(dataset_dir).resolve())
@@ -210,11 +260,23 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
                             logging_file=False, **ov)
     finally:
         quiet.setLevel(level)
+    _check_max_epochs(wf.parser)
+    out = Path(wf.parser.get_parsed_content("output_dir"))
+    check_writable_dir(out, what="run folder")
+    if bool(wf.parser.get_parsed_content("resume")) and (out / "last.pt").is_file():
+        load_checkpoint(out / "last.pt")  # refuse a doctored/corrupt checkpoint before touching the folder
     t0 = time.time()
     wf.initialize()
-    out = Path(wf.parser.get_parsed_content("output_dir"))
-    out.mkdir(parents=True, exist_ok=True)
-    wf.parser.export_config_file(wf.parser.get(), str(out / "config.json"), indent=1)
+    record = record_from_parser(wf.parser, bundle=bundle, variant=variant, overrides=user_ov)  # resolves the split
+    old = out / RUN_RECORD
+    if old.is_file() and (out / "last.pt").is_file():
+        _check_same_network(old, record)
+    atomic_write_text(old, json.dumps(record, indent=1))
+    config = wf.parser.get()
+    for key, value in user_ov.items():  # never save an expression into a run folder: record what it resolved to
+        if _has_expression(value):
+            config = _set_id(config, key, record["overrides"].get(key))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))
     logged = _epochs_logged(out)
     wf.run()
     wf.finalize()
@@ -225,6 +287,79 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
     if test.is_file():
         summary.update(json.loads(test.read_text()))
     return summary
+
+
+def _set_id(config: dict[str, Any], config_id: str, value: Any) -> dict[str, Any]:
+    """``config`` with the nested id ``a#b#0`` set to ``value`` (a copy along the path)."""
+    keys = config_id.split("#")
+    root = dict(config)
+    node: Any = root
+    for k in keys[:-1]:
+        nxt = node[int(k)] if isinstance(node, list) else node.get(k)
+        nxt = list(nxt) if isinstance(nxt, list) else dict(nxt or {})
+        if isinstance(node, list):
+            node[int(k)] = nxt
+        else:
+            node[k] = nxt
+        node = nxt
+    if isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+    return root
+
+
+def _check_max_epochs(parser: Any) -> None:
+    """``train#trainer#max_epochs`` must be a whole number >= 1 (0, -1 or a word would train nothing or fail late)."""
+    try:
+        v = parser.get_parsed_content("train#trainer#max_epochs")
+    except Exception as e:  # noqa: BLE001 - MONAI wraps a bad reference/expression
+        raise MedsimError(f"train#trainer#max_epochs: cannot be read ({type(e).__name__}: {e})") from e
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise MedsimError(f"train#trainer#max_epochs={v!r}: expects a whole number of epochs >= 1 "
+                          "(e.g. -o max_epochs=12)")
+
+
+def check_writable_dir(folder: str | os.PathLike, *, what: str = "output folder") -> Path:
+    """Check that ``folder`` is, or can be created as, a folder medsim can write: its nearest existing ancestor
+    is a folder and a probe file can be created there (removed at once). Nothing is left behind.
+
+    Raises:
+        MedsimError: naming ``folder`` and the real reason (a file in the way, permission denied, read-only file
+            system, no space left).
+    """
+    import tempfile
+
+    folder = Path(folder)
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise MedsimError(f"{folder}: cannot be the {what}: {probe_dir} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".medsim-probe", dir=probe_dir)
+        try:
+            os.write(fd, b"0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as e:
+        raise MedsimError(f"{folder}: cannot write the {what} there ({e.strerror or e})") from e
+    return folder
+
+
+def _check_same_network(record_file: Path, record: dict[str, Any]) -> None:
+    """A resumed run must build the network its checkpoint was trained with."""
+    try:
+        old = json.loads(record_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise MedsimError(f"{record_file}: cannot be read ({e}); train into a new --output directory") from e
+    if isinstance(old, dict) and old.get("network") != record["network"]:
+        diff = sorted(k for k in set(old.get("network") or {}) | set(record["network"])
+                      if (old.get("network") or {}).get(k) != record["network"].get(k))
+        raise MedsimError(f"{record_file.parent}: this run folder holds a run of another network (differs in "
+                          f"{', '.join(diff)}); train into a new directory (--output DIR) or delete this one")
 
 
 def _epochs_logged(run_dir: Path) -> int:
@@ -264,21 +399,24 @@ def _check_overrides(bundle: Path, variant: str | None, overrides: dict[str, Any
 
 def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint: str = "best.pt",
                  seed: int = 0) -> dict[str, float]:
-    """Evaluate a finished run on one split of its own ``split.json``; writes ``eval_<split>.json`` and ``.md``."""
-    from monai.bundle import ConfigParser
+    """Evaluate a finished run on one split of its own ``split.json``; writes ``eval_<split>.json`` and ``.md``.
+
+    The network and eval preprocessing are rebuilt from the run's ``run.json`` (plain values, medsim classes only)
+    and the weights loaded weights-only: nothing in the run folder is executed.
+    """
+    from medsim.engines.runs import build_spec, load_run_record
 
     run = Path(run_dir)
-    cfg_file, ckpt = run / "config.json", run / checkpoint
-    for f in (cfg_file, ckpt, run / "split.json"):
+    for f in (run / checkpoint, run / "split.json"):
         if not f.is_file():
             raise MedsimError(f"{f}: not found — is {run} a finished `medsim train` run directory?")
-    parser = ConfigParser()
-    parser.read_config(str(cfg_file))
-    parser["output_dir"] = str(run.resolve())
-    return evaluate_network(parser.get_parsed_content("network"), run, parser.get_parsed_content("datalists"),
-                            parser.get_parsed_content("eval#preprocessing"), parser.get_parsed_content("device"),
-                            split=split, checkpoint=checkpoint,
-                            batch_size=int(parser.get_parsed_content("eval_batch_size")), seed=seed)
+    record = load_run_record(run)
+    network = build_spec(record["network"], f"{run / 'run.json'}#network")
+    transform = build_spec(record["eval_preprocessing"], f"{run / 'run.json'}#eval_preprocessing")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate_network(network.to(device), run, datalists_from_split(run / "split.json"), transform, device,
+                            split=split, checkpoint=checkpoint, batch_size=int(record.get("eval_batch_size", 64)),
+                            seed=seed)
 
 
 def evaluate_network(network: torch.nn.Module, run_dir: str | os.PathLike, datalists: dict[str, Any], transform: Any,
@@ -302,7 +440,7 @@ def evaluate_network(network: torch.nn.Module, run_dir: str | os.PathLike, datal
     items = datalists[key]
     if not items:
         raise MedsimError(f"split '{split}' of {run / 'split.json'} is empty")
-    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["network"])
+    _load_weights(network, ckpt)
     loader = DataLoader(make_dataset(items, transform), batch_size=batch_size, num_workers=0)
     res = evaluate_checkpoint(network, loader, device, seed=seed)
     atomic_write_text(run / f"eval_{key}.json", json.dumps({"split": key, "checkpoint": str(ckpt), **res},
@@ -331,7 +469,7 @@ def embed_dataset(network: torch.nn.Module, checkpoint: str | os.PathLike, datas
     ckpt = Path(checkpoint)
     if not ckpt.is_file():
         raise MedsimError(f"{ckpt}: checkpoint not found (train first: medsim train BUNDLE --output DIR)")
-    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["network"])
+    _load_weights(network, ckpt)
     network.eval()
     src, _ = load_checked(dataset_dir, lenient=True, report_path=Path(out_file).with_suffix(".skipped.json"))
     items = [{"image": it["image"], "label": it.get("label", -1), "index": i} for i, it in enumerate(src.items)]
@@ -345,10 +483,9 @@ def embed_dataset(network: torch.nn.Module, checkpoint: str | os.PathLike, datas
             labels.append(torch.as_tensor(batch["label"]))
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.stem}.tmp.npz")
-    np.savez_compressed(tmp, embedding=torch.cat(embs).numpy(), attention=torch.cat(atts).numpy(),
-                        label=torch.cat(labels).numpy(), id=np.array([str(it.get("id", "")) for it in src.items]),
-                        classes=np.array(src.classes))
-    os.replace(tmp, out_file)
+    with atomic_path(out_file, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, embedding=torch.cat(embs).numpy(), attention=torch.cat(atts).numpy(),
+                            label=torch.cat(labels).numpy(), id=np.array([str(it.get("id", "")) for it in src.items]),
+                            classes=np.array(src.classes))
     print(f"embedded {len(items)} images -> {out_file}")
     return out_file

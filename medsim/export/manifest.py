@@ -33,12 +33,10 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def preprocessing_kind(parser: Any) -> str:
-    """``rgb2d`` / ``gray2d`` / ``ct3d`` from the ``_target_`` of the config's ``eval#preprocessing``."""
-    try:
-        target = str(parser.get("eval#preprocessing", {}).get("_target_", ""))
-    except AttributeError:
-        target = ""
+def preprocessing_kind(record: dict[str, Any]) -> str:
+    """``rgb2d`` / ``gray2d`` / ``ct3d`` from the ``_target_`` of a run record's ``eval_preprocessing``."""
+    spec = record.get("eval_preprocessing") if isinstance(record, dict) else None
+    target = str(spec.get("_target_", "")) if isinstance(spec, dict) else ""
     for kind in ("rgb2d", "gray2d", "ct3d"):
         if kind in target:
             return kind

@@ -271,12 +271,10 @@ def _parity_inputs(run: LoadedRun, parity_images: Any, n_max: int) -> tuple[np.n
 
 def _network_summary(run: LoadedRun) -> dict[str, Any]:
     out: dict[str, Any] = {"class": type(run.network).__name__}
+    spec = run.record.get("network", {})
     for key in ("backbone", "spatial_dims", "in_channels", "cut", "embedding_dim", "attention", "widen_factor"):
-        try:
-            v = run.parser.get_parsed_content(f"network_def#{key}")
-        except Exception:  # noqa: BLE001 - optional description only
-            continue
-        if isinstance(v, (int, float, str, bool)) or v is None:
+        v = spec.get(key)
+        if key in spec and (isinstance(v, (int, float, str, bool)) or v is None):
             out[key] = v
     return out
 
@@ -358,7 +356,7 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
         "attention_resolution": [int(v) for v in shapes["attention"][2:]],
         "classes": list(run.classes),
         "n_classes": len(run.classes),
-        "preprocessing": describe_preprocessing(run.transform, preprocessing_kind(run.parser)),
+        "preprocessing": describe_preprocessing(run.transform, preprocessing_kind(run.record)),
         "network": _network_summary(run),
         "source": {"checkpoint": run.checkpoint.name, "sha256": sha256_file(run.checkpoint)},
         "parity": parity,

@@ -1,8 +1,10 @@
 """Open a finished ``medsim train`` run for export: its network (weights loaded, CPU, eval mode), the
-deterministic eval preprocessing, the split and the class names, all read through MONAI's ``ConfigParser``.
+deterministic eval preprocessing, the split and the class names.
 
-A run directory holds ``config.json`` (the bundle config as trained), ``best.pt`` / ``last.pt`` (dicts whose
-``network`` key is the state_dict) and ``split.json``.
+A run directory holds ``run.json`` (the network's and eval preprocessing's plain arguments, see
+:mod:`medsim.engines.runs`), ``best.pt`` / ``last.pt`` (dicts whose ``network`` key is the state_dict) and
+``split.json``. A run folder is data: the network is rebuilt from ``run.json`` (medsim classes only), the weights are
+loaded weights-only, and its ``config.json`` is never parsed.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ class LoadedRun:
     """A trained run opened for export.
 
     Attributes:
-        run_dir: the run directory (holds ``config.json``).
+        run_dir: the run directory (holds ``run.json``).
         checkpoint: the checkpoint whose weights ``network`` holds.
-        parser: the run's ``monai.bundle.ConfigParser`` (``output_dir`` pointed at ``run_dir``, device CPU).
+        record: the run's checked ``run.json`` (plain values).
         network: the ``medsim.nn.Embedder`` in eval mode on CPU.
         transform: ``eval#preprocessing`` (path dict → float tensor (C, x, y)).
         classes: class names in label order.
@@ -38,7 +40,7 @@ class LoadedRun:
 
     run_dir: Path
     checkpoint: Path
-    parser: Any
+    record: dict[str, Any]
     network: torch.nn.Module
     transform: Any
     classes: list[str]
@@ -48,18 +50,20 @@ class LoadedRun:
     def datalists(self) -> dict[str, Any]:
         """``{"training", "validation", "test": [{"image", "label", ...}], "classes", "kind"}`` from split.json."""
         if self._datalists is None:
-            self._datalists = self.parser.get_parsed_content("datalists")
+            from medsim.engines.workflow import datalists_from_split
+
+            self._datalists = datalists_from_split(self.run_dir / "split.json")
         return self._datalists
 
     @property
     def image_size(self) -> tuple[int, ...]:
         """The spatial size the eval preprocessing resizes to, MONAI axis order (x, y)."""
-        s = self.parser.get_parsed_content("image_size")
+        s = self.record.get("image_size")
         return tuple(int(v) for v in (s if isinstance(s, (list, tuple)) else (s, s)))
 
     @property
     def eval_batch_size(self) -> int:
-        return int(self.parser.get_parsed_content("eval_batch_size"))
+        return int(self.record.get("eval_batch_size") or 64)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -83,10 +87,10 @@ def _locate(run_or_checkpoint: str | os.PathLike) -> tuple[Path, Path]:
         ckpt, run = src, src.parent
     else:
         raise ExportError(f"{src}: not found (give a run directory or a checkpoint .pt file inside one)")
-    for f in (run / "config.json", run / "split.json"):
-        if not f.is_file():
+    for f in (run / "run.json", run / "split.json"):
+        if not f.is_file() and not (f.name == "run.json" and (run / "config.json").is_file()):
             raise ExportError(f"{f}: not found — export needs the run directory written by `medsim train` "
-                              "(config.json, split.json and the checkpoint side by side)")
+                              "(run.json, split.json and the checkpoint side by side)")
     return run, ckpt
 
 
@@ -97,33 +101,28 @@ def load_run(run_or_checkpoint: str | os.PathLike) -> LoadedRun:
         ExportError: missing config/split/checkpoint, a checkpoint without a ``network`` state_dict, or weights
             that do not fit the network the config describes.
     """
-    from monai.bundle import ConfigParser
+    from medsim.engines.runs import build_spec, load_checkpoint, load_run_record
+    from medsim.errors import MedsimError
 
     run, ckpt = _locate(run_or_checkpoint)
-    parser = ConfigParser()
-    parser.read_config(str(run / "config.json"))
-    parser["output_dir"] = str(run.resolve())
-    parser["device"] = "$torch.device('cpu')"  # export and parity run on CPU whatever the training host had
     try:
-        network = parser.get_parsed_content("network")
-        transform = parser.get_parsed_content("eval#preprocessing")
-    except Exception as e:  # noqa: BLE001 - MONAI wraps everything; say which file
-        raise ExportError(f"{run / 'config.json'}: cannot build the network or eval#preprocessing "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{ckpt}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or "network" not in state:
-        raise ExportError(f"{ckpt}: no 'network' state_dict in the checkpoint (keys: "
-                          f"{sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})")
+        record = load_run_record(run)
+        network = build_spec(record["network"], f"{run / 'run.json'}#network")
+        transform = build_spec(record["eval_preprocessing"], f"{run / 'run.json'}#eval_preprocessing")
+        state = load_checkpoint(ckpt)
+    except ExportError:
+        raise
+    except MedsimError as e:
+        raise ExportError(str(e)) from e
+    if "network" not in state:
+        raise ExportError(f"{ckpt}: no 'network' state_dict in the checkpoint (keys: {sorted(state)[:8]})")
     try:
         network.load_state_dict(state["network"])
     except RuntimeError as e:
-        raise ExportError(f"{ckpt}: weights do not fit the network of {run / 'config.json'} "
+        raise ExportError(f"{ckpt}: weights do not fit the network of {run / 'run.json'} "
                           f"({str(e).splitlines()[0]})") from e
     network = network.cpu().eval()
-    loaded = LoadedRun(run_dir=run, checkpoint=ckpt, parser=parser, network=network, transform=transform,
+    loaded = LoadedRun(run_dir=run, checkpoint=ckpt, record=record, network=network, transform=transform,
                        classes=[])
     loaded.classes = [str(c) for c in loaded.datalists["classes"]]
     return loaded

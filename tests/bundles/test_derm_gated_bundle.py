@@ -48,12 +48,17 @@ def test_trains_with_the_lambda_schedule(gated_run):
     assert cfg["split_by"] == "lesion_id" and cfg["mode"] == "mml"  # the rest comes from isic_dsl
     from medsim.export.run import load_run
 
-    run = load_run(out)
-    loss = run.parser.get_parsed_content("loss")
+    from monai.bundle import ConfigParser
+
+    from medsim.engines.workflow import _bundle_files
+
+    load_run(out)  # the run reopens from run.json
+    parser = ConfigParser(ConfigParser.load_config_files(_bundle_files(BUNDLE, None)))  # the loss: from the bundle
+    loss = parser.get_parsed_content("loss")
     assert loss.takes_outputs
     loss.set_epoch(1, 2)
     assert loss.lam == pytest.approx(0.5)  # compressed schedule: epoch 2 of 2 trained the fusion with λ = 0.5
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert {"fusion_classifier.weight", "local_trunk.0.weight",
             "attention.blocks.0.conv.weight"} <= set(ckpt["network"])
 
@@ -168,5 +173,5 @@ def test_best_checkpoint_is_selected_on_validation_balanced_accuracy(gated_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     bacc = [r["val_balanced_accuracy"] for r in rows]
     best_epoch = max(range(len(bacc)), key=lambda i: (bacc[i], i)) + 1  # ties: the later epoch, as ">=" keeps
-    assert torch.load(out / "best.pt", weights_only=False)["engine"]["epoch"] == best_epoch
+    assert torch.load(out / "best.pt", weights_only=True)["engine"]["epoch"] == best_epoch
     assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(json.loads((out / "eval_test.json").read_text()))

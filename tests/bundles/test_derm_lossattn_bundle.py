@@ -41,7 +41,7 @@ def test_default_run_trains_loss_attention(lossattn_run):
     assert cfg["base_bundle"] == "../isic_dsl" and cfg["mode"] == "mml" and cfg["finetune_epochs"] == 0
     assert cfg["network_def"]["_target_"] == "medsim.nn.loss_attention.LossAttentionNet"
     assert cfg["loss"]["_target_"] == "medsim.losses.loss_attention.LossAttentionLoss"
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert tuple(ckpt["network"]["classifier.weight"].shape) == (4, 16)  # 4 sample classes, 16 patch channels
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert rec["K"] == 1 and rec["loss"] > 0
@@ -52,7 +52,7 @@ def test_capsule_variant_trains_and_exports(sample_root, tmp_path):
 
     res = _train(sample_root, tmp_path / "caps", "capsule", **TINY_CAPSULE)
     assert 0 <= res["R@1"] <= 1
-    state = torch.load(tmp_path / "caps" / "last.pt", weights_only=False)["network"]
+    state = torch.load(tmp_path / "caps" / "last.pt", weights_only=True)["network"]
     assert "primary_threshold" in state and tuple(state["classifier.weight"].shape) == (4, 8)
     par = export_onnx(tmp_path / "caps", tmp_path / "onnx", opset=17, batch=2)["manifest"]["parity"]
     assert max(par["max_abs_diff"].values()) < 1e-4

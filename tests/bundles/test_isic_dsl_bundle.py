@@ -43,7 +43,7 @@ def test_dsl_bundle_trains_and_reports(sample_root, tmp_path):
     recs = _records(out)
     assert [r["epoch"] for r in recs] == [1, 2] and all("val_nmi" in r and "K" in r for r in recs)
     assert any((out / "tensorboard").iterdir())
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert set(ckpt) >= {"network", "optimizer", "loss", "subspaces", "rng", "engine"}
     assert ckpt["engine"]["epoch"] == 2 and ckpt["subspaces"]["learners"] == [list(range(32))]
 
@@ -78,7 +78,7 @@ def test_variants_run(sample_root, tmp_path, variant):
         assert rec["learner_neurons"] == [16, 16] and len(rec["cluster_sizes"]) == 2
     assert json.loads((tmp_path / variant / "eval_test.json").read_text())["nmi"] >= 0
     # the variant really changed the model/loss: classifier head, learnable β only for the margin family
-    ckpt = torch.load(tmp_path / variant / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / variant / "last.pt", weights_only=True)
     head = ckpt["network"].get("classifier.weight")
     assert (head is not None and tuple(head.shape) == (4, 32)) == (variant == "classifier")
     betas = [v for k, v in ckpt["loss"].items() if k.endswith("beta")]
@@ -119,7 +119,7 @@ def test_killed_run_resumes_and_continues_the_same_way(sample_root, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         b.run()
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["engine"]["epoch"] == 1
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["engine"]["epoch"] == 1
 
     c = _workflow(tmp_path / "b", sample_root / "derm", max_epochs=3)  # same run directory: resume
     c.initialize()
@@ -128,8 +128,8 @@ def test_killed_run_resumes_and_continues_the_same_way(sample_root, tmp_path):
     assert [r["epoch"] for r in rb] == [1, 2, 3]
     for x, y in zip(ra, rb):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["val_nmi"] == pytest.approx(y["val_nmi"], abs=1e-4)
-    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["network"]
-    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["network"]
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["network"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["network"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 

@@ -228,7 +228,7 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     ck = Checkpointer(tmp_path, {"network": ToyEmbedder()})
     engine = SimpleNamespace(state=SimpleNamespace(epoch=0, iteration=0))
-    with pytest.raises(MedsimError, match=r"last\.pt: cannot resume .*another --output directory"):
+    with pytest.raises(MedsimError, match=r"last\.pt: .*cannot resume .*another --output directory"):
         ck.load(engine)
 
 

@@ -175,7 +175,7 @@ def test_checkpoint_file_and_missing_files(tiny_run, tmp_path):
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(tiny_run / "best.pt", lonely / "best.pt")
-    with pytest.raises(MedsimError, match=r"lonely/config.json: not found"):
+    with pytest.raises(MedsimError, match=r"lonely/run.json: not found"):
         load_run(lonely / "best.pt")
     with pytest.raises(MedsimError, match="no best.pt or last.pt"):
         load_run(tmp_path)

@@ -1,0 +1,202 @@
+"""Trust: a run folder and a checkpoint are data. Loading them (export, evaluate, a resumed train) runs nothing from
+them; a refused command changes nothing; -o expressions need an explicit flag (issue 9, parts 1, 2 and 5)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsim.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_CLI = ["-o", "max_epochs=1", "-o", "image_size=32", "-o", "backbone=resnet10", "-o", "widen_factor=0.25",
+            "-o", "embedding_dim=32", "-o", "batch_size=16", "-o", "min_neurons=4",
+            "-o", "train#handlers#4#_disabled_=true", "-o", "train#handlers#5#_disabled_=true"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+class Boom:
+    """A pickle payload that would create ``marker`` if it were ever unpickled with full pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture()
+def run_copy(tiny_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
+def doctor(ckpt: Path, marker: Path) -> None:
+    state = torch.load(ckpt, weights_only=True)
+    state["evil"] = Boom(marker)
+    torch.save(state, ckpt)
+
+
+def test_no_torch_load_with_weights_only_false_in_medsim():
+    hits = [f"{p}:{i}" for p in (ROOT / "medsim").rglob("*.py")
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "weights_only=False" in line]
+    assert hits == []
+
+
+def test_checkpoints_are_plain_and_load_weights_only(tiny_run):
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(tiny_run / name, weights_only=True)  # raises if anything but plain data is inside
+        assert {"network", "optimizer", "rng", "engine"} <= set(state)
+
+
+@pytest.mark.parametrize("which", ["best.pt", "last.pt"])
+def test_a_doctored_checkpoint_is_refused_by_export_and_evaluate(run_copy, tmp_path, capsys, which):
+    marker = tmp_path / "pwned"
+    if which == "last.pt":
+        (run_copy / "best.pt").unlink()  # export then falls back to last.pt
+    doctor(run_copy / which, marker)
+    code, _, err = run(["export", str(run_copy), "--out", str(tmp_path / "exp")], capsys)
+    assert code == 2 and f"{run_copy / which}: refused" in err and "posix.system" in err, err
+    assert "Traceback" not in err and not (tmp_path / "exp" / "model.onnx").exists()
+    code, _, err = run(["evaluate", str(run_copy), "--checkpoint", which], capsys)
+    assert code == 2 and f"{run_copy / which}: refused" in err, err
+    assert not marker.exists()
+
+
+def test_a_doctored_last_pt_is_refused_on_resume_and_the_run_folder_is_untouched(run_copy, sample_root, tmp_path,
+                                                                                   capsys):
+    marker = tmp_path / "pwned"
+    doctor(run_copy / "last.pt", marker)
+    before = snapshot(run_copy)
+    code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(sample_root / "derm"), "--output",
+                        str(run_copy), *TINY_CLI, "-o", "max_epochs=2"], capsys)
+    assert code == 2 and f"{run_copy / 'last.pt'}: refused" in err and "posix.system" in err, err
+    assert snapshot(run_copy) == before and not marker.exists()
+
+
+def test_run_folder_expressions_never_execute(run_copy, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    cfg = json.loads((run_copy / "config.json").read_text())
+    cfg["network"] = f"$__import__('pathlib').Path('{marker}').touch() or @network_def"
+    cfg["eval"]["preprocessing"] = f"$__import__('pathlib').Path('{marker}').touch()"
+    (run_copy / "config.json").write_text(json.dumps(cfg))
+    code, out, err = run(["evaluate", str(run_copy)], capsys)
+    assert code == 0, err  # config.json is a record for people: never parsed
+    code, _, err = run(["export", str(run_copy), "--out", str(tmp_path / "exp")], capsys)
+    assert code == 0, err
+    assert not marker.exists()
+    rec = json.loads((run_copy / "run.json").read_text())
+    for bad, why in [(f"$__import__('pathlib').Path('{marker}').touch()", "expression"),
+                     ("@network_def", "expression/reference"),
+                     ({"_target_": "os.system", "command": f"touch {marker}"}, "not a medsim network"),
+                     ({"_target_": "medsim.nn.os.system", "command": f"touch {marker}"}, "not a medsim network")]:
+        doc = dict(rec, network=dict(rec["network"], backbone=bad) if isinstance(bad, str) else bad)
+        (run_copy / "run.json").write_text(json.dumps(doc))
+        for argv in (["evaluate", str(run_copy)], ["export", str(run_copy), "--out", str(tmp_path / "exp2")]):
+            code, _, err = run(argv, capsys)
+            assert code == 2 and "run.json" in err and why in err, (bad, err)
+    assert not marker.exists()
+    (run_copy / "run.json").write_text(json.dumps(dict(rec, network={**rec["network"], "_mode_": "callable"})))
+    code, _, err = run(["evaluate", str(run_copy)], capsys)
+    assert code == 2 and "'_mode_' is not allowed" in err
+
+
+def test_cli_expressions_need_the_flag_and_are_never_saved(sample_root, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    expr = f"$__import__('pathlib').Path('{marker}').touch() or 2"
+    out = tmp_path / "r"
+    code, _, err = run(["train", "bundles/isic_dsl", "--output", str(out), *TINY_CLI, "-o", f"patience={expr}"],
+                       capsys)
+    assert code == 2 and "--allow-expressions" in err and not marker.exists() and not out.exists()
+    code, _, err = run(["train", "bundles/isic_dsl", "--output", str(out), "-o", "dataset_dir=%/etc/hosts#x"], capsys)
+    assert code == 2 and "--allow-expressions" in err
+    code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(sample_root / "derm"), "--output", str(out),
+                        *TINY_CLI, "--allow-expressions", "-o", f"patience={expr}"], capsys)
+    assert code == 0, err
+    assert marker.exists()  # the user asked for it
+    for f in out.iterdir():
+        if f.suffix == ".json":
+            assert "__import__" not in f.read_text(), f
+    assert json.loads((out / "config.json").read_text())["patience"] == 2
+    assert json.loads((out / "run.json").read_text())["overrides"]["patience"] == 2
+
+
+def test_a_refused_train_changes_nothing(run_copy, sample_root, tmp_path, capsys):
+    before = snapshot(run_copy)
+    other = tmp_path / "other"
+    shutil.copytree(sample_root / "derm", other)
+    code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(other), "--output", str(run_copy),
+                        *TINY_CLI], capsys)
+    assert code == 2 and "split made for other data" in err
+    for bad in ("0", "-1", "abc"):
+        code, _, err = run(["train", "bundles/isic_dsl", "--output", str(run_copy),
+                            "-o", f"train#trainer#max_epochs={bad}"], capsys)
+        assert code == 2 and "max_epochs" in err and "internal error" not in err, (bad, err)
+    code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(sample_root / "derm"), "--output",
+                        str(run_copy), *TINY_CLI, "-o", "embedding_dim=16"], capsys)
+    assert code == 2 and "another network" in err and "embedding_dim" in err, err
+    assert snapshot(run_copy) == before
+
+
+def test_train_into_an_unusable_output_folder_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, _, err = run(["train", "bundles/isic_dsl", "--output", str(blocker / "run"), *TINY_CLI], capsys)
+    assert code == 2 and f"{blocker / 'run'}: cannot be the run folder" in err and "is a file" in err
+
+
+def test_full_disk_leaves_no_temp_file_and_names_the_target(tmp_path, monkeypatch):
+    from medsim.engines.trainer import atomic_torch_save
+    from medsim.errors import atomic_write_text
+
+    target = tmp_path / "last.pt"
+    atomic_torch_save({"a": torch.ones(2)}, target)
+    good = target.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as e:
+        atomic_torch_save({"a": torch.zeros(2)}, target)
+    assert e.value.filename == str(target) and "No space left" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"] and target.read_bytes() == good
+    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full)
+        with pytest.raises(OSError) as e:
+            atomic_write_text(tmp_path / "x.json", "{}")
+    assert e.value.filename == str(tmp_path / "x.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_full_disk_during_training_exits_2_naming_the_checkpoint(sample_root, tmp_path, capsys, monkeypatch):
+    import medsim.engines.trainer as trainer
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.torch, "save", full)
+    out = tmp_path / "r"
+    code, _, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(sample_root / "derm"), "--output", str(out),
+                        *TINY_CLI], capsys)
+    assert code == 2 and "last.pt: cannot write it (No space left on device)" in err, err
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
