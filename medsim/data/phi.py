@@ -13,9 +13,13 @@ import hmac
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 
-__all__ = ["SAFE_FIELDS", "HASHED_FIELDS", "Anonymizer", "load_or_create_salt", "salt_path"]
+from medsim.errors import MedsimError
+
+__all__ = ["SAFE_FIELDS", "HASHED_FIELDS", "Anonymizer", "load_or_create_salt", "salt_path",
+           "check_salt_file"]
 
 #: metadata keys a datalist item may carry; anything else a reader finds is dropped.
 HASHED_FIELDS = ("patient", "study", "series", "group")
@@ -49,11 +53,22 @@ def load_or_create_salt(path: str | os.PathLike | None = None) -> bytes:
     """The project's salt: ``$MEDSIM_SALT`` if set, else the file ``path`` (default :func:`salt_path`), created
     with 32 random bytes, mode 0600, when missing. Keep the file with the project and out of version control."""
     env = os.environ.get(SALT_ENV)
-    if env:
+    if env is not None:
+        if not env.strip():
+            raise MedsimError(f"{SALT_ENV} is set but empty; set it to the project's salt or unset it (then "
+                              f"{SALT_FILE_ENV} or a .medsim-salt file is used)")
         return env.encode()
     p = Path(path) if path is not None else salt_path()
     if p.exists():
-        return p.read_bytes().strip()
+        check_salt_file(p)
+        try:
+            salt = p.read_bytes().strip()
+        except OSError as e:
+            raise MedsimError(f"{p}: the anonymisation salt cannot be read ({e.strerror or e})") from e
+        if not salt:
+            raise MedsimError(f"{p}: the anonymisation salt file is empty; delete it to have a new one created, "
+                              f"or put the project's salt in it (or set {SALT_ENV})")
+        return salt
     p.parent.mkdir(parents=True, exist_ok=True)
     salt = secrets.token_hex(32).encode()
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -64,12 +79,33 @@ def load_or_create_salt(path: str | os.PathLike | None = None) -> bytes:
     return salt
 
 
+def check_salt_file(path: str | os.PathLike) -> None:
+    """Refuse a salt file others could read or change, as ssh refuses a private key: it must be a regular file
+    owned by the current user with no group/other permissions (POSIX; not checked on Windows).
+
+    Raises:
+        MedsimError: naming the file, what is wrong and the command that fixes it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MedsimError(f"{p}: the anonymisation salt must be a file")
+    if os.name != "posix":
+        return
+    st = p.stat()
+    if st.st_uid != os.getuid():
+        raise MedsimError(f"{p}: the anonymisation salt belongs to another user (uid {st.st_uid}); it is a secret "
+                          f"— use your own (chown {os.getuid()} '{p}', or set {SALT_FILE_ENV} to a file you own)")
+    if st.st_mode & 0o077:
+        raise MedsimError(f"{p}: the anonymisation salt is accessible by others (mode {stat.filemode(st.st_mode)}); "
+                          f"it is a secret that re-identifies patients from their tokens — run: chmod 600 '{p}'")
+
+
 class Anonymizer:
     """Keyed hashing of identifiers: ``Anonymizer(salt)("PAT-001") -> "p-3fa4…"`` (16 hex digits)."""
 
     def __init__(self, salt: bytes):
         if not salt:
-            raise ValueError("the anonymisation salt is empty; set MEDSIM_SALT or give a salt file")
+            raise MedsimError("the anonymisation salt is empty; set MEDSIM_SALT or give a salt file")
         self._salt = salt
 
     def __call__(self, value: object, prefix: str = "h") -> str | None:

@@ -17,6 +17,7 @@ def test_salt_is_found_in_a_parent_folder_or_the_user_config(tmp_path, monkeypat
     assert salt_path() == tmp_path / "config" / "medsim" / "salt"  # no project salt: one per user, not per cwd
     user = load_or_create_salt()
     (project / ".medsim-salt").write_bytes(b"project-salt")
+    (project / ".medsim-salt").chmod(0o600)
     assert salt_path() == project / ".medsim-salt" and load_or_create_salt() == b"project-salt"
     monkeypatch.chdir(project)
     assert load_or_create_salt() == b"project-salt"
