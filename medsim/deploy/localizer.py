@@ -6,9 +6,13 @@ is transposed (``attention[0].T``: (y, x) = (rows, columns)) *before* it is upsa
 
 Pipeline of :meth:`Localizer.localize`:
 
-1. transpose to (rows, columns), bilinear upsampling to (H, W) with ``align_corners=False`` (pixel centres
-   aligned, edges clamped — identical to ``torch.nn.functional.interpolate(mode="bilinear")`` and to
-   ``medsim.nn.upsample_attention``);
+1. each cell placed at its receptive-field centre on the image (``geometry``: the model's
+   :class:`~medsim.deploy.geometry.AttentionGeometry`, the export manifest's ``attention_geometry``), bilinear
+   between cell centres, the edge cell's value held outside them (:func:`medsim.deploy.geometry.resample_attention`,
+   the same weights as ``medsim.nn.upsample_attention(..., geometry)``), then transposed to (rows, columns).
+   Without a geometry the grid is stretched over the whole image (``align_corners=False``, as
+   ``torch.nn.functional.interpolate(mode="bilinear")``) — right for maps at input resolution (Grad-CAM), wrong
+   for patch grids whose centres do not span the image (loss-based attention: 13–76 %);
 2. optional min–max normalisation to [0, 1] (``normalize=True``; a constant map becomes all zeros);
 3. threshold: Otsu's (between-class variance over a 256-bin histogram) or a fixed float in [0, 1];
 4. connected components (8-connectivity); components smaller than ``min_area`` pixels are dropped (from the
@@ -31,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medsim.deploy import DeployError
+from medsim.deploy.geometry import AttentionGeometry, resample_attention
 
 __all__ = ["Localizer", "Localization", "bilinear_resize", "otsu_threshold", "dice", "iou", "pointing_game",
            "box_hit", "mask_box", "box_iou", "patch_counts", "match_boxes", "average_precision", "jet", "overlay"]
@@ -39,20 +44,6 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of 1D linear interpolation, ``align_corners=False`` with edge clamping."""
-    w = np.zeros((n_out, n_in), dtype=np.float64)
-    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    src = np.clip(src, 0.0, n_in - 1)
-    i0 = np.floor(src).astype(int)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = src - i0
-    rows = np.arange(n_out)
-    np.add.at(w, (rows, i0), 1.0 - frac)
-    np.add.at(w, (rows, i1), frac)
-    return w
-
-
 def bilinear_resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a 2D array (rows, cols) → ``size`` (H, W), ``align_corners=False`` (PyTorch's
     ``interpolate(mode="bilinear")`` without antialiasing). Returns float64."""
@@ -62,7 +53,7 @@ def bilinear_resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     H, W = int(size[0]), int(size[1])
     if H < 1 or W < 1:
         raise DeployError(f"image size must be positive (H, W), got {tuple(size)}")
-    return _interp_matrix(a.shape[0], H) @ a @ _interp_matrix(a.shape[1], W).T
+    return resample_attention(a, (H, W))  # the stretched placement: align_corners=False, edges clamped
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -195,7 +186,7 @@ def box_hit(boxes: Sequence[Any], gt: np.ndarray, *, iou_threshold: float = 0.5,
 
 
 def patch_counts(attention: np.ndarray, gt: np.ndarray, *, threshold: str | float = "otsu",
-                 min_fraction: float = 0.5) -> tuple[int, int, int]:
+                 min_fraction: float = 0.5, geometry: AttentionGeometry | None = None) -> tuple[int, int, int]:
     """Patch-level selection counts ``(tp, fp, fn)`` in the style of loss-based attention (Shi et al., patch
     precision / recall): the image is cut into the attention grid's cells; a cell is a lesion patch when at least
     ``min_fraction`` of its pixels are lesion; a cell is *selected* when its (min–max normalised) attention exceeds
@@ -203,7 +194,10 @@ def patch_counts(attention: np.ndarray, gt: np.ndarray, *, threshold: str | floa
 
     Args:
         attention: (1, x, y) or (x, y) — MONAI order, as the model outputs it — at feature resolution.
-        gt: (H, W) lesion mask of the image; cell ``(i, j)`` of an (h, w) grid covers rows
+        gt: (H, W) lesion mask of the image.
+        geometry: where the cells sit (:class:`~medsim.deploy.geometry.AttentionGeometry`). A cell owns the image
+            pixels nearer to its centre than to its neighbours' (boundaries halfway between centres; the edge cells
+            reach the image border). ``None``: the stretched grid, cell ``(i, j)`` of an (h, w) grid covers rows
             ``floor(i·H/h) .. floor((i+1)·H/h) - 1`` and likewise columns.
     """
     a = np.asarray(attention, dtype=np.float64)
@@ -214,7 +208,12 @@ def patch_counts(attention: np.ndarray, gt: np.ndarray, *, threshold: str | floa
     g = _gt(gt, None, "patch_counts")
     h, w = cells.shape
     H, W = g.shape
-    ys, xs = (np.arange(h + 1) * H) // h, (np.arange(w + 1) * W) // w
+    if geometry is None:
+        ys, xs = (np.arange(h + 1) * H) // h, (np.arange(w + 1) * W) // w
+    else:
+        geometry.check_grid(a.shape)
+        ys, xs = (_cell_bounds(ax, n_in, n) for ax, n_in, n in
+                  zip(reversed(geometry.axes), reversed(geometry.input_size), (H, W)))
     frac = np.array([[g[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean() if ys[i + 1] > ys[i] and xs[j + 1] > xs[j] else 0.0
                       for j in range(w)] for i in range(h)])
     lo, hi = float(cells.min()), float(cells.max())
@@ -222,6 +221,14 @@ def patch_counts(attention: np.ndarray, gt: np.ndarray, *, threshold: str | floa
     t = otsu_threshold(norm) if threshold == "otsu" else float(threshold)
     sel, pos = norm > t, frac >= min_fraction
     return int((sel & pos).sum()), int((sel & ~pos).sum()), int((~sel & pos).sum())
+
+
+def _cell_bounds(axis: Any, input_size: int, n_out: int) -> np.ndarray:
+    """(cells + 1,) pixel bounds of the cells of ``axis`` on ``n_out`` image pixels: halfway between centres, a
+    pixel belongs to the cell whose centre is nearest to the pixel's centre; the edge cells reach the border."""
+    mids = (axis.centres()[:-1] + axis.stride / 2.0) * (n_out / input_size)  # in image pixels, continuous
+    inner = np.clip(np.ceil(mids - 0.5), 0, n_out).astype(int)  # first pixel whose centre is past the midpoint
+    return np.concatenate([[0], inner, [n_out]])
 
 
 def match_boxes(boxes: Sequence[Any], gt_boxes: Sequence[Any], *, iou_threshold: float = 0.5) -> list[bool]:
@@ -382,9 +389,11 @@ class Localizer:
         self.min_area, self.normalize, self.score = int(min_area), bool(normalize), score
         self.max_boxes = None if max_boxes is None else int(max_boxes)
 
-    def heatmap(self, attention: np.ndarray, image_size: Sequence[int]) -> np.ndarray:
+    def heatmap(self, attention: np.ndarray, image_size: Sequence[int],
+                geometry: AttentionGeometry | None = None) -> np.ndarray:
         """Attention (1, x, y) — MONAI order, as the model outputs it — or (x, y) → heatmap (H, W) float32 in
-        [0, 1], row-major, for an image of ``image_size = (H, W)``."""
+        [0, 1], row-major, for an image of ``image_size = (H, W)``; each cell at its centre from ``geometry``
+        (``None``: stretched over the image, see the module docstring)."""
         a = np.asarray(attention, dtype=np.float64)
         if a.ndim == 3 and a.shape[0] == 1:
             a = a[0]
@@ -396,13 +405,15 @@ class Localizer:
         size = tuple(int(v) for v in np.asarray(image_size).ravel()[:2])
         if len(size) != 2:
             raise DeployError(f"image_size must be (H, W), got {image_size!r}")
-        heat = bilinear_resize(a.T, size)  # (x, y) → (rows, cols) FIRST, then to (H, W)
+        heat = resample_attention(a, size[::-1], geometry).T  # on the (x, y) = (W, H) image, then (rows, cols)
         return self._normalized(heat, self.normalize)
 
-    def localize(self, attention: np.ndarray, image_size: Sequence[int]) -> Localization:
+    def localize(self, attention: np.ndarray, image_size: Sequence[int],
+                 geometry: AttentionGeometry | None = None) -> Localization:
         """Attention (1, x, y) of one image → :class:`Localization` at ``image_size = (H, W)`` (rows, columns:
-        ``engine.embed(..., return_sizes=True)["image_size"][i]`` or ``np.asarray(image).shape[:2]``)."""
-        heat = self.heatmap(attention, image_size)
+        ``engine.embed(..., return_sizes=True)["image_size"][i]`` or ``np.asarray(image).shape[:2]``); ``geometry``
+        places the cells (the manifest's ``attention_geometry``, :func:`medsim.deploy.geometry.geometry_from_manifest`)."""
+        heat = self.heatmap(attention, image_size, geometry)
         mask, boxes, t = self.components(heat)
         return Localization(heatmap=heat, mask=mask, boxes=boxes, threshold=t)
 

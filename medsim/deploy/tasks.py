@@ -243,18 +243,22 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
     if masks is not None and len(masks) != len(images):
         raise DeployError(f"{len(masks)} ground-truth masks for {len(images)} images; give one per image")
     loc = Localizer(threshold=threshold)
-    kind = str(load_manifest(Path(model_dir))["preprocessing"].get("kind", "rgb2d"))
+    manifest = load_manifest(Path(model_dir))
+    kind = str(manifest["preprocessing"].get("kind", "rgb2d"))
     if kind == "ct3d":
         from medsim.deploy.volume import localize_volumes
 
         return localize_volumes(Path(model_dir), images, out, loc, masks=masks, backend=backend, progress=progress,
                                 precision=precision)
+    from medsim.deploy.geometry import geometry_from_manifest
+
+    geometry = geometry_from_manifest(manifest, where=str(model_dir))  # None (stretch, warned) for old exports
     with _engine(Path(model_dir), backend, precision) as engine:
         res = _embed(engine, [str(i) for i in images], 32, progress, sizes=True)
     rows = []
     for i, img in enumerate(images):
         size = tuple(int(v) for v in res["image_size"][i])
-        result = loc.localize(res["attention"][i], size)
+        result = loc.localize(res["attention"][i], size, geometry)
         loc.save(result, out, _stem(img), image=_display_image(img, kind))
         row: dict[str, Any] = {"image": str(img), "boxes": len(result.boxes)}
         if masks is not None and masks[i] is not None:

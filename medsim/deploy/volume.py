@@ -223,16 +223,17 @@ def label_to_grid(source: str | os.PathLike, prep: dict[str, Any]) -> np.ndarray
 
 
 # ------------------------------------------------------------------------------------------- 3D localization
-def trilinear_resize(a: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Trilinear resize of (x, y, z) to ``size``, ``align_corners=False`` with edge clamping (PyTorch's
-    ``interpolate(mode="trilinear")``, i.e. ``medsim.nn.upsample_attention`` for 3D). Returns float64."""
-    from medsim.deploy.localizer import _interp_matrix
+def trilinear_resize(a: np.ndarray, size: Sequence[int], geometry: Any = None) -> np.ndarray:
+    """Trilinear resize of an (x, y, z) attention map to ``size``: each cell at its centre from ``geometry``
+    (:class:`~medsim.deploy.geometry.AttentionGeometry`; linear between centres, edge values held outside them),
+    or stretched over the volume when ``None`` (``align_corners=False`` with edge clamping, PyTorch's
+    ``interpolate(mode="trilinear")``); ``medsim.nn.upsample_attention`` with the same geometry. Returns float64."""
+    from medsim.deploy.geometry import resample_attention
 
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 3 or len(size) != 3:
         raise DeployError(f"trilinear_resize expects a 3D array and a 3D size, got {a.shape} → {tuple(size)}")
-    mx, my, mz = (_interp_matrix(n, int(m)) for n, m in zip(a.shape, size))
-    return np.einsum("ia,jb,kc,abc->ijk", mx, my, mz, a, optimize=True)
+    return resample_attention(a, size, geometry)
 
 
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -265,20 +266,23 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from medsim.deploy.geometry import geometry_from_manifest
     from medsim.deploy.localizer import Localization, _rgb_image, box_hit, dice, iou, overlay
     from medsim.deploy.preprocess import load_manifest
     from medsim.deploy.tasks import _engine, _localization_summary, _stem
     from medsim.errors import atomic_write_text
     from medsim.viz.contact_sheet import save_png
 
-    prep = load_manifest(model_dir)["preprocessing"]
+    manifest = load_manifest(model_dir)
+    prep = manifest["preprocessing"]
+    geometry = geometry_from_manifest(manifest, where=str(model_dir))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with _engine(model_dir, backend, precision, batch_size=1) as engine:
         for i, vol in enumerate(tqdm(volumes, desc="localizing", unit="volume", disable=not progress, leave=False)):
             grid, affine = model_grid(vol, prep)
             att = engine.run(grid[None, None])["attention"][0, 0]
-            loc = _localize_grid(localizer, att, grid.shape)
+            loc = _localize_grid(localizer, att, grid.shape, geometry)
             stem = _stem(Path(vol))
             _save_nifti(loc.mask.astype(np.uint8), affine, out / f"{stem}_mask.nii.gz")
             _save_nifti(loc.heatmap.astype(np.float32), affine, out / f"{stem}_heatmap.nii.gz")
@@ -315,12 +319,13 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
     return _localization_summary(rows, out)
 
 
-def _localize_grid(localizer: Any, attention: np.ndarray, shape: Sequence[int]) -> Any:
-    """Attention (x, y, z) at feature resolution → Localization on the grid (26-connected components)."""
+def _localize_grid(localizer: Any, attention: np.ndarray, shape: Sequence[int], geometry: Any = None) -> Any:
+    """Attention (x, y, z) at feature resolution → Localization on the grid (26-connected components); the cells
+    placed by ``geometry`` (the model grid is the model input, so its size is the geometry's ``input_size``)."""
     from medsim.deploy.localizer import Localization
 
     if not np.isfinite(attention).all():
         raise DeployError("attention map contains NaN/inf values")
-    heat = localizer._normalized(trilinear_resize(attention, shape), localizer.normalize)
+    heat = localizer._normalized(trilinear_resize(attention, shape, geometry), localizer.normalize)
     mask, boxes, t = localizer.components(heat)
     return Localization(heatmap=heat, mask=mask, boxes=boxes, threshold=t)

@@ -318,6 +318,7 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
     if len(example) < 2:
         example = example.repeat(2, *([1] * (example.ndim - 1)))
 
+    geometry = _attention_geometry(run.network, images.shape[2:])
     final = out / MODEL_NAME
     tmp = out / f".{final.stem}.tmp{os.getpid()}.onnx"
     try:
@@ -335,6 +336,8 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
     parity["images_from"] = images_from
 
     shapes = info["output_shapes"]
+    if geometry is not None:
+        geometry.check_grid(shapes["attention"][2:])
     in_shape = list(images.shape[1:])
     import onnxruntime
 
@@ -354,6 +357,7 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
         "output_names": info["output_names"],
         "embedding_size": int(shapes["embedding"][1]),
         "attention_resolution": [int(v) for v in shapes["attention"][2:]],
+        **({"attention_geometry": geometry.to_dict()} if geometry is not None else {}),
         "classes": list(run.classes),
         "n_classes": len(run.classes),
         "preprocessing": describe_preprocessing(run.transform, preprocessing_kind(run.record)),
@@ -363,6 +367,22 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
     }
     manifest_path = write_manifest(out, manifest)
     return {"onnx_path": str(final), "manifest_path": str(manifest_path), "manifest": manifest}
+
+
+def _attention_geometry(network: nn.Module, input_size: Sequence[int]) -> Any:
+    """The network's :class:`~medsim.deploy.geometry.AttentionGeometry` for ``input_size`` (where each attention
+    cell sits on the input; the localizer places it there), or ``None`` with a warning for a network without an
+    ``attention_geometry`` method (its maps are then stretched over the image)."""
+    derive = getattr(network, "attention_geometry", None)
+    if derive is None:
+        logger.warning("%s has no attention_geometry(input_size): the manifest records no attention geometry and "
+                       "localize will stretch its attention grid over the whole image", type(network).__name__)
+        return None
+    try:
+        return derive([int(v) for v in input_size])
+    except (NotImplementedError, ValueError) as e:
+        raise ExportError(f"cannot derive where the attention cells of {type(network).__name__} sit on a "
+                          f"{list(input_size)} input: {e}") from e
 
 
 def _describe_output(name: str, shape: tuple[int, ...]) -> dict[str, Any]:

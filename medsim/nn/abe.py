@@ -8,6 +8,8 @@ learners apart is :func:`medsim.losses.divergence.divergence_loss`.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
@@ -15,7 +17,9 @@ from monai.networks.layers.factories import Conv
 from monai.utils import look_up_option
 from torch import nn
 
+from medsim.deploy.geometry import AttentionGeometry
 from medsim.nn.backbones import CUTS, make_backbone
+from medsim.nn.geometry import trace_geometry
 
 __all__ = ["ABEEmbedder"]
 
@@ -93,6 +97,11 @@ class ABEEmbedder(nn.Module):
 
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.embedding_dim, self.n_learners, self.channels = embedding_dim, n_learners, channels
+
+    def attention_geometry(self, input_size: Sequence[int]) -> AttentionGeometry:
+        """Where the ``attention`` cells sit on an input of spatial ``input_size`` (x, y[, z]): traced through S,
+        the attention trunk C and the 1×1 heads (:mod:`medsim.nn.geometry`)."""
+        return trace_geometry(input_size, self.spatial, self.attention_trunk, self.attention_heads)
 
     def learner_masks(self, feats: torch.Tensor) -> torch.Tensor:
         """A_m(S(x)) for every learner: S's output (B, C, *s) -> masks (B, M, C, *s) in [0, 1]."""

@@ -7,12 +7,16 @@ Every medsim model returns the same structure (export, retrieval, localization a
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsim.deploy.geometry import AttentionGeometry, interp_matrix
 from medsim.nn.attention import create_attention
 from medsim.nn.backbones import make_backbone
+from medsim.nn.geometry import trace_geometry
 
 __all__ = ["Embedder", "upsample_attention"]
 
@@ -61,6 +65,11 @@ class Embedder(nn.Module):
             out["logits"] = self.classifier(raw)
         return out
 
+    def attention_geometry(self, input_size: Sequence[int]) -> AttentionGeometry:
+        """Where the ``attention`` cells sit on an input of spatial ``input_size`` (x, y[, z]): traced through the
+        backbone and the attention module (:mod:`medsim.nn.geometry`)."""
+        return trace_geometry(input_size, self.backbone, self.attention)
+
     @torch.no_grad()
     def reset_neurons(self, index: torch.Tensor) -> None:
         """Re-initialise the embedding neurons ``index`` (rows of the linear layer), as DSL does for the neurons
@@ -70,7 +79,23 @@ class Embedder(nn.Module):
         self.embed.bias[index] = fresh.bias[index]
 
 
-def upsample_attention(attention: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Attention (B, 1, *S_feat) → (B, 1, *size) by (bi/tri)linear interpolation, for overlays on the input."""
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[attention.ndim - 2]
-    return F.interpolate(attention, size=tuple(size), mode=mode, align_corners=False)
+def upsample_attention(attention: torch.Tensor, size: Sequence[int],
+                       geometry: AttentionGeometry | None = None) -> torch.Tensor:
+    """Attention (B, 1, *S_feat) → (B, 1, *size) for overlays on the input (``size`` in the same axis order).
+
+    With ``geometry`` (``model.attention_geometry(input_size)``) each cell is placed at its receptive-field centre,
+    linear between centres and the edge value held outside them — the rule of the torch-free localizer
+    (:func:`medsim.deploy.geometry.resample_attention`, the same interpolation weights). Without it the grid is
+    stretched over the whole input ((bi/tri)linear, ``align_corners=False``), which misplaces patch-grid maps.
+    """
+    if geometry is None:
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[attention.ndim - 2]
+        return F.interpolate(attention, size=tuple(size), mode=mode, align_corners=False)
+    if len(size) != attention.ndim - 2:
+        raise ValueError(f"size {tuple(size)} does not match the {attention.ndim - 2}-D attention {tuple(attention.shape)}")
+    geometry.check_grid(attention.shape[2:])
+    out = attention
+    for k, (ax, n_in, n_out) in enumerate(zip(geometry.axes, geometry.input_size, size)):
+        w = torch.as_tensor(interp_matrix(ax, n_in, int(n_out)), dtype=attention.dtype, device=attention.device)
+        out = torch.movedim(torch.tensordot(out, w, dims=([k + 2], [1])), -1, k + 2)
+    return out

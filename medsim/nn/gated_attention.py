@@ -37,7 +37,9 @@ from monai.networks.layers.factories import Conv
 from monai.utils import look_up_option
 from torch import nn
 
+from medsim.deploy.geometry import AttentionGeometry
 from medsim.nn.backbones import make_backbone
+from medsim.nn.geometry import Resize, trace_geometry
 
 __all__ = ["GatedAttention", "SEAttention", "PositionAttention", "ChannelAttention", "DualAttention",
            "GlobalContextAttention", "IdentityAttention", "FINE_GRAINED_ATTENTIONS", "create_fine_grained_attention",
@@ -449,6 +451,11 @@ class FineGrainedMIL(nn.Module):
         self.connectivity = connectivity
         self.spatial_dims, self.in_channels = 2, in_channels
         self.embedding_dim = int(embedding_dim) if embedding_dim is not None else fused
+
+    def attention_geometry(self, input_size: Sequence[int]) -> AttentionGeometry:
+        """Where the Ω cells of ``attention`` sit on an input of spatial ``input_size`` (X, Y): traced through the
+        resize to ``global_size``, the global trunk and the attention module (:mod:`medsim.nn.geometry`)."""
+        return trace_geometry(input_size, Resize(self.global_size), self.trunk, self.attention)
 
     # -- parts
     def global_branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

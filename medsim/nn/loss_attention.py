@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from monai.utils import look_up_option
 from torch import nn
 
+from medsim.deploy.geometry import AttentionGeometry
 from medsim.nn.backbones import CUTS, make_backbone
+from medsim.nn.geometry import trace_geometry
 
 __all__ = ["LossAttentionNet", "flat_resnet", "loss_based_weights", "capsule_loss_based_weights", "POOLINGS",
            "HEADS", "STRIDED", "create_pooling", "MeanPooling", "AttentionPooling", "GatedAttentionPooling",
@@ -326,6 +328,14 @@ class LossAttentionNet(nn.Module):
                 "pooled": _weighted_sum(flat_w, caps.flatten(1, 2)), "grid": (gh, gw)}
 
     # ------------------------------------------------------------------------------------------ patch geometry
+    def attention_geometry(self, input_size: Sequence[int]) -> AttentionGeometry:
+        """Where the patch cells of ``attention`` sit on an input of spatial ``input_size`` (x, y): traced through
+        the flattened trunk and the unpadded patch conv (:mod:`medsim.nn.geometry`). For the paper's 64×64 input
+        (trunk stride 2, 9×9 stride-4 patches) cell i is centred at 8·i + 8.5 px: 13–76 % of the image, not the
+        8–92 % of a stretched 6×6 grid."""
+        head = (self.primary, self.class_capsules) if self.head == "capsule" else (self.patch_features,)
+        return trace_geometry(input_size, self.backbone, *head)
+
     def patch_footprint_fraction(self, mask: torch.Tensor) -> torch.Tensor:
         """Fraction of each patch's footprint covered by ``mask``, in the order of ``patch_weights``.
 
