@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,7 +47,9 @@ def _fold(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) ->
                        n_splits, 100 * fraction)
         labels = np.zeros_like(labels)
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    rest, held = next(iter(cv.split(np.zeros(len(labels)), labels, groups)))
+    with warnings.catch_warnings():  # a class smaller than n_splits is only kept roughly in proportion: expected
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        rest, held = next(iter(cv.split(np.zeros(len(labels)), labels, groups)))
     return rest, held
 
 
