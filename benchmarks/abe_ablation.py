@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from medsim.data.splits import copy_split  # noqa: E402
 from ham_recipe import common_overrides, recipe_parser  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "isic_abe"
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             out = work / f"{name}_s{seed}"
             out.mkdir(parents=True, exist_ok=True)
             if shared_split is not None:  # every run on the same split
-                shutil.copy(shared_split, out / "split.json")
+                copy_split(shared_split, out / "split.json")  # + split.local.json (paths)
             t0 = time.perf_counter()
             res = train_bundle(BUNDLE, variant=variant, dataset_dir=args.dataset_dir, output_dir=str(out),
                                overrides={**common, "seed": seed})

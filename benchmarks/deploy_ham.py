@@ -27,10 +27,9 @@ import numpy as np
 
 
 def _split_items(run: Path, split: str) -> list[dict]:
-    doc = json.loads((run / "split.json").read_text())
-    root = Path(doc["meta"]["dataset_dir"])
-    return [{**it, "image": str(root / it["image"]), **({"mask": str(root / it["mask"])} if "mask" in it else {})}
-            for it in doc[split]]
+    from medsim.data.splits import load_split  # joins split.local.json's image/mask paths (absolute)
+
+    return load_split(run / "split.json")[split]
 
 
 def _torch_outputs(run: Path, paths: list[str], batch: int = 64) -> dict[str, np.ndarray]:

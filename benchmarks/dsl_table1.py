@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsim.data.splits import copy_split  # noqa: E402
 from ham_recipe import common_overrides, recipe_parser  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
 
 METHODS = {  # name -> (bundle variant, overrides)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             out = work / f"{name.split()[0].lower()}_{'_'.join(f'{k}{v}' for k, v in extra.items())}_s{seed}"
             out.mkdir(parents=True, exist_ok=True)
             if shared_split is not None:  # every run on the same split
-                shutil.copy(shared_split, out / "split.json")
+                copy_split(shared_split, out / "split.json")  # + split.local.json (paths)
             t0 = time.perf_counter()
             res = train_bundle("bundles/isic_dsl", variant=variant, dataset_dir=args.dataset_dir, output_dir=str(out),
                                overrides={**common, **extra, "seed": seed})

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsim.data.splits import copy_split  # noqa: E402
 from ham_recipe import common_overrides, recipe_parser, rerender  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
 
 METHODS = {  # name -> (bundle variant (None: the gated default), overrides that --n-instances etc. must not undo)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         if shared_split is not None:
-            shutil.copy(shared_split, out / "split.json")
+            copy_split(shared_split, out / "split.json")  # + split.local.json (paths)
         t0 = time.perf_counter()
         res = train_bundle("bundles/derm_gated", variant=variant, dataset_dir=args.dataset_dir, output_dir=str(out),
                            overrides={**common, **extra})

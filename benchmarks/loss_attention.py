@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsim.data.splits import copy_split  # noqa: E402
 from ham_recipe import common_overrides, recipe_parser, rerender  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
 
 METHODS = {  # name -> (bundle variant, pooling)
@@ -49,10 +50,9 @@ PAPER = {  # Table IV, Tiny ImageNet, ResNet18 backbone: accuracy, patch precisi
 
 
 def _test_items(run: Path) -> list[dict]:
-    doc = json.loads((run / "split.json").read_text())
-    root = Path(doc["meta"]["dataset_dir"])
-    return [{**it, "image": str(root / it["image"]), **({"mask": str(root / it["mask"])} if "mask" in it else {})}
-            for it in doc["test"]]
+    from medsim.data.splits import load_split  # joins split.local.json's image/mask paths (absolute)
+
+    return load_split(run / "split.json")["test"]
 
 
 def evaluate_patches(run: Path, batch: int = 64) -> dict:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         out = work / (variant or "loss")
         out.mkdir(parents=True, exist_ok=True)
         if shared_split is not None:
-            shutil.copy(shared_split, out / "split.json")
+            copy_split(shared_split, out / "split.json")  # + split.local.json (paths)
         t0 = time.perf_counter()
         res = train_bundle("bundles/derm_lossattn", variant=variant, dataset_dir=args.dataset_dir, output_dir=str(out),
                            overrides=common)

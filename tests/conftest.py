@@ -95,9 +95,9 @@ def deploy_check(tmp_path_factory):
 
         out = tmp_path_factory.mktemp("deploy") / "model"
         export_run(run_dir, out, opt_batch=2)
-        doc = json.loads((Path(run_dir) / "split.json").read_text())
-        root = Path(doc["meta"]["dataset_dir"])
-        paths = [str(root / it["image"]) for it in doc["test"]][:6]
+        from medsim.data.splits import load_split
+
+        paths = [it["image"] for it in load_split(Path(run_dir) / "split.json")["test"]][:6]
         with EmbeddingEngine(out, backend="ort-cpu", batch_size=4) as engine:
             got = engine.embed(paths, return_sizes=True)
         run = load_run(run_dir)
@@ -109,7 +109,7 @@ def deploy_check(tmp_path_factory):
             loc = Localizer().localize(att, size)
             assert loc.mask.shape == tuple(size) and loc.heatmap.shape == tuple(size)
         index = CaseIndex(got["embedding"].shape[1], model_id="check")
-        index.add(got["embedding"], [{"uri": p} for p in paths])
+        index.add(got["embedding"], [{"id": f"c-{i:016x}"} for i in range(len(paths))])
         _, ids = index.search_arrays(got["embedding"], 1)
         assert (ids[:, 0] == np.arange(len(paths))).all()
         return got

@@ -12,18 +12,24 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
 
 from medsim.errors import MedsimError
 
-__all__ = ["SAFE_FIELDS", "HASHED_FIELDS", "Anonymizer", "load_or_create_salt", "salt_path",
+__all__ = ["SAFE_FIELDS", "HASHED_FIELDS", "TOKEN_PREFIX", "TOKEN_RE", "project_anonymizer", "Anonymizer", "load_or_create_salt", "salt_path",
            "check_salt_file"]
 
-#: metadata keys a datalist item may carry; anything else a reader finds is dropped.
-HASHED_FIELDS = ("patient", "study", "series", "group")
-SAFE_FIELDS = ("id", "image", "mask", "label", "label_name", *HASHED_FIELDS, "view", "laterality", "follow_up",
+#: metadata keys a datalist item may carry; anything else a reader finds is dropped. ``id`` is hashed too: a case id
+#: is often a file stem or an MRN (``Doe^Jane 19700101.png``), so cases travel as opaque tokens (``c-<16 hex>``).
+HASHED_FIELDS = ("patient", "study", "series", "group", "id")
+#: token prefix of each hashed field
+TOKEN_PREFIX = {"patient": "p", "study": "s", "series": "s", "group": "g", "id": "c"}
+#: what a token looks like
+TOKEN_RE = re.compile(r"^[a-z]-[0-9a-f]{16}$")
+SAFE_FIELDS = ("image", "mask", "label", "label_name", *HASHED_FIELDS, "view", "laterality", "follow_up",
                "location", "size", "level", "tissue_fraction")
 
 SALT_ENV = "MEDSIM_SALT"
@@ -117,10 +123,20 @@ class Anonymizer:
         digest = hmac.new(self._salt, text.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
         return f"{prefix}-{digest}"
 
+    def case_token(self, value: object) -> str:
+        """The opaque token of a case (its id, relative path or file path): ``c-<16 hex>``; a token stays as is."""
+        text = str(value)
+        return text if TOKEN_RE.match(text) else str(self(text, "c"))
+
     def item(self, item: dict) -> dict:
         """A copy of a datalist item keeping only :data:`SAFE_FIELDS`, with identifiers hashed."""
         out = {}
         for key in SAFE_FIELDS:
             if key in item and item[key] is not None:
-                out[key] = self(item[key], key[0]) if key in HASHED_FIELDS else item[key]
+                out[key] = self(item[key], TOKEN_PREFIX[key]) if key in HASHED_FIELDS else item[key]
         return out
+
+
+def project_anonymizer() -> Anonymizer:
+    """The :class:`Anonymizer` keyed with this project's salt (:func:`load_or_create_salt`)."""
+    return Anonymizer(load_or_create_salt())

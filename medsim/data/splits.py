@@ -21,7 +21,8 @@ import numpy as np
 
 from medsim.errors import DataError, MedsimError, atomic_write_text
 
-__all__ = ["split_items", "save_split", "load_split", "grouping_key", "SPLIT_KEYS", "GROUP_ALIASES"]
+__all__ = ["split_items", "save_split", "load_split", "copy_split", "local_paths_file", "LOCAL_SUFFIX", "grouping_key",
+           "SPLIT_KEYS", "GROUP_ALIASES"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,37 +121,89 @@ def _relative(value: Any, root: Path) -> Any:
         return value
 
 
+LOCAL_SUFFIX = ".local.json"
+
+
+def local_paths_file(split_file: str | os.PathLike) -> Path:
+    """Where a split's image paths live on the machine that made it: ``split.json`` → ``split.local.json``."""
+    p = Path(split_file)
+    return p.with_name((p.name[:-5] if p.name.endswith(".json") else p.name) + LOCAL_SUFFIX)
+
+
 def save_split(splits: dict[str, list[dict]], path: str | os.PathLike, *, dataset_dir: str | os.PathLike,
                meta: dict[str, Any] | None = None) -> Path:
-    """Write the split as a MONAI datalist JSON (atomically), image/mask paths relative to ``dataset_dir``."""
+    """Write the split (atomically) as a MONAI-style datalist JSON that holds no file name in clear.
+
+    ``path`` gets each case's opaque token (``id``), label and hashed groups — shareable, reproducible. The image
+    and mask paths (relative to ``dataset_dir``) and the dataset folder go to ``local_paths_file(path)``
+    (``split.local.json``) beside it: file names and folders can carry patient names or MRNs, so they stay on the
+    machine that reads the images. :func:`load_split` joins the two. The local file is itself a MONAI datalist
+    (``training``/``validation``/``test`` lists of ``{"id", "image", "mask"?, "label"?}``, paths relative to its
+    ``dataset_dir``), so ``monai.data.load_decathlon_datalist(local, base_dir=dataset_dir)`` reads it.
+    """
+    from medsim.data.phi import project_anonymizer
+
     root = Path(dataset_dir).resolve()
-    doc: dict[str, Any] = {"meta": {**(meta or {}), "dataset_dir": str(root),
-                                    "counts": {k: len(v) for k, v in splits.items()}}}
+    anon = project_anonymizer()
+    meta = dict(meta or {})
+    source = meta.pop("source", str(root))
+    meta["source_token"] = anon(str(Path(source).resolve()), "d")
+    doc: dict[str, Any] = {"meta": {**meta, "counts": {k: len(v) for k, v in splits.items()}}}
+    local: dict[str, Any] = {"dataset_dir": str(root), "source": str(source)}
+    seen: set[str] = set()
     for k, v in splits.items():
-        doc[k] = [{**it, **{f: _relative(it[f], root) for f in ("image", "mask") if f in it}} for it in v]
+        doc[k], local[k] = [], []
+        for it in v:
+            token = anon.case_token(it.get("id") if it.get("id") is not None else _relative(it["image"], root))
+            if token in seen:
+                raise MedsimError(f"two cases share the id token {token} (ids must be unique within a dataset)")
+            seen.add(token)
+            local[k].append({"id": token, **{f: _relative(it[f], root) for f in ("image", "mask") if f in it},
+                             **({"label": it["label"]} if "label" in it else {})})
+            doc[k].append({**{f: x for f, x in it.items() if f not in ("image", "mask")}, "id": token})
+    atomic_write_text(local_paths_file(path), json.dumps(local, indent=1))
     return atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False))
 
 
-def load_split(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read a split JSON; paths are made absolute against ``dataset_dir`` (default: the one recorded).
+def copy_split(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a split JSON and its ``split.local.json`` (when there) to ``dst`` — a run folder reusing a shared
+    split needs both to open the images."""
+    import shutil
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    if local_paths_file(src).is_file():
+        shutil.copy(local_paths_file(src), local_paths_file(dst))
+    return dst
+
+
+def load_split(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None = None,
+               require_paths: bool = True) -> dict[str, Any]:
+    """Read a split JSON and join the image/mask paths of its ``split.local.json`` (absolute, against
+    ``dataset_dir``, default: the one recorded there). The returned ``meta`` has ``dataset_dir`` and ``source``
+    from the local file when it is there.
 
     Raises:
-        DataError: the file is missing or not JSON, is not an object, a split is not a list, or an item is not an
-            object with an ``image`` (the message names the split and item index).
+        DataError: the file is missing or not JSON, is not an object, a split is not a list, an item is not an
+            object with an ``id`` (or a legacy ``image``), or (``require_paths``) the local paths file that holds
+            the images is not on this machine (the message names the split and item index).
     """
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise DataError(p, "split file not found (make one with `medsim data split`)") from e
-    except json.JSONDecodeError as e:
-        raise DataError(p, f"not valid JSON (line {e.lineno}: {e.msg})") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(p, f"cannot be read ({e})") from e
+    doc = _read_json(p, "split file not found (make one with `medsim data split`)")
     if not isinstance(doc, dict):
         raise DataError(p, f"a split JSON is an object with {', '.join(SPLIT_KEYS)} lists, got a "
                            f"{type(doc).__name__}")
     meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+    doc["meta"] = meta
+    lp = local_paths_file(p)
+    local = _read_json(lp, "") if lp.is_file() else {}
+    if not isinstance(local, dict) or not all(isinstance(local.get(k, []), list) for k in SPLIT_KEYS):
+        raise DataError(lp, "not a split's local paths file (an object with 'dataset_dir' and split lists)")
+    for key in ("dataset_dir", "source"):
+        if isinstance(local.get(key), str):
+            meta[key] = local[key]
+    cases = {str(c.get("id")): c for k in SPLIT_KEYS for c in local.get(k, []) if isinstance(c, dict)}
     root = Path(dataset_dir or meta.get("dataset_dir", p.parent))
 
     def absolute(v: Any) -> Any:
@@ -161,13 +214,35 @@ def load_split(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None
         if not isinstance(items, list):
             raise DataError(p, f"'{k}' must be a list of items, got a {type(items).__name__}", field=k)
         for i, it in enumerate(items):
-            if not isinstance(it, dict) or not isinstance(it.get("image"), (str, list)) or not it["image"]:
-                raise DataError(p, "each item must be an object with an 'image' path (or a list of slice "
-                                   f"files), got {json.dumps(it)[:80]}", row=i, field=k)
+            if not isinstance(it, dict) or not (isinstance(it.get("id"), str) or it.get("image")):
+                raise DataError(p, "each item must be an object with an 'id' (or an 'image' path), got "
+                                   f"{json.dumps(it)[:80]}", row=i, field=k)
+            if "image" not in it and isinstance(cases.get(it.get("id")), dict):
+                it.update({f: x for f, x in cases[it["id"]].items() if f in ("image", "mask")})
+            if "image" not in it:
+                if require_paths:
+                    where = (f"{lp} has no entry for it" if lp.is_file() else
+                             f"they are kept in {lp} on the machine that made the split, which is not here")
+                    raise DataError(p, f"no image path for case {it.get('id')}: {where}", row=i, field=k)
+                continue
+            if not isinstance(it["image"], (str, list)) or not it["image"]:
+                raise DataError(p, f"'image' must be a path or a list of slice files, got {json.dumps(it)[:80]}",
+                                row=i, field=k)
             for f in ("image", "mask"):
                 if f in it:
                     it[f] = absolute(it[f])
     return doc
+
+
+def _read_json(p: Path, missing: str) -> Any:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise DataError(p, missing or "not found") from e
+    except json.JSONDecodeError as e:
+        raise DataError(p, f"not valid JSON (line {e.lineno}: {e.msg})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(p, f"cannot be read ({e})") from e
 
 
 #: files a folder of cases may hold (2D images, DICOM files, NIfTI volumes)

@@ -85,6 +85,11 @@ def _check_same_request(split_file: Path, meta: dict[str, Any], *, source: str, 
     want = {"dataset": source, "split_by": by, "max_items": max_items}
     if had["dataset"] is not None and Path(str(had["dataset"])).resolve() == Path(source):
         had["dataset"] = source
+    elif had["dataset"] is None and meta.get("source_token"):  # split.local.json not here: compare the tokens
+        from medsim.data.phi import project_anonymizer
+
+        same = project_anonymizer()(str(Path(source).resolve()), "d") == meta["source_token"]
+        had["dataset"] = source if same else "another dataset"
     if had["split_by"] is not None and by in ("group", "lesion_id") and had["split_by"] in ("group", "lesion_id"):
         had["split_by"] = by  # aliases of the same key
     diff = [f"{k} {had[k]!r} (asked: {want[k]!r})" for k in want if had[k] is not None and had[k] != want[k]]

@@ -61,7 +61,9 @@ def test_csv_problems_are_listed_with_row_and_field(tmp_path):
     assert all(str(table) in ln for ln in lines)
 
     src = open_source(table, classes=["benign", "malignant"], lenient=True)
-    assert [it["id"] for it in src.items] == ["a.png"]
+    from medsim.data.phi import project_anonymizer
+
+    assert [it["id"] for it in src.items] == [project_anonymizer().case_token("a.png")]  # ids travel as tokens
     assert len(src.bad) == 4
 
 
@@ -110,8 +112,11 @@ def test_isic2019_one_hot(tmp_path):
     _csv(tmp_path / "ISIC_2019_Training_Metadata.csv", ["image", "lesion_id"], [["ISIC_1", "L1"], ["ISIC_2", "L1"]])
     src = open_source(tmp_path, lenient=True)
     assert src.layout == "isic2019" and src.classes == ["MEL", "NV", "BCC"]
-    assert [(it["id"], it["label_name"], it["label"]) for it in src.items] == [("ISIC_1", "MEL", 0),
-                                                                              ("ISIC_2", "BCC", 2)]
+    from medsim.data.phi import project_anonymizer
+
+    token = project_anonymizer().case_token
+    assert [(it["id"], it["label_name"], it["label"]) for it in src.items] == [(token("ISIC_1"), "MEL", 0),
+                                                                              (token("ISIC_2"), "BCC", 2)]
     assert src.items[0]["group"] == src.items[1]["group"]
     assert "row 4" in src.bad[0].line() and "exactly one class" in src.bad[0].reason
 

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from medsim.data.splits import load_split, save_split, split_items
+from medsim.data.splits import local_paths_file, load_split, save_split, split_items
 from medsim.errors import MedsimError
 
 
@@ -69,9 +69,12 @@ def test_save_load_roundtrip_and_monai_reads_it(tmp_path):
     s = split_items(items, seed=0)
     out = save_split(s, tmp_path / "split.json", dataset_dir=tmp_path, meta={"by": "group"})
     doc = json.loads(out.read_text())
-    assert doc["training"][0]["image"].startswith("img/")  # relative to the dataset folder
+    assert "image" not in doc["training"][0] and doc["training"][0]["id"].startswith("c-")  # no file names
+    assert str(tmp_path) not in out.read_text()
+    local = json.loads(local_paths_file(out).read_text())
+    assert local["training"][0]["image"].startswith("img/")  # relative to the dataset folder
     assert doc["meta"]["counts"] == {k: len(v) for k, v in s.items()}
     back = load_split(out)
     assert [it["image"] for it in back["training"]] == [it["image"] for it in s["training"]]
-    monai_list = load_decathlon_datalist(out, data_list_key="validation", base_dir=tmp_path)
+    monai_list = load_decathlon_datalist(local_paths_file(out), data_list_key="validation", base_dir=tmp_path)
     assert [d["image"] for d in monai_list] == [it["image"] for it in s["validation"]]
