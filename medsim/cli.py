@@ -290,7 +290,8 @@ def index() -> None:
 @click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
               help="Export folder (model.onnx + manifest.json from `medsim export`).")
 @click.option("--data", type=click.Path(path_type=Path, exists=True), required=True,
-              help="A split JSON (a run's split.json) or a folder of images.")
+              help="What `medsim train` reads: a split JSON (a run's split.json), a dataset folder or CSV datalist "
+                   "in any layout (HAM10000, ISIC 2019, class folders, CSV, DICOM, NIfTI), or a folder of images.")
 @click.option("--split", default="training", show_default=True, help="Which split of the JSON to index.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Index folder.")
 @click.option("--kind", type=click.Choice(["flat", "ivfpq", "hnsw"]), default="flat", show_default=True)
@@ -300,16 +301,22 @@ def index() -> None:
               show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="int8: embed with the export's onnxruntime INT8 model (CPU); search then uses it too.")
+@click.option("--shareable", is_flag=True,
+              help="Write no cases.local.json (each case token's image path on this machine) next to the index.")
 @_threads_option(torch=False)
 def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, refine: int, backend: str,
-                precision: str) -> None:
-    """Embed the cases of DATA and save a faiss index with their records (no patient ids in clear)."""
+                precision: str, shareable: bool) -> None:
+    """Embed the cases of DATA and save a faiss index of case tokens, labels and hashed groups (no file name or
+    patient id in it). The image paths go to OUT/cases.local.json, for this machine only (--shareable: not at
+    all)."""
     from medsim.deploy.tasks import build_index
 
     extra = {"refine": refine} if refine else {}
     r = build_index(model_dir, data, out, split=split, kind=kind, backend=backend, progress=sys.stderr.isatty(),
-                    precision=precision, **extra)
+                    precision=precision, local_paths=not shareable, **extra)
     click.echo(f"indexed {r['cases']} cases ({r['kind']}, {r['backend']}) -> {r['index']}")
+    if r.get("local_paths"):
+        click.echo(f"image paths of the cases (keep on this machine; not in the index): {r['local_paths']}")
 
 
 _BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
@@ -320,8 +327,8 @@ _BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
               help="Index folder (or its case_index.json).")
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--data", "queries", type=click.Path(path_type=Path, exists=True), default=None,
-              help="Queries from a split JSON (with --split; their labels colour the results and give R@K) or a "
-                   "folder of images, instead of IMAGE arguments.")
+              help="Queries from a split JSON (with --split; their labels colour the results and give R@K), a "
+                   "dataset folder/CSV or a folder of images, instead of IMAGE arguments.")
 @click.option("--split", default="test", show_default=True, help="Split of --data to query with.")
 @click.option("--k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
@@ -331,31 +338,47 @@ _BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
               help="Model to embed queries with (default: the one the index was built with).")
+@click.option("--exclude-self", is_flag=True,
+              help="Leave-one-out: drop a query's own case from its hits (by case id; queries from --data).")
 @_threads_option(torch=False)
 def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, split: str, k: int,
-           model_dir: Path | None, html: Path | None, backend: str, precision: str | None) -> None:
-    """Find the K most similar indexed cases for each IMAGE (or each case of --data)."""
-    from medsim.deploy.tasks import read_cases, recall_from_hits, search_images
+           model_dir: Path | None, html: Path | None, backend: str, precision: str | None,
+           exclude_self: bool) -> None:
+    """Find the K most similar indexed cases for each IMAGE (or each case of --data).
+
+    Queries and cases are shown by their opaque case tokens (c-<16 hex>), never by file name; an index's
+    cases.local.json maps its tokens to image paths on the machine that built it. R@K of --data queries: gallery =
+    the index, queries = the split; with --exclude-self a query's own case is not counted, which is the
+    leave-one-out protocol of `medsim evaluate` when the index holds the same split."""
+    from medsim.deploy.tasks import case_names, read_cases, recall_from_hits, search_images
 
     if bool(images) == (queries is not None):
         raise click.UsageError("give query IMAGEs or --data (not both)")
+    if exclude_self and queries is None:
+        raise click.UsageError("--exclude-self needs --data (queries whose case ids the index can hold)")
     labels = None
     if queries is not None:
         cases = read_cases(queries, split=split)
         images = tuple(Path(c["uri"]) for c in cases)
         labels = [c.get("label") for c in cases]
+        ids = [c["id"] for c in cases]
+    else:
+        ids = case_names(images)
     hits = search_images(index_dir, images, k=k, model_dir=model_dir, html=html, labels=labels, backend=backend,
-                         precision=precision)
+                         precision=precision, query_ids=ids, exclude_self=exclude_self)
     if len(images) <= 50:
-        for img, row in zip(images, hits):
-            click.echo(f"{img}")
+        for n, (qid, row) in enumerate(zip(ids, hits), start=1):
+            click.echo(f"query {n} ({qid})")
             click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<12} case")
             for r, h in enumerate(row, start=1):
-                click.echo(f"  {r:>4}  {h.score:7.4f}  {str(h.record.get('label')):<12} {h.record.get('uri', h.id)}")
+                click.echo(f"  {r:>4}  {h.score:7.4f}  {str(h.record.get('label')):<12} {h.record.get('id', h.id)}")
     recall = recall_from_hits(labels or [], hits, sorted({1, min(k, 5), k}))
     if recall:
         n = sum(lab is not None for lab in labels or [])
-        click.echo("  ".join(f"{name} {v:.4f}" for name, v in recall.items()) + f"  ({n} labelled queries, k={k})")
+        protocol = ("leave-one-out: a query's own case excluded" if exclude_self else
+                    "a query that is in the index counts as its own hit; --exclude-self for leave-one-out")
+        click.echo("  ".join(f"{name} {v:.4f}" for name, v in recall.items()) +
+                   f"  ({n} labelled queries, k={k}; gallery = the index, queries = {queries} '{split}'; {protocol})")
     if html:
         bare = not labels or all(lab is None for lab in labels)
         click.echo(f"wrote {html}" + (" (unlabelled queries: hits not marked right/wrong)" if bare else ""))
@@ -387,11 +410,14 @@ def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | 
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="int8: the export's onnxruntime INT8 model (CPU).")
+@click.option("--shareable", is_flag=True,
+              help="Write no OUT/cases.local.json (which input each output name is).")
 @_threads_option(torch=False)
 def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path | None, mask_files: tuple[Path, ...],
-             threshold: str | float, backend: str, precision: str) -> None:
+             threshold: str | float, backend: str, precision: str, shareable: bool) -> None:
     """Lesion masks, boxes and overlays from the model's attention for each IMAGE (a 2D image, or for 3D models a
-    NIfTI volume or DICOM series folder)."""
+    NIfTI volume or DICOM series folder). Outputs are named by each image's case token (c-<16 hex>), never by its
+    file name; OUT/cases.local.json says which input each token is (--shareable: not written)."""
     from medsim.deploy.tasks import _stem, localize_images
 
     if masks is not None and mask_files:
@@ -407,8 +433,11 @@ def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path |
                                                          ".nii.gz")]
             gts.append(next((c for c in cands if c.is_file() and c.resolve() != img.resolve()), None))
     r = localize_images(model_dir, images, out, masks=gts, threshold=threshold, backend=backend,
-                        progress=sys.stderr.isatty(), precision=precision)
+                        progress=sys.stderr.isatty(), precision=precision, local_paths=not shareable)
     click.echo(f"localized {r['images']} image(s) -> {r['out']}")
+    if len(r["names"]) <= 50:
+        for n, name in enumerate(r["names"], start=1):
+            click.echo(f"  image {n}: {name}_*")
     if "dice" in r:
         click.echo(f"Dice {r['dice']:.3f}  IoU {r['iou']:.3f}  pointing {r['pointing']:.3f}  box hit {r['box_hit']:.3f}"
                    f"  ({r['scored']} with masks)")

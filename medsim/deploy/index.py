@@ -59,7 +59,7 @@ _PHI_KEYS = {
     "medicalrecordnumber": "patient_id",
 }
 #: record keys that may hold an identifier only as a keyed hash (``medsim.data.phi.Anonymizer``: ``p-<16 hex>``)
-_HASHED_KEYS = ("patient", "study", "series", "group")
+_HASHED_KEYS = ("patient", "study", "series", "group", "id")
 _TOKEN = re.compile(r"^[a-z]+-[0-9a-f]{16}$")
 
 
@@ -291,7 +291,7 @@ class CaseIndex:
     @staticmethod
     def _check_phi(where: str, value: Any) -> None:
         """No key anywhere in ``value`` (nested dicts and lists included) names an identifier in clear, and the
-        hashed-identifier keys (patient, study, series, group) hold ``Anonymizer`` tokens (or null) only."""
+        hashed-identifier keys (patient, study, series, group, id) hold ``Anonymizer`` tokens (or null) only."""
         if isinstance(value, (list, tuple)):
             for j, v in enumerate(value):
                 CaseIndex._check_phi(f"{where}[{j}]", v)

@@ -20,23 +20,37 @@ import numpy as np
 from medsim.deploy import DeployError
 from medsim.errors import atomic_write_text
 
-__all__ = ["read_cases", "build_index", "search_images", "localize_images", "recall_from_hits"]
+__all__ = ["read_cases", "build_index", "search_images", "localize_images", "recall_from_hits", "case_names",
+           "local_case_paths", "LOCAL_CASES"]
 
 logger = logging.getLogger(__name__)
 
 LEGACY_MODEL_FILE = "model_dir.txt"
+#: beside an index: each case token's image path on the machine that built it (never inside the index itself)
+LOCAL_CASES = "cases.local.json"
 
 
 def read_cases(data: str | os.PathLike, *, split: str = "training") -> list[dict[str, Any]]:
-    """Case records to index: the items of one split of a ``split.json`` (``uri``, ``label``, hashed ``group``/
-    ``patient``, ``split``), or every image under a folder (label = its parent folder's name)."""
+    """The cases of ``data`` — what ``medsim train`` reads: one split of a ``split.json``, a dataset folder or
+    CSV datalist in any layout medsim reads (HAM10000, ISIC 2019, class folders, CSV, DICOM, NIfTI), or any other
+    folder of images (label = the parent folder's name).
+
+    Each case: ``{"id": token, "uri": local path, "label", "split"?, "group"/"patient"/"study"?}``. ``id`` is an
+    opaque case token (``c-<16 hex>``, keyed with the project salt); group/patient/study are hashed tokens too.
+    ``uri`` is only for opening the image on this machine: :func:`build_index` keeps it out of the index.
+    """
+    from medsim.data.phi import project_anonymizer
     from medsim.data.splits import case_items
-    from medsim.errors import DataError
+    from medsim.errors import DataError, MedsimError
 
     p = Path(data)
+    anon = project_anonymizer()
+    root = p if p.is_dir() else p.parent
     try:
-        items = case_items(p, split=split)
-    except DataError as e:
+        items = _dataset_items(p) if (p.is_dir() or p.suffix.lower() == ".csv") else None
+        if items is None:
+            items = case_items(p, split=split)
+    except MedsimError as e:
         raise DeployError(str(e)) from e
     out = []
     for i, it in enumerate(items):
@@ -47,12 +61,33 @@ def read_cases(data: str | os.PathLike, *, split: str = "training") -> list[dict
                 raise DeployError(f"{p}: {split} item {i}: its series spans {len(folders)} folders; one series "
                                   "per folder is needed to index it")
             image = folders.pop()
-        rec = {"uri": str(image), "label": it.get("label_name")}
-        if p.is_file():
+        key = it.get("id") if it.get("id") is not None else os.path.relpath(str(image), root)
+        rec = {"id": anon.case_token(key), "uri": str(image), "label": it.get("label_name")}
+        if p.is_file() and p.suffix.lower() == ".json":
             rec["split"] = split
         rec.update({k: it[k] for k in ("group", "patient", "study") if k in it})  # already hashed tokens
         out.append(rec)
+    ids = [c["id"] for c in out]
+    if len(set(ids)) != len(ids):
+        raise DeployError(f"{p}: two cases share a case id; ids must be unique")
     return out
+
+
+def _dataset_items(p: Path) -> list[dict[str, Any]] | None:
+    """The items of a dataset in a layout medsim detects (as ``medsim train --dataset-dir`` reads it), or None
+    for a plain folder of images no layout claims."""
+    from medsim.data.sources import detect_layout, open_source
+    from medsim.errors import DataError
+
+    try:
+        layout = detect_layout(p)
+    except DataError:
+        if p.is_dir():
+            return None
+        raise
+    if layout == "folder" or (layout == "image" and p.is_dir()):
+        return None  # class sub-folders: the folder scan below reads them the same way, any image suffix
+    return open_source(p, layout=layout).items
 
 
 def _engine(model_dir: Path, backend: str, precision: str, **kwargs: Any) -> Any:
@@ -86,11 +121,16 @@ def _model_id(model_dir: Path) -> str:
 
 def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                 split: str = "training", kind: str = "flat", backend: str = "auto", batch_size: int = 32,
-                progress: bool = True, precision: str = "fp32", **index_kwargs: Any) -> dict[str, Any]:
-    """Embed the cases of ``data`` with the exported model in ``model_dir`` and save a CaseIndex to ``out``
-    (``index_kwargs``: :class:`~medsim.deploy.index.CaseIndex` parameters, e.g. ``refine=4`` for ``ivfpq``).
-    Options and case count are checked before any image is embedded; the index records ``model_dir`` in its
-    ``info`` so ``medsim search`` finds the model."""
+                progress: bool = True, precision: str = "fp32", local_paths: bool = True,
+                **index_kwargs: Any) -> dict[str, Any]:
+    """Embed the cases of ``data`` (see :func:`read_cases`) with the exported model in ``model_dir`` and save a
+    CaseIndex to ``out`` (``index_kwargs``: :class:`~medsim.deploy.index.CaseIndex` parameters, e.g. ``refine=4``
+    for ``ivfpq``). Options and case count are checked before any image is embedded; the index records
+    ``model_dir`` in its ``info`` so ``medsim search`` finds the model.
+
+    The index holds case tokens, labels and hashed groups — never a file name. With ``local_paths`` the image
+    path of each case goes to ``out/cases.local.json`` (:data:`LOCAL_CASES`), which ``search`` uses to show the
+    pictures on this machine; ``local_paths=False`` (``--shareable``) builds an index to hand to someone else."""
     from medsim.deploy.index import CaseIndex
     from medsim.deploy.preprocess import load_manifest
 
@@ -114,11 +154,33 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
         emb = _embed(engine, [c["uri"] for c in cases], batch_size, progress)["embedding"]
         used = engine.backend
     try:
-        index.add(emb, cases)
+        index.add(emb, [{k: v for k, v in c.items() if k != "uri"} for c in cases])
     except ValueError as e:
         raise DeployError(f"{data}: {e}") from e
     path = index.save(out)
-    return {"index": str(path), "cases": len(cases), "kind": kind, "backend": used}
+    local = Path(out) / LOCAL_CASES
+    if local_paths:
+        atomic_write_text(local, json.dumps({"cases": {c["id"]: c["uri"] for c in cases}}, indent=1))
+    else:
+        local.unlink(missing_ok=True)  # an earlier build's paths belong to other cases
+    return {"index": str(path), "cases": len(cases), "kind": kind, "backend": used,
+            "local_paths": str(local) if local_paths else None}
+
+
+def local_case_paths(index_dir: str | os.PathLike) -> dict[str, str]:
+    """``{case token: image path}`` from an index's ``cases.local.json`` ({} when it has none: a shareable
+    index, or one from another machine)."""
+    f = Path(index_dir) / LOCAL_CASES
+    if not f.is_file():
+        return {}
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        cases = doc.get("cases") if isinstance(doc, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DeployError(f"{f}: cannot be read ({e})") from e
+    if not isinstance(cases, dict):
+        raise DeployError(f"{f}: not a local paths file (an object with a 'cases' mapping)")
+    return {str(k): str(v) for k, v in cases.items()}
 
 
 def _embed(engine: Any, uris: Sequence[str], batch_size: int, progress: bool, sizes: bool = False
@@ -158,29 +220,43 @@ def _index_model_dir(index_dir: Path, model_dir: str | os.PathLike | None) -> Pa
 def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLike], *, k: int = 5,
                   model_dir: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
                   labels: Sequence[str | None] | None = None, backend: str = "auto",
-                  precision: str | None = None) -> list[list[Any]]:
+                  precision: str | None = None, query_ids: Sequence[str | None] | None = None,
+                  exclude_self: bool = False) -> list[list[Any]]:
     """Nearest cases of each query image: ``[[Hit, ...], ...]`` (best first). ``html`` writes a picture page
-    (a ``.png`` name: one grid image instead); ``labels`` (one per query) colour the frames of matching hits."""
+    (a ``.png`` name: one grid image instead); ``labels`` (one per query) colour the frames of matching hits.
+
+    ``exclude_self`` (leave-one-out, needs ``query_ids``: the queries' case tokens) drops a hit that is the query's
+    own case, so a query taken from the indexed cases is not counted as its own top hit."""
     from medsim.deploy.index import CaseIndex
 
     index_dir = Path(index_dir)
     if index_dir.is_file():  # the case_index.json itself
         index_dir = index_dir.parent
+    if exclude_self and (query_ids is None or len(query_ids) != len(images)):
+        raise DeployError("exclude_self needs the case id of every query (queries from a split or dataset)")
     mdir = _index_model_dir(index_dir, model_dir)
     index = CaseIndex.load(index_dir, expected_model_id=_model_id(mdir))
     if precision is None:  # queries are embedded like the cases were
         precision = str(index.info.get("precision", "fp32"))
     with _engine(mdir, backend, precision) as engine:
         emb = engine.embed([str(i) for i in images])["embedding"]
-    hits = index.search(emb, k)
+    if exclude_self:
+        hits = [[h for h in row if h.record.get("id") != qid][:k]
+                for row, qid in zip(index.search(emb, min(k + 1, len(index))), query_ids or [])]
+    else:
+        hits = index.search(emb, k)
     if html is not None:
         from medsim.viz.search_report import Case, search_html, search_png
 
+        paths = local_case_paths(index_dir)
         labels = list(labels) if labels is not None else [None] * len(images)
+        names = list(query_ids) if query_ids is not None else [None] * len(images)
         write = search_png if str(html).lower().endswith(".png") else search_html
-        write([Case(str(q), None if lab is None else str(lab)) for q, lab in zip(images, labels)],
-              [[Case(h.record.get("uri", "?"), None if h.record.get("label") is None else str(h.record["label"]),
-                     h.score) for h in row] for row in hits], html)
+        write([Case(str(q), None if lab is None else str(lab), name=name or f"#{i + 1}")
+               for i, (q, lab, name) in enumerate(zip(images, labels, names))],
+              [[Case(paths.get(str(h.record.get("id"))) or h.record.get("uri"), None if h.record.get("label") is None else
+                     str(h.record["label"]), h.score, name=str(h.record.get("id", h.id))) for h in row]
+               for row in hits], html)
     return hits
 
 
@@ -227,9 +303,12 @@ _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                     masks: Sequence[str | os.PathLike | None] | None = None, threshold: str | float = "otsu",
-                    backend: str = "auto", progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
+                    backend: str = "auto", progress: bool = True, precision: str = "fp32",
+                    local_paths: bool = True) -> dict[str, Any]:
     """Localize lesions in ``images`` from the model's attention; writes ``<stem>_mask.png``,
-    ``<stem>_boxes.json``, ``<stem>_overlay.png`` under ``out`` (3D models: ``<stem>_mask.nii.gz``,
+    ``<stem>_boxes.json``, ``<stem>_overlay.png`` under ``out``, where ``<stem>`` is the image's opaque case
+    token (:func:`case_names`: file names can carry patient names), and with ``local_paths`` an
+    ``out/cases.local.json`` saying which input each token is (3D models: ``<stem>_mask.nii.gz``,
     ``<stem>_heatmap.nii.gz``, boxes and a peak-slice overlay, see :func:`medsim.deploy.volume.localize_volumes`).
     With ground-truth ``masks`` also ``localization.json`` / ``localization.md`` (mean Dice, IoU, pointing game,
     box hit rate over the images whose mask is not empty)."""
@@ -245,11 +324,18 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
     loc = Localizer(threshold=threshold)
     manifest = load_manifest(Path(model_dir))
     kind = str(manifest["preprocessing"].get("kind", "rgb2d"))
+    names = case_names(images)
+
+    def finish(summary: dict[str, Any]) -> dict[str, Any]:
+        if local_paths:  # which input each output name is — for this machine only
+            atomic_write_text(out / LOCAL_CASES, json.dumps({"cases": dict(zip(names, map(str, images)))}, indent=1))
+        return {**summary, "names": names}
+
     if kind == "ct3d":
         from medsim.deploy.volume import localize_volumes
 
-        return localize_volumes(Path(model_dir), images, out, loc, masks=masks, backend=backend, progress=progress,
-                                precision=precision)
+        return finish(localize_volumes(Path(model_dir), images, out, loc, masks=masks, backend=backend,
+                                       progress=progress, precision=precision, names=names))
     from medsim.deploy.geometry import geometry_from_manifest
 
     geometry = geometry_from_manifest(manifest, where=str(model_dir))  # None (stretch, warned) for old exports
@@ -259,8 +345,8 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
     for i, img in enumerate(images):
         size = tuple(int(v) for v in res["image_size"][i])
         result = loc.localize(res["attention"][i], size, geometry)
-        loc.save(result, out, _stem(img), image=_display_image(img, kind))
-        row: dict[str, Any] = {"image": str(img), "boxes": len(result.boxes)}
+        loc.save(result, out, names[i], image=_display_image(img, kind))
+        row: dict[str, Any] = {"image": names[i], "boxes": len(result.boxes)}
         if masks is not None and masks[i] is not None:
             gt = _read_mask(masks[i], img)
             if gt.shape != size:
@@ -273,7 +359,16 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
                            pointing=float(pointing_game(result.heatmap, gt)),
                            box_hit=float(box_hit(result.boxes, gt)))
         rows.append(row)
-    return _localization_summary(rows, out)
+    return finish(_localization_summary(rows, out))
+
+
+def case_names(images: Sequence[str | os.PathLike]) -> list[str]:
+    """Opaque output names for input images: the case token of each absolute path (``c-<16 hex>``, keyed with
+    the project salt), so output file names never repeat a file name that may carry a patient's name or MRN."""
+    from medsim.data.phi import project_anonymizer
+
+    anon = project_anonymizer()
+    return [anon.case_token(str(Path(p).resolve())) for p in images]
 
 
 def _stem(path: Path) -> str:

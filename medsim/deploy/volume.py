@@ -255,9 +255,12 @@ def _display_slice(volume: np.ndarray, z: int) -> np.ndarray:
 
 def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, localizer: Any, *,
                      masks: Sequence[str | os.PathLike | None] | None = None, backend: str = "auto",
-                     progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
+                     progress: bool = True, precision: str = "fp32",
+                     names: Sequence[str] | None = None) -> dict[str, Any]:
     """3D counterpart of :func:`medsim.deploy.tasks.localize_images`, on the model grid (RAS, training spacing,
-    ``spatial_size``): per volume ``<stem>_mask.nii.gz`` (uint8), ``<stem>_heatmap.nii.gz`` (float32), both with
+    ``spatial_size``): per volume (``<stem>``: its name in ``names``, an opaque case token — default
+    :func:`medsim.deploy.tasks.case_names`) ``<stem>_mask.nii.gz`` (uint8), ``<stem>_heatmap.nii.gz`` (float32),
+    both with
     the grid's affine so they overlay the original scan in world coordinates; ``<stem>_boxes.json`` (voxel boxes
     ``x0..z1`` on the grid, x1/y1/z1 exclusive, plus their RAS mm corners); ``<stem>_overlay.png`` (the axial slice
     through the heat peak, radiological display). Ground-truth label maps (> 0 = lesion) are put on the same grid
@@ -269,7 +272,7 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
     from medsim.deploy.geometry import geometry_from_manifest
     from medsim.deploy.localizer import Localization, _rgb_image, box_hit, dice, iou, overlay
     from medsim.deploy.preprocess import load_manifest
-    from medsim.deploy.tasks import _engine, _localization_summary, _stem
+    from medsim.deploy.tasks import _engine, _localization_summary, case_names
     from medsim.errors import atomic_write_text
     from medsim.viz.contact_sheet import save_png
 
@@ -277,13 +280,14 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
     prep = manifest["preprocessing"]
     geometry = geometry_from_manifest(manifest, where=str(model_dir))
     out.mkdir(parents=True, exist_ok=True)
+    names = list(names) if names is not None else case_names(volumes)
     rows = []
     with _engine(model_dir, backend, precision, batch_size=1) as engine:
         for i, vol in enumerate(tqdm(volumes, desc="localizing", unit="volume", disable=not progress, leave=False)):
             grid, affine = model_grid(vol, prep)
             att = engine.run(grid[None, None])["attention"][0, 0]
             loc = _localize_grid(localizer, att, grid.shape, geometry)
-            stem = _stem(Path(vol))
+            stem = names[i]
             _save_nifti(loc.mask.astype(np.uint8), affine, out / f"{stem}_mask.nii.gz")
             _save_nifti(loc.heatmap.astype(np.float32), affine, out / f"{stem}_heatmap.nii.gz")
             for b in loc.boxes:
@@ -303,7 +307,7 @@ def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, locali
             sl = Localization(heatmap=_display_slice(loc.heatmap, z), mask=_display_slice(loc.mask, z), boxes=flat)
             bg = _rgb_image(_display_slice(grid, z).clip(0, 1), sl.heatmap.shape)
             save_png(Image.fromarray(overlay(sl, bg)), out / f"{stem}_overlay.png")
-            row: dict[str, Any] = {"image": str(vol), "boxes": len(loc.boxes), "overlay_slice": z}
+            row: dict[str, Any] = {"image": stem, "boxes": len(loc.boxes), "overlay_slice": z}
             if masks is not None and masks[i] is not None:
                 gt = label_to_grid(masks[i], prep) > 0
                 if gt.shape != loc.mask.shape:

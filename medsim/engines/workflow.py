@@ -277,7 +277,8 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
     if old.is_file() and (out / "last.pt").is_file():
         _check_same_network(old, record)
     atomic_write_text(old, json.dumps(record, indent=1))
-    config = wf.parser.get()
+    config = dict(wf.parser.get())
+    config["dataset_dir"] = "(kept in split.local.json: folder names can carry patient names)"
     for key, value in user_ov.items():  # never save an expression into a run folder: record what it resolved to
         if _has_expression(value):
             config = _set_id(config, key, record["overrides"].get(key))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from medsim.errors import atomic_write_text
+
 __all__ = ["Case", "search_html", "search_png", "unlabelled_note"]
 
 logger = logging.getLogger(__name__)
@@ -23,11 +25,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Case:
-    """One image on the page: where it is, its label (may be unknown) and, for neighbours, the score."""
+    """One image on the page: where it is on this machine (None: not here), its label (may be unknown), for
+    neighbours the score, and the name shown for it — an opaque case token, never the file name (file names can
+    carry patient names or MRNs)."""
 
-    uri: str
+    uri: str | None
     label: str | None = None
     score: float | None = None
+    name: str | None = None
 
 
 def unlabelled_note(queries: Sequence[Case]) -> str | None:
@@ -39,9 +44,11 @@ def unlabelled_note(queries: Sequence[Case]) -> str | None:
             f"{n} of {len(queries)} queries unlabelled: their hits not marked")
 
 
-def _thumb(uri: str, size: int) -> str:
+def _thumb(uri: str | None, size: int, alt: str = "") -> str:
     from PIL import Image
 
+    if uri is None:
+        return '<div class="missing" title="the image is not on this machine">not here</div>'
     try:
         with Image.open(uri) as im:
             im = im.convert("RGB")
@@ -51,7 +58,7 @@ def _thumb(uri: str, size: int) -> str:
     except Exception as e:  # a missing/unreadable gallery image must not break the page
         return f'<div class="missing" title="{html.escape(str(e))}">unreadable</div>'
     data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(uri).name)}">'
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
 def search_html(queries: Sequence[Case], neighbours: Sequence[Sequence[Case]], path: str | os.PathLike, *,
@@ -61,13 +68,13 @@ def search_html(queries: Sequence[Case], neighbours: Sequence[Sequence[Case]], p
         raise ValueError(f"got {len(queries)} queries but {len(neighbours)} neighbour lists")
     rows = []
     for q, hits in zip(queries, neighbours):
-        cells = [f'<td class="query">{_thumb(q.uri, thumb)}<div>query: {html.escape(Path(q.uri).name)}</div>'
+        cells = [f'<td class="query">{_thumb(q.uri, thumb, q.name or "query")}<div>query {html.escape(q.name or "")}</div>'
                  f'<div>{html.escape(q.label or "unlabelled")}</div></td>']
         for rank, h in enumerate(hits, start=1):
             cls = "" if q.label is None or h.label is None else ("hit" if h.label == q.label else "miss")
-            cells.append(f'<td class="{cls}">{_thumb(h.uri, thumb)}<div>#{rank} {html.escape(h.label or "?")}</div>'
+            cells.append(f'<td class="{cls}">{_thumb(h.uri, thumb, h.name or "")}<div>#{rank} {html.escape(h.label or "?")}</div>'
                          f'<div>score {h.score:.3f}</div></td>' if h.score is not None else
-                         f'<td class="{cls}">{_thumb(h.uri, thumb)}<div>#{rank} {html.escape(h.label or "?")}</div></td>')
+                         f'<td class="{cls}">{_thumb(h.uri, thumb, h.name or "")}<div>#{rank} {html.escape(h.label or "?")}</div></td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     note = unlabelled_note(queries)  # bare image queries: no label to compare a hit with
     legend = ("" if note and all(q.label is None for q in queries) else
@@ -81,10 +88,7 @@ background:#444}}</style></head><body><h2>{html.escape(title)}</h2>
 <table>{''.join(rows)}</table></body></html>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, page)
 
 
 def _thumb_image(uri: str, size: int):
@@ -93,6 +97,8 @@ def _thumb_image(uri: str, size: int):
 
     tile = Image.new("RGB", (size, size), (68, 68, 68))
     try:
+        if uri is None:
+            raise FileNotFoundError("not on this machine")
         with Image.open(uri) as im:
             im = im.convert("RGB")
             im.thumbnail((size, size))

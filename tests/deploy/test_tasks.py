@@ -30,11 +30,17 @@ def test_index_search_equals_pytorch_retrieval(model_dir, tiny_run, loaded, tmp_
     idx = tmp_path / "index"
     code, out, err = run(["index", "build", "--model", str(model_dir), "--data", str(split), "--out", str(idx)], capsys)
     assert code == 0, err
-    doc = json.loads(split.read_text())
-    root = Path(doc["meta"]["dataset_dir"])
-    train = [str(root / it["image"]) for it in doc["training"]]
-    test = [str(root / it["image"]) for it in doc["test"]]
+    from medsim.data.splits import load_split
+
+    doc = load_split(split)
+    train = [it["image"] for it in doc["training"]]
+    test = [it["image"] for it in doc["test"]]
+    train_ids = [it["id"] for it in doc["training"]]
     assert f"indexed {len(train)} cases" in out
+    stored = (idx / "case_index.json").read_text()  # tokens, labels, hashed groups: no file or folder name
+    assert all(Path(t).name not in stored and Path(t).stem not in stored for t in train)
+    assert str(Path(train[0]).parent) not in stored
+    assert json.loads((idx / "cases.local.json").read_text())["cases"] == dict(zip(train_ids, train))
 
     # PyTorch reference: test queries against the training gallery, exact cosine top-5
     from medsim.export.run import preprocess_items
@@ -48,14 +54,15 @@ def test_index_search_equals_pytorch_retrieval(model_dir, tiny_run, loaded, tmp_
     from medsim.deploy.tasks import search_images
 
     hits = search_images(idx, test, k=5, html=tmp_path / "search.html")
-    got = np.array([[train.index(h.record["uri"]) for h in row] for row in hits])
+    got = np.array([[train_ids.index(h.record["id"]) for h in row] for row in hits])
     assert (got == ref).all(axis=1).mean() >= 0.99  # top-5 identical for >= 99 % of queries
     page = (tmp_path / "search.html").read_text()
     assert page.count("<img") == len(test) * 6
 
     code, out, err = run(["search", "--index", str(idx), test[0], "--k", "3"], capsys)
     assert code == 0, err
-    assert out.splitlines()[0] == test[0] and len(out.splitlines()) == 5
+    assert out.splitlines()[0].startswith("query 1 (c-") and len(out.splitlines()) == 5
+    assert Path(test[0]).stem not in out and all(h in out for h in train_ids[:0])
 
 
 def test_search_refuses_an_index_of_another_model(model_dir, tiny_run, tmp_path, capsys):
@@ -66,8 +73,8 @@ def test_search_refuses_an_index_of_another_model(model_dir, tiny_run, tmp_path,
     meta = json.loads((idx / "case_index.json").read_text())
     meta["model_id"] = "Embedder:0000000000000000"
     (idx / "case_index.json").write_text(json.dumps(meta))
-    code, _, err = run(["search", "--index", str(idx), str(sorted(Path(meta["records"][0]["uri"]).parent.glob("*.png"))[0])],
-                       capsys)
+    image = next(iter(json.loads((idx / "cases.local.json").read_text())["cases"].values()))
+    code, _, err = run(["search", "--index", str(idx), image], capsys)
     assert code == 2 and "rebuild the index" in err
 
 
@@ -78,10 +85,16 @@ def test_localize_cli_writes_overlays_and_a_dice_table(model_dir, sample_root, t
                            "--masks", str(sample_root / "derm" / "masks")], capsys)
     assert code == 0, err
     assert "Dice" in text
-    for img in images:
-        assert (out / f"{img.stem}_overlay.png").is_file() and (out / f"{img.stem}_mask.png").is_file()
-        assert isinstance(json.loads((out / f"{img.stem}_boxes.json").read_text()), (list, dict))
+    names = json.loads((out / "cases.local.json").read_text())["cases"]  # token -> input, on this machine only
+    assert sorted(names.values()) == sorted(map(str, images))
+    for name in names:
+        assert (out / f"{name}_overlay.png").is_file() and (out / f"{name}_mask.png").is_file()
+        assert isinstance(json.loads((out / f"{name}_boxes.json").read_text()), (list, dict))
+        assert f"{name}_*" in text
+    assert not any(img.stem in f.name for img in images for f in out.iterdir())  # no file name in output names
+    assert not any(img.stem in text for img in images)
     table = json.loads((out / "localization.json").read_text())
+    assert not any(img.stem in json.dumps(table) for img in images)
     assert table["summary"]["images"] == 4 and 0.0 <= table["summary"]["dice"] <= 1.0
     assert (out / "localization.md").read_text().startswith("| images scored | Dice |")
 

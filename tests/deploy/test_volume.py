@@ -124,7 +124,6 @@ KW3D = dict(roi_size=(32, 32, 16), pixdim=(1.5, 1.5, 2.0))
 def export3d(sample_root, tmp_path_factory):
     """A 3D Embedder exported with a ct3d manifest: ``(export folder, network)``."""
     import torch
-    from monai.bundle import ConfigParser
 
     from medsim.export import export_onnx
     from medsim.export.run import LoadedRun
@@ -132,15 +131,15 @@ def export3d(sample_root, tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("export3d")
     kw = KW3D
-    parser = ConfigParser({"eval": {"preprocessing": {"_target_": "medsim.data.transforms.ct3d_transforms",
-                                                     "roi_size": list(kw["roi_size"]), "pixdim": list(kw["pixdim"])}},
-                           "network_def": {"backbone": "resnet10", "spatial_dims": 3}})
+    record = {"eval_preprocessing": {"_target_": "medsim.data.transforms.ct3d_transforms",
+                                     "roi_size": list(kw["roi_size"]), "pixdim": list(kw["pixdim"])},
+              "network": {"_target_": "medsim.nn.Embedder", "backbone": "resnet10", "spatial_dims": 3}}
     torch.manual_seed(0)
     net = Embedder("resnet10", spatial_dims=3, in_channels=1, embedding_dim=16, widen_factor=0.25).eval()
     ckpt = tmp_path / "best.pt"
     torch.save({"network": net.state_dict()}, ckpt)
     x = _monai(sample_root / "ct" / "ct.nii.gz", **kw)[None]
-    run = LoadedRun(run_dir=tmp_path, checkpoint=ckpt, parser=parser, network=net,
+    run = LoadedRun(run_dir=tmp_path, checkpoint=ckpt, record=record, network=net,
                     transform=ct3d_transforms(**kw), classes=["volume"])
     out = export_onnx(run, tmp_path / "model", batch=2, parity_images=np.concatenate([x, x[:, :, ::-1]]))
     assert out["manifest"]["preprocessing"]["kind"] == "ct3d" and out["manifest"]["input"]["shape"][1:] == [1, 32, 32, 16]
@@ -267,8 +266,10 @@ def test_localize_cli_on_a_volume_writes_nifti_on_the_scan(sample_root, export3d
     assert "Dice" in out.out and "(1 with masks)" in out.out
     prep = json.loads((model / "manifest.json").read_text())["preprocessing"]
     grid, affine = model_grid(ct, prep)
-    mask = nib.load(tmp_path / "loc" / "ct_mask.nii.gz")
-    heat = nib.load(tmp_path / "loc" / "ct_heatmap.nii.gz")
+    (name, src), = json.loads((tmp_path / "loc" / "cases.local.json").read_text())["cases"].items()
+    assert src == str(ct) and name.startswith("c-") and not list((tmp_path / "loc").glob("ct_*"))
+    mask = nib.load(tmp_path / "loc" / f"{name}_mask.nii.gz")
+    heat = nib.load(tmp_path / "loc" / f"{name}_heatmap.nii.gz")
     assert mask.shape == heat.shape == grid.shape == tuple(KW3D["roi_size"])
     np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
     # the heatmap is the engine's attention, trilinearly upsampled and min-max normalised
@@ -283,7 +284,7 @@ def test_localize_cli_on_a_volume_writes_nifti_on_the_scan(sample_root, export3d
     m = np.asarray(mask.dataobj) > 0
     table = json.loads((tmp_path / "loc" / "localization.json").read_text())
     assert table["summary"]["dice"] == pytest.approx(dice(m, label_to_grid(labels, prep) > 0))
-    boxes = json.loads((tmp_path / "loc" / "ct_boxes.json").read_text())
+    boxes = json.loads((tmp_path / "loc" / f"{name}_boxes.json").read_text())
     for b in boxes["boxes"]:
         assert m[b["x0"]:b["x1"], b["y0"]:b["y1"], b["z0"]:b["z1"]].any()
         lo = affine @ np.array([b["x0"], b["y0"], b["z0"], 1.0])
@@ -291,5 +292,5 @@ def test_localize_cli_on_a_volume_writes_nifti_on_the_scan(sample_root, export3d
         hi = affine @ np.array([b["x1"] - 1, b["y1"] - 1, b["z1"] - 1, 1.0])
         np.testing.assert_allclose(b["ras_mm"]["min"], np.minimum(lo, hi)[:3], atol=0.006)  # rounded to 0.01 mm
         np.testing.assert_allclose(b["ras_mm"]["max"], np.maximum(lo, hi)[:3], atol=0.006)
-    with Image.open(tmp_path / "loc" / "ct_overlay.png") as im:
+    with Image.open(tmp_path / "loc" / f"{name}_overlay.png") as im:
         assert im.size == (grid.shape[0], grid.shape[1])  # (width = x, height = y) of an axial slice
