@@ -30,6 +30,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.uid import ComputedRadiographyImageStorage as CR_STORAGE
 
+from medsim.errors import atomic_path
+
 __all__ = ["DERM_CLASSES", "CT_LABELS", "make_sample", "default_sample_dir", "ensure_sample"]
 
 log = logging.getLogger(__name__)
@@ -60,13 +62,9 @@ def ensure_sample(seed: int = 0) -> Path:
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Call ``write(tmp)`` on a temporary name next to ``path`` (same extension), then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
-    try:
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    with atomic_path(path, suffix=suffix) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -474,7 +474,7 @@ class Localizer:
         """
         from PIL import Image
 
-        from medsim.errors import atomic_write_text
+        from medsim.errors import atomic_path, atomic_write_text
 
         if not stem or any(c in stem for c in "/\\") or stem in (".", ".."):
             raise DeployError(f"stem must be a plain file name part, got {stem!r}")
@@ -485,12 +485,8 @@ class Localizer:
         over = overlay(loc, image, alpha=alpha)
 
         def png(arr: np.ndarray, path: Path) -> None:
-            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-            try:
+            with atomic_path(path, suffix=".png") as tmp:
                 Image.fromarray(arr).save(tmp)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
 
         png(loc.mask.astype(np.uint8) * 255, paths["mask"])
         png(over, paths["overlay"])

@@ -41,7 +41,7 @@ def read_cases(data: str | os.PathLike, *, split: str = "training") -> list[dict
     """
     from medsim.data.phi import project_anonymizer
     from medsim.data.splits import case_items
-    from medsim.errors import DataError, MedsimError
+    from medsim.errors import MedsimError
 
     p = Path(data)
     anon = project_anonymizer()

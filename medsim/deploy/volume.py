@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medsim.deploy import DeployError
-from medsim.errors import DataError
+from medsim.errors import DataError, atomic_path
 from medsim.files import check_pixel_count
 
 __all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "preprocess_volume",
@@ -239,12 +239,8 @@ def trilinear_resize(a: np.ndarray, size: Sequence[int], geometry: Any = None) -
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     import nibabel as nib
 
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp{os.getpid()}.nii.gz")
-    try:
+    with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(nib.Nifti1Image(arr, affine), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _display_slice(volume: np.ndarray, z: int) -> np.ndarray:

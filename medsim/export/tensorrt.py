@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medsim.errors import atomic_write_bytes
 from medsim.export.errors import ExportError, TensorRTBuildError, TensorRTUnavailable, check_choice
 
 __all__ = ["PRECISIONS", "TrtBuildConfig", "require_tensorrt", "gpu_available", "build_engine",
@@ -220,17 +221,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, c
                                  f"{cfg.min_batch}/{cfg.opt_batch}/{cfg.max_batch}, workspace {cfg.workspace_mb} "
                                  "MiB); see the TensorRT log above — a larger workspace_mb or smaller max_batch "
                                  "often helps")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(serialized)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(out, bytes(serialized))
     return out
 
 
@@ -272,10 +263,7 @@ def make_int8_calibrator(images: np.ndarray, *, batch: int, cache_file: str | os
 
         def write_calibration_cache(self, data: Any) -> None:
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-                tmp.write_bytes(bytes(data))
-                os.replace(tmp, cache)
+                atomic_write_bytes(cache, bytes(data))
 
     return _Calibrator()
 

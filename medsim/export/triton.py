@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from medsim.errors import atomic_write_text
+from medsim.errors import atomic_path, atomic_write_text
 from medsim.export.errors import ExportError, check_choice
 from medsim.export.manifest import MANIFEST_NAME
 
@@ -155,13 +155,8 @@ def write_triton_repository(model_dir_or_onnx: str | os.PathLike, repo_dir: str 
     version = target / "1"
     version.mkdir(parents=True, exist_ok=True)
     dest = version / PLATFORMS[platform]
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(dest) as tmp:
         shutil.copyfile(model, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     for other in PLATFORMS.values():  # a repository switched between platforms keeps one model file
         stale = version / other
         if other != dest.name and stale.exists():

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medsim.errors import atomic_path
+
 __all__ = ["contact_sheet", "to_uint8", "save_png"]
 
 
@@ -63,9 +65,6 @@ def contact_sheet(images: Sequence[np.ndarray], path: str | os.PathLike, *, mask
 
 def save_png(image: Any, path: str | os.PathLike) -> Path:
     """Save a PIL image as PNG under a temporary name, then move it into place (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, suffix=".png") as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

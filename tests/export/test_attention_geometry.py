@@ -58,7 +58,9 @@ def test_localize_places_cells_from_the_manifest_and_old_manifests_stretch(lossa
     size = tuple(int(v) for v in out["image_size"][0])
     geometry = geometry_from_manifest(load_manifest(model_dir))
     expect = Localizer().localize(out["attention"][0], size, geometry)
-    mask = np.asarray(Image.open(tmp_path / "new" / f"{image.stem}_mask.png")) > 0
+    from medsim.deploy.tasks import case_names  # outputs are named by case token
+
+    mask = np.asarray(Image.open(tmp_path / "new" / f"{case_names([image])[0]}_mask.png")) > 0
     np.testing.assert_array_equal(mask, expect.mask)
 
     # an export made before the geometry existed: still localizes, stretched, with a warning
@@ -69,7 +71,7 @@ def test_localize_places_cells_from_the_manifest_and_old_manifests_stretch(lossa
         with caplog.at_level(logging.WARNING, logger="medsim.deploy.geometry"):
             localize_images(model_dir, [image], tmp_path / "old", progress=False)
         assert "no attention_geometry" in caplog.text
-        old = np.asarray(Image.open(tmp_path / "old" / f"{image.stem}_mask.png")) > 0
+        old = np.asarray(Image.open(tmp_path / "old" / f"{case_names([image])[0]}_mask.png")) > 0
         np.testing.assert_array_equal(old, Localizer().localize(out["attention"][0], size).mask)
         assert (old != mask).any()  # the stretched 2×2 grid lands elsewhere
     finally:
