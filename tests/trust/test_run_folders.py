@@ -200,3 +200,25 @@ def test_full_disk_during_training_exits_2_naming_the_checkpoint(sample_root, tm
                         *TINY_CLI], capsys)
     assert code == 2 and "last.pt: cannot write it (No space left on device)" in err, err
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_refused_export_and_index_build_change_nothing(run_copy, tmp_path, capsys):
+    exp, idx = tmp_path / "exp", tmp_path / "idx"
+    assert run(["export", str(run_copy), "--out", str(exp)], capsys)[0] == 0
+    assert run(["index", "build", "--model", str(exp), "--data", str(run_copy / "split.json"), "--out", str(idx)],
+               capsys)[0] == 0
+    before_exp, before_idx = snapshot(exp), snapshot(idx)
+    doctor(run_copy / "best.pt", tmp_path / "pwned")
+    code, _, err = run(["export", str(run_copy), "--out", str(exp)], capsys)
+    assert code == 2 and "refused" in err
+    bad_image = tmp_path / "bad" / "x" / "broken.png"
+    bad_image.parent.mkdir(parents=True)
+    bad_image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a PNG cut inside its header
+    code, _, err = run(["index", "build", "--model", str(exp), "--data", str(tmp_path / "bad"), "--out", str(idx)],
+                       capsys)
+    assert code == 2 and "broken.png" in err, err
+    code, _, err = run(["index", "build", "--model", str(exp), "--data", str(run_copy / "split.json"), "--out",
+                        str(idx), "--kind", "ivfpq"], capsys)
+    assert code == 2 and "needs at least" in err
+    assert snapshot(exp) == before_exp and snapshot(idx) == before_idx
+    assert not [p for p in [*exp.rglob("*"), *idx.rglob("*")] if ".tmp" in p.name]
