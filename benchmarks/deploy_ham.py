@@ -86,8 +86,19 @@ def ham_boxes(dataset_dir: Path) -> dict[str, tuple[int, int, int, int]]:
                 for r in csv.DictReader(fh) if r.get("left")}
 
 
-def score_maps(maps: np.ndarray, items: list[dict], boxes: dict[str, tuple]) -> dict[str, float]:
-    """The whole protocol for one method's maps (N, 1, x, y) on ``items`` (with ``image`` and ``mask``)."""
+def attention_geometry(run: Path, path: str):
+    """The run's network's :class:`~medsim.deploy.geometry.AttentionGeometry` for its input size (the size
+    ``eval#preprocessing`` gives ``path``): where each attention cell sits on the image."""
+    from medsim.export.run import load_run, preprocess_items
+
+    lr = load_run(run)
+    return lr.network.attention_geometry(preprocess_items([path], lr.transform).shape[2:])
+
+
+def score_maps(maps: np.ndarray, items: list[dict], boxes: dict[str, tuple], geometry=None) -> dict[str, float]:
+    """The whole protocol for one method's maps (N, 1, x, y) on ``items`` (with ``image`` and ``mask``); each map
+    cell is placed at its centre from ``geometry`` (``None``: stretched over the image — right for maps at input
+    resolution such as Grad-CAM)."""
     from PIL import Image
 
     from medsim.deploy.localizer import (Localizer, average_precision, box_hit, dice, iou, mask_box,
@@ -98,10 +109,10 @@ def score_maps(maps: np.ndarray, items: list[dict], boxes: dict[str, tuple]) -> 
     for m, it in zip(maps, items):
         with Image.open(it["mask"]) as im:
             gt = np.asarray(im.convert("L")) > 127
-        out = loc.localize(m, gt.shape)
+        out = loc.localize(m, gt.shape, geometry)
         rows.append((dice(out.mask, gt), iou(out.mask, gt), float(pointing_game(out.heatmap, gt)),
                      float(box_hit(out.boxes, gt))))
-        counts += patch_counts(m, gt)
+        counts += patch_counts(m, gt, geometry=geometry)
         gbox = boxes.get(Path(it["image"]).stem) or mask_box(gt)
         ranked = [(b["x0"], b["y0"], b["x1"], b["y1"]) for b in out.boxes]
         det_scores += [b["score"] for b in out.boxes]

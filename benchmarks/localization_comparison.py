@@ -5,12 +5,14 @@ Each method is a trained run (config.json + best.pt + split.json) and a map: the
 (``monai.visualize.GradCAM``) of a classifier's predicted class. Every map is scored the same way on the test
 images the runs share (the same lesion-grouped split when the runs used the same split recipe):
 
-- the map is upsampled (bilinear) to the 200×150 image, min–max normalised, thresholded with Otsu → mask;
+- the map is upsampled (bilinear) to the 200×150 image with each cell at its receptive-field centre (the model's
+  ``attention_geometry``, as ``medsim localize`` does from the export manifest; Grad-CAM maps are at input
+  resolution and the prior has no model: stretched), min–max normalised, thresholded with Otsu → mask;
   8-connected components → boxes scored by their mean heat (``medsim.deploy.Localizer``);
 - **Dice / IoU** of the mask vs the lesion mask; **pointing game** (map maximum inside the lesion);
   **box hit** (a box with IoU ≥ 0.5 with the lesion box, or containing the lesion centroid);
-- **patch precision / recall / F** (loss-based attention's protocol): the attention grid's cells; a cell is a
-  lesion patch when ≥ 50 % of its pixels are lesion; selected when its normalised attention exceeds Otsu over the
+- **patch precision / recall / F** (loss-based attention's protocol): the attention grid's cells (a cell owns the
+  pixels nearest to its centre); a cell is a lesion patch when ≥ 50 % of its pixels are lesion; selected when its normalised attention exceeds Otsu over the
   cells; micro-averaged over images;
 - **localization AP@0.5**: all boxes of all images ranked by score; a box is correct when it takes the image's
   ground-truth lesion box (``HAM10000_metadata_ext.csv`` top/bottom/left/right) at IoU ≥ 0.5, each gt box once.
@@ -38,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy_ham import _gradcam, _split_items, _torch_outputs, ham_boxes, score_maps  # noqa: E402  (shared readers)
+from deploy_ham import (_gradcam, _split_items, _torch_outputs, attention_geometry, ham_boxes,  # noqa: E402
+                        score_maps)  # (shared readers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reading", type=Path, default=None,
                     help="a hand-written markdown reading to store in the JSON (kept by --report-from re-renders)")
     ap.add_argument("--max-images", type=int, default=0, help="score at most this many shared test images")
+    ap.add_argument("--stretch", action="store_true",
+                    help="place attention cells as versions before the geometry did (grid stretched over the image), "
+                         "to measure what the placement changes")
     ap.add_argument("--out", default="benchmarks/results/localization_comparison")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -88,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, (run, source) in methods.items():
         t1 = time.perf_counter()
         maps = _gradcam(run, shared) if source == "gradcam" else _torch_outputs(run, shared)["attention"]
-        maps_by_method[name] = maps
-        results[name] = {**score_maps(maps, items, boxes), "run": str(run), "map": source,
-                         "map_shape": list(maps.shape[2:])}
+        geometry = None if source == "gradcam" or args.stretch else attention_geometry(run, shared[0])
+        maps_by_method[name] = (maps, geometry)
+        results[name] = {**score_maps(maps, items, boxes, geometry), "run": str(run), "map": source,
+                         "map_shape": list(maps.shape[2:]),
+                         **({"geometry": geometry.to_dict()} if geometry is not None else {})}
         seconds[name] = round(time.perf_counter() - t1, 1)
         print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items() if isinstance(v, float)})}",
               flush=True)
@@ -98,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     prior = np.exp(-(xx ** 2 + yy ** 2) / 0.5)[None, None].repeat(len(items), 0)
     results["centred Gaussian prior (no model)"] = {**score_maps(prior, items, boxes), "map": "prior",
                                                    "map_shape": [16, 16]}
-    maps_by_method["centred Gaussian prior (no model)"] = prior
+    maps_by_method["centred Gaussian prior (no model)"] = (prior, None)
 
     _overlays(maps_by_method, items, f"{args.out}_overlays.png")
     doc = {"command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -119,13 +127,21 @@ def report(doc: dict, out: str) -> str:
     results = doc["results"]
     lines = ["# Lesion localization on HAM10000: every method, one protocol", "",
              f"Command: `{doc['command']}`", "",
-             f"{doc['images']} test images shared by all runs (lesion-grouped split; maps upsampled to 200×150, Otsu "
-             "threshold; see the script's docstring for each metric).", "",
-             "| method | map | Dice | IoU | pointing | box hit | patch P | patch R | patch F | AP@0.5 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{doc['images']} test images shared by all runs (lesion-grouped split; maps upsampled to 200×150 with "
+             "each attention cell at its receptive-field centre — 'cell centres' gives the first and last centre in % "
+             "of the image width (x) — Otsu threshold; see the script's docstring for each metric).", "",
+             "| method | map | cell centres (x) | Dice | IoU | pointing | box hit | patch P | patch R | patch F | AP@0.5 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, v in results.items():
         shape = "×".join(map(str, v["map_shape"]))
-        lines.append(f"| {k} | {v['map']} {shape} | {v['dice']:.3f} | {v['iou']:.3f} | {v['pointing']:.3f} | "
+        where = "stretched"
+        if v.get("geometry"):
+            from medsim.deploy.geometry import AttentionGeometry
+
+            g = AttentionGeometry.from_dict(v["geometry"])
+            c = 100 * g.axes[0].centres() / g.input_size[0]
+            where = f"{c[0]:.0f}–{c[-1]:.0f} %"
+        lines.append(f"| {k} | {v['map']} {shape} | {where} | {v['dice']:.3f} | {v['iou']:.3f} | {v['pointing']:.3f} | "
                      f"{v['box_hit']:.3f} | {v['patch_precision']:.3f} | {v['patch_recall']:.3f} | "
                      f"{v['patch_f']:.3f} | {v['ap50']:.3f} |")
     lines += ["", f"Overlays (rows: methods; white: lesion outline): `{Path(out).name}_overlays.png`. "
@@ -135,7 +151,7 @@ def report(doc: dict, out: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _overlays(maps_by_method: dict[str, np.ndarray], items: list[dict], path: str, n: int = 6) -> None:
+def _overlays(maps_by_method: dict[str, tuple], items: list[dict], path: str, n: int = 6) -> None:
     """A sheet: one row per method, ``n`` test images, heatmap + boxes, lesion outline in white."""
     from PIL import Image
     from skimage.segmentation import find_boundaries
@@ -146,12 +162,12 @@ def _overlays(maps_by_method: dict[str, np.ndarray], items: list[dict], path: st
     from PIL import ImageDraw
 
     rows = []
-    for name, maps in maps_by_method.items():
+    for name, (maps, geometry) in maps_by_method.items():
         tiles = []
         for k in range(min(n, len(items))):
             img = np.asarray(Image.open(items[k]["image"]).convert("RGB"))
             gt = np.asarray(Image.open(items[k]["mask"]).convert("L")) > 127
-            ov = np.array(overlay(loc.localize(maps[k], gt.shape), img))
+            ov = np.array(overlay(loc.localize(maps[k], gt.shape, geometry), img))
             ov[find_boundaries(gt)] = (255, 255, 255)
             tiles.append(ov)
         row = Image.fromarray(np.concatenate(tiles, axis=1))
