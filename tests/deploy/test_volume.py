@@ -272,13 +272,18 @@ def test_localize_cli_on_a_volume_writes_nifti_on_the_scan(sample_root, export3d
     heat = nib.load(tmp_path / "loc" / f"{name}_heatmap.nii.gz")
     assert mask.shape == heat.shape == grid.shape == tuple(KW3D["roi_size"])
     np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
-    # the heatmap is the engine's attention, trilinearly upsampled and min-max normalised
+    # the heatmap is the engine's attention, trilinearly upsampled with each cell at the centre the manifest
+    # declares (attention_geometry: layer3 cells at 16·i + 0.5 voxels), min-max normalised
     with EmbeddingEngine(model, backend="ort-cpu") as engine:
         att = engine.run(grid[None, None])["attention"][0, 0]
     import torch
 
-    up = torch.nn.functional.interpolate(torch.from_numpy(att)[None, None].double(), size=grid.shape,
-                                         mode="trilinear", align_corners=False)[0, 0].numpy()
+    from medsim.deploy.geometry import geometry_from_manifest
+    from medsim.nn import upsample_attention
+
+    geometry = geometry_from_manifest(json.loads((model / "manifest.json").read_text()))
+    assert geometry.input_size == grid.shape and [a.centre for a in geometry.axes] == [0.5] * 3
+    up = upsample_attention(torch.from_numpy(att)[None, None].double(), grid.shape, geometry)[0, 0].numpy()
     up = (up - up.min()) / (up.max() - up.min())
     np.testing.assert_allclose(np.asarray(heat.dataobj), up, atol=1e-5)
     m = np.asarray(mask.dataobj) > 0
