@@ -1,4 +1,10 @@
-"""Evaluation metrics for embeddings: k-means NMI/AMI, Recall@K, MAP@R, Precision@1 (see :mod:`.retrieval`)."""
+"""Evaluation metrics for embeddings: k-means NMI/AMI, Recall@K, MAP@R, Precision@1 (see :mod:`.retrieval`).
+
+:class:`EmbeddingAccuracyCalculator` (pytorch-metric-learning's ``AccuracyCalculator`` with these metrics) is
+loaded on first use, so ``import medsim.metrics`` does not import torch.
+"""
+
+from typing import Any
 
 from medsim.metrics.retrieval import (
     DEFAULT_KS,
@@ -12,6 +18,7 @@ from medsim.metrics.retrieval import (
 
 __all__ = [
     "DEFAULT_KS",
+    "EmbeddingAccuracyCalculator",
     "evaluate_embeddings",
     "kmeans",
     "map_at_r_precision_at_1",
@@ -19,3 +26,11 @@ __all__ = [
     "nmi_ami",
     "recall_at_k",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EmbeddingAccuracyCalculator":
+        from medsim.metrics.accuracy_calculator import EmbeddingAccuracyCalculator
+
+        return EmbeddingAccuracyCalculator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,15 +6,20 @@ These are the numbers reported by the metric-learning papers medsim follows:
   **Recall@K** for ``K`` in (1, 2, 4, 8) — Song et al. 2016 ("Deep Metric Learning via Lifted Structured
   Feature Embedding"), Sanakoyeu et al. 2019 ("Divide and Conquer the Embedding Space for Metric Learning"),
   Dynamic Subspace Learners (DSL).
-* **MAP@R** and **Precision@1** — Musgrave, Belongie & Lim 2020 ("A Metric Learning Reality Check"), computed
-  with pytorch-metric-learning's :class:`~pytorch_metric_learning.utils.accuracy_calculator.AccuracyCalculator`.
+* **MAP@R** and **Precision@1** — Musgrave, Belongie & Lim 2020 ("A Metric Learning Reality Check").
+
+All of them are computed by one pytorch-metric-learning ``AccuracyCalculator`` subclass,
+:class:`medsim.metrics.accuracy_calculator.EmbeddingAccuracyCalculator` (PML's NMI/AMI/MAP@R/P@1 plus
+Recall@K, with faiss k-NN and this module's seeded :func:`kmeans`); the functions here check their inputs and
+call it, so :func:`evaluate_embeddings` runs one k-NN search and one clustering.
 
 :func:`kmeans` is also what the trainer uses to re-cluster the data (DSL / divide-and-conquer), so it is
 deterministic for a given seed.
 
-Inputs are numpy arrays or torch tensors (tensors are converted with ``.detach().cpu().numpy()``; this module
-never imports torch itself — only :func:`map_at_r_precision_at_1` does, through pytorch-metric-learning).
-Labels may be any hashable 1-D values (ints, strings); they are compared for equality only.
+Inputs are numpy arrays or torch tensors (tensors are converted with ``.detach().cpu().numpy()``). Importing
+this module does not import torch; the metric functions do, through pytorch-metric-learning (``kmeans`` and
+:func:`metrics_table` never do). Labels may be any hashable 1-D values (ints, strings); they are compared for
+equality only.
 
 Threads: faiss' OpenMP thread count is process-global. By default these functions leave it alone (faiss uses
 all cores). Pass ``threads=n`` to use ``n`` threads for one call; the previous setting is restored afterwards
@@ -41,6 +46,10 @@ __all__ = [
     "metrics_table",
     "DEFAULT_KS",
     "usable_ks",
+    "check_inputs",
+    "check_ks",
+    "check_metric",
+    "l2_normalize",
 ]
 
 #: the Recall@K cut-offs of Song et al. 2016 and the papers that follow it
@@ -112,7 +121,39 @@ def _codes(*label_arrays: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _check_ks(ks: int | Sequence[int], gallery_size: int) -> tuple[int, ...]:
+def check_inputs(
+    embeddings: Any,
+    labels: Any,
+    gallery_embeddings: Any = None,
+    gallery_labels: Any = None,
+    *,
+    names: tuple[str, str, str, str] = ("embeddings", "labels", "gallery_embeddings", "gallery_labels"),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Checked queries (and gallery): ``(q, q_codes, g, g_codes)``, ``g = g_codes = None`` without a gallery.
+
+    Embeddings become (N, D) C-contiguous finite float32; labels become int64 codes of one shared vocabulary.
+    ``names`` are the argument names the error messages use.
+    """
+    qn, qln, gn, gln = names
+    q = _check_embeddings(embeddings, qn)
+    ql = _check_labels(labels, len(q), qln, qn)
+    if (gallery_embeddings is None) != (gallery_labels is None):
+        raise ValueError(f"give both {gn} and {gln}, or neither "
+                         f"(got {gn}={'None' if gallery_embeddings is None else 'array'}, "
+                         f"{gln}={'None' if gallery_labels is None else 'array'})")
+    if gallery_embeddings is None:
+        (qc,) = _codes(ql)
+        return q, qc, None, None
+    g = _check_embeddings(gallery_embeddings, gn)
+    gl = _check_labels(gallery_labels, len(g), gln, gn)
+    if g.shape[1] != q.shape[1]:
+        raise ValueError(f"{qn} and {gn} differ in dimension D: {q.shape[1]} vs {g.shape[1]}")
+    qc, gc = _codes(ql, gl)
+    return q, qc, g, gc
+
+
+def check_ks(ks: int | Sequence[int], gallery_size: int | None = None) -> tuple[int, ...]:
+    """Recall@K cut-offs as a tuple of positive ints, each <= ``gallery_size`` (if given)."""
     if isinstance(ks, (int, np.integer)):
         ks = (int(ks),)
     ks_t = tuple(ks)
@@ -121,20 +162,20 @@ def _check_ks(ks: int | Sequence[int], gallery_size: int) -> tuple[int, ...]:
     for k in ks_t:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"each K in ks must be a positive int, got {k!r} in ks={ks_t!r}")
-    if max(ks_t) > gallery_size:
+    if gallery_size is not None and max(ks_t) > gallery_size:
         raise ValueError(
             f"K={max(ks_t)} exceeds the gallery size {gallery_size} (ks={ks_t!r}); "
             "use smaller K or more samples")
     return tuple(int(k) for k in ks_t)
 
 
-def _check_metric(metric: str) -> str:
+def check_metric(metric: str) -> str:
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     return metric
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation; all-zero rows stay zero (similarity 0 to everything)."""
     norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
     norms[norms == 0] = 1.0
@@ -260,46 +301,39 @@ def nmi_ami(
     Returns:
         ``{"nmi": float, "ami": float}`` (full precision).
     """
-    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+    x, y, _, _ = check_inputs(embeddings, labels)
+    return _accuracy(x, y, ("NMI", "AMI"), threads=threads, ks=(), seed=seed, kmeans_init=init)
 
-    x = _check_embeddings(embeddings)
-    (y,) = _codes(_check_labels(labels, len(x)))
-    k = int(y.max()) + 1
-    assignments, _ = kmeans(x, k, seed=seed, init=init, threads=threads)
-    return {
-        "nmi": float(normalized_mutual_info_score(y, assignments)),
-        "ami": float(adjusted_mutual_info_score(y, assignments)),
-    }
+
+# -------------------------------------------------------------------------- the PML AccuracyCalculator subclass
+
+#: PML metric name -> the key medsim reports (``recall_at_<K>`` -> ``R@<K>``)
+_KEYS = {"NMI": "nmi", "AMI": "ami", "mean_average_precision_at_r": "map_at_r", "precision_at_1": "precision_at_1"}
+
+
+def _accuracy(
+    q: np.ndarray,
+    qc: np.ndarray,
+    include: Sequence[str],
+    g: np.ndarray | None = None,
+    gc: np.ndarray | None = None,
+    *,
+    threads: int | None = None,
+    **calculator_kwargs: Any,
+) -> dict[str, float]:
+    """Run :class:`~medsim.metrics.accuracy_calculator.EmbeddingAccuracyCalculator` on checked inputs.
+
+    Leave-one-out without a gallery. Returns the metrics of ``include`` in that order under medsim's keys.
+    """
+    from medsim.metrics.accuracy_calculator import EmbeddingAccuracyCalculator  # imports torch
+
+    calc = EmbeddingAccuracyCalculator(include=tuple(dict.fromkeys(include)), **calculator_kwargs)
+    with _faiss_threads(threads):
+        acc = calc.get_accuracy(q, qc, g, gc)
+    return {_KEYS.get(m, m.replace("recall_at_", "R@")): float(acc[m]) for m in include}
 
 
 # -------------------------------------------------------------------------------------------------- Recall@K
-
-
-def _knn(
-    query: np.ndarray, gallery: np.ndarray, k: int, metric: str, exclude_self: bool
-) -> np.ndarray:
-    """(Nq, k) gallery indices of the k nearest neighbours, best first (faiss exact search).
-
-    With ``exclude_self`` (query set == gallery set) it searches k + 1 neighbours and removes each query's own
-    *index* from its row (if the query is not among them, because exact duplicates / rounding put other items
-    first, the last column is dropped instead). Duplicates of the query therefore stay in the result.
-    """
-    if metric == "cosine":
-        query, gallery = _l2_normalize(query), _l2_normalize(gallery)
-        index: faiss.Index = faiss.IndexFlatIP(query.shape[1])
-    else:
-        index = faiss.IndexFlatL2(query.shape[1])
-    index.add(gallery)
-    kk = k + 1 if exclude_self else k
-    _, nn = index.search(query, kk)
-    if (nn < 0).any():  # pragma: no cover - cannot happen for kk <= ntotal on a flat index
-        raise RuntimeError("faiss returned fewer neighbours than requested")
-    if not exclude_self:
-        return nn
-    is_self = nn == np.arange(len(query))[:, None]
-    no_self = ~is_self.any(axis=1)
-    is_self[no_self, -1] = True
-    return nn[~is_self].reshape(len(query), k)
 
 
 def recall_at_k(
@@ -316,7 +350,8 @@ def recall_at_k(
 
     The retrieval metric of Song et al. 2016 (reported by Sanakoyeu et al. 2019 and DSL as R@1/2/4/8). Exact
     search with faiss: ``IndexFlatIP`` on L2-normalised vectors for ``metric="cosine"``, ``IndexFlatL2`` for
-    ``metric="euclidean"``. (pytorch-metric-learning has no Recall@K: its ``precision_at_1`` equals R@1 only.)
+    ``metric="euclidean"``. (pytorch-metric-learning has no Recall@K: its ``precision_at_1`` equals R@1 only;
+    :class:`~medsim.metrics.accuracy_calculator.EmbeddingAccuracyCalculator` adds it as ``recall_at_<K>``.)
 
     * Leave-one-out (default, ``gallery_* = None``): every sample is a query against all *other* samples. The
       query is excluded by index, not by distance, so exact duplicates of it still count as neighbours.
@@ -339,33 +374,11 @@ def recall_at_k(
     Returns:
         ``{"R@1": float, "R@2": ..., ...}`` in the order of ``ks`` (full precision).
     """
-    metric = _check_metric(metric)
-    q = _check_embeddings(embeddings)
-    ql = _check_labels(labels, len(q))
-    if (gallery_embeddings is None) != (gallery_labels is None):
-        raise ValueError("give both gallery_embeddings and gallery_labels, or neither "
-                         f"(got gallery_embeddings={'None' if gallery_embeddings is None else 'array'}, "
-                         f"gallery_labels={'None' if gallery_labels is None else 'array'})")
-    if gallery_embeddings is None:
-        g, exclude_self = q, True
-        (qc,) = _codes(ql)
-        gc = qc
-        gallery_size = len(q) - 1
-    else:
-        g = _check_embeddings(gallery_embeddings, "gallery_embeddings")
-        gl = _check_labels(gallery_labels, len(g), "gallery_labels", "gallery_embeddings")
-        if g.shape[1] != q.shape[1]:
-            raise ValueError(f"embeddings and gallery_embeddings differ in dimension D: "
-                             f"{q.shape[1]} vs {g.shape[1]}")
-        qc, gc = _codes(ql, gl)
-        exclude_self = False
-        gallery_size = len(g)
-    ks_t = _check_ks(ks, gallery_size)
-    with _faiss_threads(threads):
-        nn = _knn(q, g, max(ks_t), metric, exclude_self)
-    hit = gc[nn] == qc[:, None]                    # (Nq, Kmax)
-    first_hit_cum = np.cumsum(hit, axis=1) > 0     # (Nq, Kmax): a hit within the first j+1
-    return {f"R@{k}": float(first_hit_cum[:, k - 1].mean()) for k in ks_t}
+    metric = check_metric(metric)
+    q, qc, g, gc = check_inputs(embeddings, labels, gallery_embeddings, gallery_labels)
+    ks_t = check_ks(ks, len(q) - 1 if g is None else len(g))
+    return _accuracy(q, qc, [f"recall_at_{k}" for k in ks_t], g, gc, threads=threads, ks=ks_t, metric=metric,
+                     k=max(ks_t))
 
 
 # ------------------------------------------------------------------------------------------- MAP@R and P@1
@@ -381,11 +394,12 @@ def map_at_r_precision_at_1(
     the i-th neighbour has the query's label). Precision@1 = fraction of queries whose nearest other sample
     shares its label (= R@1 but for the convention below).
 
-    Computed by pytorch-metric-learning's ``AccuracyCalculator(include=("mean_average_precision_at_r",
-    "precision_at_1"), k="max_bin_count", device=cpu)`` with ``get_accuracy(query, query_labels)`` and no
-    reference: that sets ``ref_includes_query=True``, so its FaissKNN searches k + 1 neighbours and removes each
-    query's own index (duplicates are kept). Its k-NN is faiss ``IndexFlatL2``, so for ``metric="cosine"`` the
-    embeddings are L2-normalised first (same ranking as cosine similarity).
+    Computed by pytorch-metric-learning's ``AccuracyCalculator`` (through
+    :class:`~medsim.metrics.accuracy_calculator.EmbeddingAccuracyCalculator`, ``k="max_bin_count"``, CPU) with
+    ``get_accuracy(query, query_labels)`` and no reference: that sets ``ref_includes_query=True``, so its
+    FaissKNN searches k + 1 neighbours and removes each query's own index (duplicates are kept). The k-NN is
+    exact faiss search: ``IndexFlatIP`` on L2-normalised embeddings for ``metric="cosine"``, ``IndexFlatL2`` for
+    ``"euclidean"``.
 
     PML conventions: queries whose class has a single sample ("lone" queries) are *left out* of both averages;
     if every query is lone the values are NaN. Labels are passed as int codes (PML casts labels to float32).
@@ -398,35 +412,11 @@ def map_at_r_precision_at_1(
     Returns:
         ``{"map_at_r": float, "precision_at_1": float}`` (full precision; NaN if all classes are singletons).
     """
-    metric = _check_metric(metric)
-    x = _check_embeddings(embeddings)
-    (y,) = _codes(_check_labels(labels, len(x)))
+    metric = check_metric(metric)
+    x, y, _, _ = check_inputs(embeddings, labels)
     if len(x) < 2:
         raise ValueError(f"MAP@R needs at least 2 embeddings, got N={len(x)}")
-    if metric == "cosine":
-        x = _l2_normalize(x)
-
-    import logging
-
-    import torch  # pytorch-metric-learning needs it anyway
-    from pytorch_metric_learning.utils import common_functions as pml_common
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
-    calc = AccuracyCalculator(
-        include=("mean_average_precision_at_r", "precision_at_1"),
-        k="max_bin_count",
-        device=torch.device("cpu"),  # faiss-cpu; avoids moving everything to CUDA and back on GPU hosts
-    )
-    pml_logger = pml_common.LOGGER
-    level = pml_logger.level
-    if np.bincount(y).max() < 2:  # all lone: PML warns and returns NaN; keep the log quiet, result is NaN
-        pml_logger.setLevel(logging.ERROR)
-    try:
-        acc = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
-    finally:
-        pml_logger.setLevel(level)
-    return {"map_at_r": float(acc["mean_average_precision_at_r"]),
-            "precision_at_1": float(acc["precision_at_1"])}
+    return _accuracy(x, y, ("mean_average_precision_at_r", "precision_at_1"), ks=(), metric=metric)
 
 
 # ------------------------------------------------------------------------------------------------- combined
@@ -455,6 +445,10 @@ def evaluate_embeddings(
 ) -> dict[str, float]:
     """All embedding metrics of one evaluation split (leave-one-out retrieval on the split itself).
 
+    One :class:`~medsim.metrics.accuracy_calculator.EmbeddingAccuracyCalculator` call: one k-NN search
+    (``max(max(ks), largest class - 1)`` neighbours) serves Recall@K, MAP@R and P@1, one k-means serves NMI/AMI.
+    The values equal those of :func:`nmi_ami`, :func:`recall_at_k` and :func:`map_at_r_precision_at_1`.
+
     Args:
         embeddings: (N, D).
         labels: (N,).
@@ -468,13 +462,13 @@ def evaluate_embeddings(
     Returns:
         ``{"nmi", "ami", "R@1", ..., "map_at_r", "precision_at_1"}`` -> float.
     """
-    x = _check_embeddings(embeddings)
-    y = _check_labels(labels, len(x))
-    out: dict[str, float] = {}
-    out.update(nmi_ami(x, y, seed=seed, threads=threads))
-    out.update(recall_at_k(x, y, ks, metric=metric, threads=threads))
-    with _faiss_threads(threads):
-        out.update(map_at_r_precision_at_1(x, y, metric=metric))
+    metric = check_metric(metric)
+    x, y, _, _ = check_inputs(embeddings, labels)
+    ks_t = check_ks(ks, len(x) - 1)
+    if len(x) < 2:
+        raise ValueError(f"MAP@R needs at least 2 embeddings, got N={len(x)}")
+    include = ("NMI", "AMI", *(f"recall_at_{k}" for k in ks_t), "mean_average_precision_at_r", "precision_at_1")
+    out = _accuracy(x, y, include, threads=threads, ks=ks_t, metric=metric, seed=seed)
     return {k: _round(v, digits) for k, v in out.items()}
 
 
