@@ -206,7 +206,8 @@ def test_threads_option_reaches_torch_and_onnxruntime(tmp_path, monkeypatch, cap
     import torch
     from onnx import TensorProto, helper
 
-    from medsim.deploy.engine import CPU_EP, _ort_session
+    from medsim.runtime.runners import CPU_EP
+    from medsim.runtime.runners import ort_session as runtime_session
     from medsim.export.onnx_export import ort_session
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
@@ -222,14 +223,14 @@ def test_threads_option_reaches_torch_and_onnxruntime(tmp_path, monkeypatch, cap
         code, _, err = run(["evaluate", str(tmp_path), "--threads", "3"], capsys)
         assert code == 2 and "not found" in err
         assert torch.get_num_threads() == 3 and os.environ["MEDSIM_THREADS"] == "3"
-        assert _ort_session(model, [CPU_EP], None).get_session_options().intra_op_num_threads == 3
+        assert runtime_session(model, [CPU_EP], None).get_session_options().intra_op_num_threads == 3
         assert ort_session(model).get_session_options().intra_op_num_threads == 3
         assert ort_session(model, threads=1).get_session_options().intra_op_num_threads == 1  # explicit wins
 
         monkeypatch.setenv("MEDSIM_THREADS", "2")  # the environment alone, on a torch-free command
         code, _, err = run(["localize", "--model", str(tmp_path), str(model), "--out", str(tmp_path / "o")], capsys)
         assert torch.get_num_threads() == 2
-        assert _ort_session(model, [CPU_EP], None).get_session_options().intra_op_num_threads == 2
+        assert runtime_session(model, [CPU_EP], None).get_session_options().intra_op_num_threads == 2
         code, _, err = run(["evaluate", str(tmp_path), "--threads", "0"], capsys)
         assert code == 2 and "--threads" in err
     finally:

@@ -1,15 +1,16 @@
 """medsim.deploy: run an exported model (``medsim export RUN --out DIR``) on a host without PyTorch or MONAI.
 
-* :func:`preprocess_image` (``medsim.deploy.preprocess.preprocess``; the short name is the submodule's) — an image
-  file or array → the model input (C, x, y), exactly as ``eval#preprocessing`` made it
+* :func:`preprocess_image` (``medsim.runtime.preprocess.preprocess``; the short name is the submodule's) — an
+  image file or array → the model input (C, x, y), exactly as ``eval#preprocessing`` made it
   during training (NumPy + PIL + pydicom, driven by ``manifest.json``).
-* :class:`EmbeddingEngine` — TensorRT / onnxruntime-CUDA / onnxruntime-CPU inference in batches.
+* :class:`EmbeddingEngine` — TensorRT / onnxruntime-CUDA / onnxruntime-CPU inference in batches, through the
+  runners of :mod:`medsim.runtime.runners` (the ones the export's parity checks run).
 * :class:`Localizer` — attention map → heatmap, mask and boxes at image resolution; :func:`dice`, :func:`iou`,
   :func:`pointing_game`, :func:`box_hit`.
 * :class:`CaseIndex` — the case index (``medsim.deploy.index``).
 
 Nothing here imports ``torch`` or ``monai``: an inference host has neither. Submodules load when a name is first
-used, so ``import medsim.deploy`` is cheap.
+used, so ``import medsim.deploy`` is cheap. The errors are :mod:`medsim.runtime.errors`' (same classes).
 """
 
 from __future__ import annotations
@@ -17,23 +18,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from medsim.errors import MedsimError
+from medsim.runtime.errors import BackendUnavailable, DeployError, UnsupportedPreprocessing
 
 __all__ = ["DeployError", "BackendUnavailable", "UnsupportedPreprocessing", "preprocess_image", "load_manifest",
            "read_image", "EmbeddingEngine", "BACKENDS", "Localizer", "Localization", "dice", "iou",
            "pointing_game", "box_hit", "CaseIndex"]
-
-
-class DeployError(MedsimError):
-    """An exported model or an input cannot be used for inference (names the file or value and why)."""
-
-
-class BackendUnavailable(DeployError):
-    """The inference backend asked for cannot run on this host (the message names what is missing)."""
-
-
-class UnsupportedPreprocessing(DeployError, NotImplementedError):
-    """The manifest describes preprocessing this NumPy reimplementation does not cover (e.g. ``ct3d``)."""
 
 
 _EXPORTS = {

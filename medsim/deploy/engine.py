@@ -19,7 +19,8 @@ Outputs (float32, one row per image, in input order)::
     attention  (N, 1, h, w)     in [0, 1], MONAI (x, y) axis order: see medsim.deploy.localizer
     logits     (N, n_classes)   only for models with a classifier head
 
-No PyTorch, no MONAI: TensorRT buffers are managed with cuda-python's runtime API.
+No PyTorch, no MONAI: the runners are :mod:`medsim.runtime.runners` (TensorRT buffers through cuda-python's
+runtime API), the ones the export's parity checks run.
 """
 
 from __future__ import annotations
@@ -31,167 +32,16 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from medsim.deploy import BackendUnavailable, DeployError
-from medsim.deploy.preprocess import ImageSource, load_manifest, preprocess_with_size
+from medsim.runtime.errors import BackendUnavailable, DeployError
+from medsim.runtime.preprocess import ImageSource, load_manifest, preprocess_with_size
+from medsim.runtime.runners import (CPU_EP, CUDA_EP, ENGINE_NAME, OrtRunner, TrtRunner, import_ort, ort_session,
+                                    run_batched, trt_missing)
 
-__all__ = ["BACKENDS", "EmbeddingEngine", "embed_images", "ENGINE_NAME", "CUDA_EP", "CPU_EP"]
+__all__ = ["BACKENDS", "EmbeddingEngine", "embed_images", "open_engine", "ENGINE_NAME", "CUDA_EP", "CPU_EP"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
-ENGINE_NAME = "model.plan"
-CUDA_EP = "CUDAExecutionProvider"
-CPU_EP = "CPUExecutionProvider"
-_ORT_HINT = ("pip install 'medsim[cpu]' (onnxruntime) on CPU hosts, or onnxruntime-gpu on GPU hosts (not both: "
-             "they overwrite each other)")
-
-
-# ------------------------------------------------------------------------------------------------ onnxruntime
-def _import_ort() -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise BackendUnavailable(f"onnxruntime is not installed ({e}): {_ORT_HINT}") from e
-    return ort
-
-
-def _ort_session(path: Path, providers: list[Any], threads: int | None) -> Any:
-    """An ``onnxruntime.InferenceSession`` for ``path`` asking for ``providers`` (in order)."""
-    from medsim.threads import ort_session_options
-
-    ort = _import_ort()
-    so = ort_session_options(ort, threads)  # threads: default MEDSIM_THREADS (medsim --threads)
-    try:
-        return ort.InferenceSession(str(path), so, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise DeployError(f"{path}: onnxruntime cannot load the model ({type(e).__name__}: {e})") from e
-
-
-class _OrtRunner:
-    """Runs (B, C, *S) float32 batches through an onnxruntime session."""
-
-    def __init__(self, session: Any):
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.max_batch: int | None = None
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, {self.input_name: x})
-        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.output_names, outs)}
-
-    def close(self) -> None:
-        self.session = None
-
-
-# --------------------------------------------------------------------------------------------------- TensorRT
-def _import_cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
-        except ImportError as e:
-            raise ImportError(f"cuda-python is not installed ({e}); pip install cuda-python") from e
-    return cudart
-
-
-def _cuda_check(result: Any, what: str) -> Any:
-    """Unpack a cuda-python ``(err, *values)`` tuple; raise :class:`DeployError` unless ``err`` is success."""
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise DeployError(f"CUDA {what} failed: {getattr(err, 'name', err)}")
-    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
-
-
-def _trt_missing(plan: Path) -> list[str]:
-    """What stops TensorRT here (empty when everything is present)."""
-    missing = []
-    if not plan.is_file():
-        missing.append(f"the engine file {plan} (medsim export RUN --out DIR --trt builds it, on this GPU model)")
-    try:
-        import tensorrt  # noqa: F401  # type: ignore[import-not-found]
-    except ImportError as e:
-        missing.append(f"the `tensorrt` Python package ({e})")
-    try:
-        cudart = _import_cudart()
-    except ImportError as e:
-        missing.append(f"cuda-python ({e})")
-    else:
-        try:
-            err, n = cudart.cudaGetDeviceCount()
-            if int(err) != 0 or n < 1:
-                missing.append(f"a CUDA GPU (cudaGetDeviceCount: {getattr(err, 'name', err)}, {n} device(s))")
-        except Exception as e:  # noqa: BLE001 - driver missing: the call itself fails
-            missing.append(f"a CUDA GPU and driver ({type(e).__name__}: {e})")
-    return missing
-
-
-class _TrtRunner:
-    """A deserialized TensorRT engine with device buffers for its largest profile batch (TensorRT 10 API:
-    ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``)."""
-
-    def __init__(self, plan: Path, device_id: int = 0):
-        import tensorrt as trt  # type: ignore[import-not-found]
-
-        self.trt, self.cudart, self.plan = trt, _import_cudart(), plan
-        _cuda_check(self.cudart.cudaSetDevice(int(device_id)), f"cudaSetDevice({device_id})")
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan.read_bytes())
-        if self.engine is None:
-            raise DeployError(f"{plan}: TensorRT cannot deserialize the engine (built by another TensorRT version "
-                              "or GPU model?); rebuild it on this host with medsim export --trt --no-onnx")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if len(inputs) != 1:
-            raise DeployError(f"{plan}: expected one engine input, found {inputs}")
-        self.input_name = inputs[0]
-        self.output_names = [n for n in names if n != self.input_name]
-        _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
-        self.max_batch = int(max_shape[0])
-        self.stream = _cuda_check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
-
-    def _buffer(self, name: str, nbytes: int) -> int:
-        ptr, size = self.buffers.get(name, (0, 0))
-        if size < nbytes:
-            if ptr:
-                _cuda_check(self.cudart.cudaFree(ptr), "cudaFree")
-            ptr = int(_cuda_check(self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)"))
-            self.buffers[name] = (ptr, nbytes)
-        return ptr
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        trt, cudart = self.trt, self.cudart
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        x = np.ascontiguousarray(x, dtype=trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
-        ptr = self._buffer(self.input_name, x.nbytes)
-        _cuda_check(cudart.cudaMemcpyAsync(ptr, x.ctypes.data, x.nbytes, h2d, self.stream), "copy to GPU")
-        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-            raise DeployError(f"{self.plan}: input shape {x.shape} is outside the engine's optimisation profile")
-        self.context.set_tensor_address(self.input_name, ptr)
-        hosts: dict[str, np.ndarray] = {}
-        for n in self.output_names:
-            shape = tuple(int(d) for d in self.context.get_tensor_shape(n))
-            hosts[n] = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))
-            self.context.set_tensor_address(n, self._buffer(n, hosts[n].nbytes))
-        if not self.context.execute_async_v3(int(self.stream)):  # cudaStream_t → its handle
-            raise DeployError(f"{self.plan}: TensorRT execution failed for a batch of {len(x)}")
-        for n, h in hosts.items():
-            _cuda_check(cudart.cudaMemcpyAsync(h.ctypes.data, self.buffers[n][0], h.nbytes, d2h, self.stream),
-                        "copy from GPU")
-        _cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return {n: h.astype(np.float32, copy=False) for n, h in hosts.items()}
-
-    def close(self) -> None:
-        for ptr, _ in self.buffers.values():
-            self.cudart.cudaFree(ptr)
-        self.buffers.clear()
-        if getattr(self, "stream", None) is not None:
-            self.cudart.cudaStreamDestroy(self.stream)
-            self.stream = None
-        self.context = self.engine = None
 
 
 # ----------------------------------------------------------------------------------------------------- engine
@@ -261,13 +111,13 @@ class EmbeddingEngine:
         if backend == "auto" and not (self._plan_listed and self.plan_path.is_file()):
             logger.debug("TensorRT skipped: no engine file listed in the manifest (%s)", self.plan_path)
         elif backend in ("auto", "tensorrt"):
-            missing = _trt_missing(self.plan_path)
+            missing = trt_missing(self.plan_path)
             if not self._plan_listed:
                 missing.insert(0, "a TensorRT engine listed in manifest.json (a model.plan the manifest does not "
                                   "list belongs to an earlier export; rebuild with medsim export RUN --out DIR --trt)")
             if not missing:
                 try:
-                    return _TrtRunner(self.plan_path, self.device_id), "tensorrt"
+                    return TrtRunner(self.plan_path, self.device_id), "tensorrt"
                 except Exception as e:  # noqa: BLE001 - TensorRT/CUDA raise RuntimeError, TypeError…
                     if backend == "tensorrt":
                         raise BackendUnavailable(f"TensorRT backend unavailable: {e}") from e
@@ -282,7 +132,7 @@ class EmbeddingEngine:
                               "(medsim export RUN --out DIR)")
         if backend == "ort-cpu":
             return self._cpu_runner(), "ort-cpu"
-        ort = _import_ort()
+        ort = import_ort()
         available = list(ort.get_available_providers())
         if CUDA_EP not in available:
             if backend == "ort-cuda":
@@ -291,7 +141,7 @@ class EmbeddingEngine:
                                          "of onnxruntime")
             return self._cpu_runner(), "ort-cpu"
         try:
-            session = _ort_session(self.onnx_path, [(CUDA_EP, {"device_id": self.device_id}), CPU_EP],
+            session = ort_session(self.onnx_path, [(CUDA_EP, {"device_id": self.device_id}), CPU_EP],
                                    self.threads)
         except DeployError as e:
             if backend == "ort-cuda":
@@ -301,7 +151,7 @@ class EmbeddingEngine:
         got = list(session.get_providers())
         if CUDA_EP in got:
             self.providers = got
-            return _OrtRunner(session), "ort-cuda"
+            return OrtRunner(session), "ort-cuda"
         if backend == "ort-cuda":
             raise BackendUnavailable(f"ort-cuda backend unavailable: onnxruntime lists {CUDA_EP} but the session "
                                      f"created for {self.onnx_path.name} only has {got} — no usable GPU, driver, "
@@ -309,12 +159,12 @@ class EmbeddingEngine:
         logger.info("onnxruntime lists %s but the session fell back to %s (no usable GPU); running on CPU",
                     CUDA_EP, got)
         self.providers = got
-        return _OrtRunner(session), "ort-cpu"
+        return OrtRunner(session), "ort-cpu"
 
-    def _cpu_runner(self) -> _OrtRunner:
-        session = _ort_session(self.onnx_path, [CPU_EP], self.threads)
+    def _cpu_runner(self) -> OrtRunner:
+        session = ort_session(self.onnx_path, [CPU_EP], self.threads)
         self.providers = list(session.get_providers())
-        return _OrtRunner(session)
+        return OrtRunner(session)
 
     # ----------------------------------------------------------------------------------------------- running
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -331,12 +181,7 @@ class EmbeddingEngine:
                               f"{', '.join(map(str, self.input_shape))}), got {x.shape}")
         if len(x) == 0:
             return self._empty()
-        chunks: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
-        for i in range(0, len(x), self.batch_size):
-            out = self._runner(np.ascontiguousarray(x[i:i + self.batch_size]))
-            for n in self.output_names:
-                chunks[n].append(out[n])
-        return {n: np.concatenate(v) for n, v in chunks.items()}
+        return run_batched(self._runner, x, self.batch_size)
 
     def preprocess(self, image: ImageSource) -> np.ndarray:
         """One image → (C, x, y) float32 as the model expects (see :func:`medsim.deploy.preprocess`)."""
@@ -416,6 +261,23 @@ class EmbeddingEngine:
     def __repr__(self) -> str:
         return (f"EmbeddingEngine({str(self.model_dir)!r}, backend={self.backend!r}, "
                 f"input=(batch, {', '.join(map(str, self.input_shape))}), outputs={self.output_names})")
+
+
+def open_engine(model_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32", **kwargs: Any
+                ) -> EmbeddingEngine:
+    """An :class:`EmbeddingEngine` for the export's fp32 model, or (``precision="int8"``) its onnxruntime INT8
+    model — a CPU model (static QDQ / dynamic quantization): ``backend="auto"`` then means ``ort-cpu``; GPU hosts
+    get their INT8 speed from a TensorRT engine instead (``medsim export --trt --precision int8``)."""
+    if precision not in ("fp32", "int8"):
+        raise DeployError(f"precision must be 'fp32' or 'int8', got '{precision}'")
+    if precision == "fp32":
+        return EmbeddingEngine(model_dir, backend=backend, **kwargs)
+    section = load_manifest(model_dir).get("int8")
+    if not section:
+        raise DeployError(f"{model_dir}: the export has no INT8 model; make one with "
+                          "`medsim export RUN --out DIR --quantize static`")
+    return EmbeddingEngine(model_dir, backend="ort-cpu" if backend == "auto" else backend,
+                           model=str(section.get("model", "model.int8.onnx")), **kwargs)
 
 
 def embed_images(model_dir: str | os.PathLike, images: Sequence[ImageSource], **kwargs: Any

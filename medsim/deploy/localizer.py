@@ -35,10 +35,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from medsim.deploy import DeployError
-from medsim.deploy.geometry import AttentionGeometry, resample_attention
+from medsim.runtime.geometry import AttentionGeometry, resample_attention
 
 __all__ = ["Localizer", "Localization", "bilinear_resize", "otsu_threshold", "dice", "iou", "pointing_game",
-           "box_hit", "mask_box", "box_iou", "patch_counts", "match_boxes", "average_precision", "jet", "overlay"]
+           "box_hit", "mask_box", "box_iou", "patch_counts", "match_boxes", "average_precision", "jet", "overlay",
+           "rgb_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def jet(v: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], axis=-1) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _rgb_image(image: Any, size: tuple[int, int]) -> np.ndarray:
+def rgb_image(image: Any, size: tuple[int, int]) -> np.ndarray:
     """An (H, W, 3) uint8 background: a path / array / PIL image, or the gray heatmap size when None."""
     from PIL import Image
 
@@ -317,7 +318,7 @@ def overlay(loc: "Localization", image: Any = None, *, alpha: float = 0.5, box_c
     show the image), box outlines drawn on top."""
     from PIL import Image, ImageDraw
 
-    base = _rgb_image(image, loc.heatmap.shape).astype(np.float64)
+    base = rgb_image(image, loc.heatmap.shape).astype(np.float64)
     w = (alpha * loc.heatmap)[..., None]
     out = (base * (1.0 - w) + jet(loc.heatmap).astype(np.float64) * w).round().clip(0, 255).astype(np.uint8)
     pil = Image.fromarray(out)
@@ -406,7 +407,7 @@ class Localizer:
         if len(size) != 2:
             raise DeployError(f"image_size must be (H, W), got {image_size!r}")
         heat = resample_attention(a, size[::-1], geometry).T  # on the (x, y) = (W, H) image, then (rows, cols)
-        return self._normalized(heat, self.normalize)
+        return self.normalized(heat)
 
     def localize(self, attention: np.ndarray, image_size: Sequence[int],
                  geometry: AttentionGeometry | None = None) -> Localization:
@@ -456,9 +457,9 @@ class Localizer:
             logger.debug("all %d component(s) are smaller than min_area=%d", n, self.min_area)
         return mask, [b for _, b in found], float(t)
 
-    @staticmethod
-    def _normalized(heat: np.ndarray, normalize: bool) -> np.ndarray:
-        if normalize:
+    def normalized(self, heat: np.ndarray) -> np.ndarray:
+        """A heatmap min–max normalised to [0, 1] (``normalize=False``: clipped to [0, 1]), float32."""
+        if self.normalize:
             lo, hi = float(heat.min()), float(heat.max())
             heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
         return np.clip(heat, 0.0, 1.0).astype(np.float32)

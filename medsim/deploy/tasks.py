@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medsim.deploy import DeployError
+from medsim.deploy.engine import open_engine
 from medsim.errors import atomic_write_text
 
 __all__ = ["read_cases", "build_index", "search_images", "localize_images", "recall_from_hits", "case_names",
@@ -90,25 +91,6 @@ def _dataset_items(p: Path) -> list[dict[str, Any]] | None:
     return open_source(p, layout=layout).items
 
 
-def _engine(model_dir: Path, backend: str, precision: str, **kwargs: Any) -> Any:
-    """An EmbeddingEngine for the export's fp32 model, or (``precision="int8"``) its onnxruntime INT8 model —
-    a CPU model (static QDQ / dynamic quantization): ``backend="auto"`` then means ``ort-cpu``; GPU hosts get their
-    INT8 speed from a TensorRT engine instead (``medsim export --trt --precision int8``)."""
-    from medsim.deploy.engine import EmbeddingEngine
-    from medsim.deploy.preprocess import load_manifest
-
-    if precision not in ("fp32", "int8"):
-        raise DeployError(f"precision must be 'fp32' or 'int8', got '{precision}'")
-    if precision == "fp32":
-        return EmbeddingEngine(model_dir, backend=backend, **kwargs)
-    section = load_manifest(model_dir).get("int8")
-    if not section:
-        raise DeployError(f"{model_dir}: the export has no INT8 model; make one with "
-                          "`medsim export RUN --out DIR --quantize static`")
-    return EmbeddingEngine(model_dir, backend="ort-cpu" if backend == "auto" else backend,
-                           model=str(section.get("model", "model.int8.onnx")), **kwargs)
-
-
 def _model_id(model_dir: Path) -> str:
     from medsim.deploy.preprocess import load_manifest
 
@@ -150,7 +132,7 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
                           "(exact, and fast for collections this small) or hnsw")
     index.info["model_dir"] = str(model_dir.resolve())
     index.info["precision"] = precision
-    with _engine(model_dir, backend, precision, batch_size=batch_size) as engine:
+    with open_engine(model_dir, backend, precision, batch_size=batch_size) as engine:
         emb = _embed(engine, [c["uri"] for c in cases], batch_size, progress)["embedding"]
         used = engine.backend
     try:
@@ -238,7 +220,7 @@ def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLi
     index = CaseIndex.load(index_dir, expected_model_id=_model_id(mdir))
     if precision is None:  # queries are embedded like the cases were
         precision = str(index.info.get("precision", "fp32"))
-    with _engine(mdir, backend, precision) as engine:
+    with open_engine(mdir, backend, precision) as engine:
         emb = engine.embed([str(i) for i in images])["embedding"]
     if exclude_self:
         hits = [[h for h in row if h.record.get("id") != qid][:k]
@@ -334,12 +316,13 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
     if kind == "ct3d":
         from medsim.deploy.volume import localize_volumes
 
-        return finish(localize_volumes(Path(model_dir), images, out, loc, masks=masks, backend=backend,
-                                       progress=progress, precision=precision, names=names))
-    from medsim.deploy.geometry import geometry_from_manifest
+        with open_engine(Path(model_dir), backend, precision, batch_size=1) as engine:
+            rows = localize_volumes(engine, images, out, loc, names=names, masks=masks, progress=progress)
+        return finish(_localization_summary(rows, out))
+    from medsim.runtime.geometry import geometry_from_manifest
 
     geometry = geometry_from_manifest(manifest, where=str(model_dir))  # None (stretch, warned) for old exports
-    with _engine(Path(model_dir), backend, precision) as engine:
+    with open_engine(Path(model_dir), backend, precision) as engine:
         res = _embed(engine, [str(i) for i in images], 32, progress, sizes=True)
     rows = []
     for i, img in enumerate(images):

@@ -1,22 +1,7 @@
-"""3D CT model input with NumPy + nibabel + SciPy (+ pydicom), as training's ``ct3d`` eval pipeline made it.
+"""3D localization on a CT model's input grid; reading and resampling volumes is :mod:`medsim.runtime.volume`.
 
-The steps of :func:`medsim.data.transforms.ct3d_transforms` (eval), one function each:
-
-==========================  ===========================================================================================
-MONAI transform             here
-==========================  ===========================================================================================
-LoadImaged                  :func:`read_volume`: NIfTI via nibabel (``img.affine``), DICOM series via
-                            :func:`medsim.data.dicom.load_dicom` (the reader training used, torch-free) → (x, y, z), RAS
-Orientationd("RAS")         :func:`reorient`: ``nibabel.orientations`` flip + transpose, affine @ ``inv_ornt_aff``
-Spacingd(pixdim)            :func:`resample_to_spacing`: MONAI's output grid (zoom of the affine keeping its rotation;
-                            shape from the transformed corners) and trilinear sampling at voxel centres with border
-                            padding (``grid_sample(align_corners=False, padding_mode="border")`` ≡
-                            ``scipy.ndimage.map_coordinates(order=1, mode="nearest")``), float64 like MONAI
-ScaleIntensityRanged        affine HU window to [0, 1], clipped (shared with 2D: ``preprocess._scale_range``)
-SpatialPadd + CenterCrop    :func:`pad_crop`: symmetric zero padding, then MONAI's centre (``size // 2 - roi // 2``)
-==========================  ===========================================================================================
-
-Differences from MONAI are float rounding only (≤ 1e-5 after the window, measured in the tests on the shared CT).
+The runtime's names (``read_volume``, ``output_grid``, ``pad_crop``, ``model_grid``, ``label_to_grid``, …) are
+re-exported here, so ``from medsim.deploy.volume import read_volume`` keeps working.
 """
 
 from __future__ import annotations
@@ -28,208 +13,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medsim.deploy import DeployError
-from medsim.errors import DataError, atomic_path
-from medsim.files import check_pixel_count
+from medsim.deploy.localizer import Localization, Localizer, box_hit, dice, iou, overlay, rgb_image
+from medsim.errors import atomic_path, atomic_write_text
+from medsim.runtime.errors import DeployError
+from medsim.runtime.geometry import AttentionGeometry, geometry_from_manifest, resample_attention
+from medsim.runtime.volume import (NIFTI_SUFFIXES, label_to_grid, model_grid, output_grid, pad_crop,
+                                   preprocess_volume, read_volume, reorient, resample_to_spacing)
 
 __all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "preprocess_volume",
-           "model_grid", "label_to_grid", "trilinear_resize", "localize_volumes"]
-
-#: MONAI's tolerance for "this affine is unchanged" (monai.data.utils.AFFINE_TOL)
-_AFFINE_TOL = 1e-3
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+           "model_grid", "label_to_grid", "NIFTI_SUFFIXES", "trilinear_resize", "localize_grid", "localize_volumes"]
 
 
-def read_volume(source: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """A CT volume → (float32 (x, y, z), 4×4 RAS affine), like MONAI's ``LoadImage`` (Nibabel / medsim's DICOM
-    reader). ``source``: a ``.nii``/``.nii.gz`` file, a DICOM series folder or one DICOM file of a series."""
-    p = Path(source)
-    if not p.exists():
-        raise DeployError(f"{p}: file or folder not found")
-    if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES):
-        try:
-            import nibabel as nib
-        except ImportError:
-            raise DeployError(f"{p}: reading NIfTI needs nibabel (pip install nibabel)") from None
-        try:
-            img = nib.load(str(p))
-            check_pixel_count(int(np.prod(img.shape)), p, "x".join(map(str, img.shape)))  # before decoding
-            arr = np.asanyarray(img.dataobj).astype(np.float32)
-            affine = np.array(img.affine, dtype=np.float64)
-        except DataError as e:
-            raise DeployError(str(e)) from None
-        except Exception as e:  # noqa: BLE001 - ImageFileError, EOFError, OSError…
-            raise DeployError(f"{p}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
-        while arr.ndim > 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-    else:
-        from medsim.data.dicom import load_dicom
-        from medsim.errors import MedsimError
-
-        try:
-            arr, affine, _ = load_dicom(p, display=False)
-        except MedsimError as e:
-            raise DeployError(str(e)) from e
-        arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim != 3:
-        raise DeployError(f"{p}: a ct3d model takes a 3D volume, got an array of shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise DeployError(f"{p}: {int((~np.isfinite(arr)).sum())} voxels are NaN or infinite")
-    return arr, affine
-
-
-def reorient(arr: np.ndarray, affine: np.ndarray, axcodes: str = "RAS") -> tuple[np.ndarray, np.ndarray]:
-    """MONAI ``Orientation(axcodes)``: flip and transpose (x, y, z) so the axes run along ``axcodes``."""
-    from nibabel import orientations as ornt
-
-    src = ornt.io_orientation(affine)
-    spatial = ornt.ornt_transform(src, ornt.axcodes2ornt(axcodes[: arr.ndim]))
-    new_affine = affine @ ornt.inv_ornt_aff(spatial, arr.shape)
-    return np.ascontiguousarray(ornt.apply_orientation(arr, spatial)), new_affine
-
-
-def _zoomed(affine: np.ndarray, pixdim: Sequence[float], diagonal: bool) -> np.ndarray:
-    """The affine's rotation with new voxel sizes ``pixdim`` and no translation (shear dropped)."""
-    d = affine.shape[0] - 1
-    scale = np.asarray(pixdim, dtype=float)[:d]
-    if diagonal:
-        return np.diag(np.append(scale, 1.0))
-    rzs = affine[:d, :d]
-    upper = np.linalg.cholesky(rzs.T @ rzs).T  # rzs = rotation @ upper
-    rotation = rzs @ np.linalg.inv(upper)
-    out = np.eye(d + 1)
-    out[:d, :d] = rotation @ np.diag(np.sign(np.diag(upper)) * np.abs(scale))
-    return out
-
-
-def output_grid(shape: Sequence[int], affine: np.ndarray, pixdim: Sequence[float], *, diagonal: bool = False
-                ) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine of MONAI ``Spacing(pixdim)``'s output for an input of ``shape`` with ``affine``.
-
-    The input's corner voxel centres, mapped into the new voxel grid, span the output (rounded); the output is
-    anchored at the input corner that is smallest in the new grid (else the two grids share their centre).
-    """
-    d = len(shape)
-    target = _zoomed(affine, pixdim, diagonal)
-    corners = np.array(np.meshgrid(*[(0.0, n - 1.0) for n in shape], indexing="ij")).reshape(d, -1)
-    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
-    in_new = np.linalg.solve(target, affine) @ corners
-    out_shape = np.round(np.ptp(in_new[:d] / in_new[d], axis=1) + 1.0).astype(int)
-    world = affine @ corners
-    offset = None
-    for i in range(corners.shape[1]):
-        if np.allclose(np.min(in_new[:d] - in_new[:d, i:i + 1], axis=1), 0.0, rtol=_AFFINE_TOL):
-            offset = world[:d, i]
-            break
-    if offset is None:
-        offset = (affine[:d, :d] @ (np.asarray(shape, float) / 2.0) + affine[:d, d]
-                  - target[:d, :d] @ (out_shape / 2.0))
-    target[:d, d] = offset
-    return tuple(int(v) for v in out_shape), target
-
-
-def resample_to_spacing(arr: np.ndarray, affine: np.ndarray, pixdim: Sequence[float], *, diagonal: bool = False,
-                        mode: str = "bilinear", padding_mode: str = "border") -> tuple[np.ndarray, np.ndarray]:
-    """MONAI ``Spacing(pixdim)`` on a channel-less (x, y, z) array: trilinear at voxel centres, border padding."""
-    from scipy import ndimage
-
-    if mode not in ("bilinear", "nearest") or padding_mode != "border":
-        raise DeployError(f"Spacing mode '{mode}' / padding '{padding_mode}' is not reimplemented in medsim.deploy "
-                          "(only bilinear or nearest with border padding)")
-    shape, new_affine = output_grid(arr.shape, affine, pixdim, diagonal=diagonal)
-    xform = np.linalg.solve(affine, new_affine)  # output voxel → input voxel
-    if np.allclose(xform, np.eye(4), atol=_AFFINE_TOL) and tuple(shape) == arr.shape:
-        return arr.astype(np.float32, copy=False), affine  # MONAI leaves the image as it is
-    grid = np.indices(shape, dtype=np.float64).reshape(3, -1)
-    coords = xform[:3, :3] @ grid + xform[:3, 3:4]
-    if mode == "nearest":
-        # grid_sample "nearest" rounds half to even; clamp like border padding
-        coords = np.clip(np.rint(coords), 0, np.array(arr.shape)[:, None] - 1)
-    out = ndimage.map_coordinates(arr.astype(np.float64), coords, order=1 if mode == "bilinear" else 0,
-                                  mode="nearest")
-    return out.reshape(shape).astype(np.float32), new_affine
-
-
-def pad_crop(arr: np.ndarray, roi: Sequence[int], *, return_shift: bool = False
-             ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """MONAI ``SpatialPad(roi, method="symmetric")`` (zeros) then ``CenterSpatialCrop(roi)`` on (x, y, z).
-    ``return_shift``: also the (3,) voxel shift — output voxel ``o`` is input voxel ``o + shift``."""
-    roi = [int(r) for r in roi]
-    pads = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(arr.shape, roi)]
-    if any(a or b for a, b in pads):
-        arr = np.pad(arr, pads, mode="constant")
-    starts = [max(n // 2 - r // 2, 0) for n, r in zip(arr.shape, roi)]
-    out = np.ascontiguousarray(arr[tuple(slice(s, s + r) for s, r in zip(starts, roi))])
-    if return_shift:
-        return out, np.array([s - p[0] for s, p in zip(starts, pads)], dtype=np.float64)
-    return out
-
-
-def _shifted(affine: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    t = np.eye(4)
-    t[:3, 3] = shift
-    return affine @ t
-
-
-def _to_grid(source: str | os.PathLike, prep: dict[str, Any], *, mode: str
-             ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
-    """Read, orient, resample (``mode``) and pad/crop: ``(array (x, y, z), original shape, 4×4 affine of the
-    model grid)`` — the affine MONAI's MetaTensor carries after the same transforms."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise DeployError(f"a ct3d model reads volumes from files (NIfTI or a DICOM series folder), not a "
-                          f"{type(source).__name__}: the affine (orientation, spacing) is needed")
-    for key in ("pixdim", "scale", "spatial_size"):
-        if not prep.get(key):
-            raise DeployError(f"manifest ct3d preprocessing has no '{key}' (re-export with this medsim version)")
-    arr, affine = read_volume(source)
-    original = tuple(int(v) for v in arr.shape)
-    if prep.get("axcodes"):
-        arr, affine = reorient(arr, affine, str(prep["axcodes"]))
-    sp = prep.get("spacing") or {}
-    if sp.get("align_corners") or sp.get("scale_extent"):
-        raise DeployError("manifest Spacing with align_corners/scale_extent is not reimplemented in medsim.deploy")
-    arr, affine = resample_to_spacing(arr, affine, prep["pixdim"], diagonal=bool(sp.get("diagonal", False)),
-                                      mode=mode, padding_mode=str(sp.get("padding_mode", "border")))
-    return arr, original, affine
-
-
-def _model_input(source: str | os.PathLike, prep: dict[str, Any]
-                 ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
-    from medsim.deploy.preprocess import _scale_range
-
-    arr, original, affine = _to_grid(source, prep, mode=str((prep.get("spacing") or {}).get("mode", "bilinear")))
-    arr, shift = pad_crop(_scale_range(arr, prep["scale"]), prep["spatial_size"], return_shift=True)
-    return arr.astype(np.float32, copy=False), original, _shifted(affine, shift)
-
-
-def preprocess_volume(source: str | os.PathLike, prep: dict[str, Any]) -> tuple[np.ndarray, tuple[int, ...]]:
-    """A volume → the model input (1, *spatial_size) float32 and the volume's original (x, y, z) shape."""
-    arr, original, _ = _model_input(source, prep)
-    return np.ascontiguousarray(arr[None], dtype=np.float32), original
-
-
-def model_grid(source: str | os.PathLike, prep: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The model input of a volume (x, y, z) float32 and the 4×4 affine (voxel → RAS mm) of that grid: what a
-    mask or heatmap at the model's input resolution needs to sit on the original scan in any NIfTI viewer."""
-    arr, _, affine = _model_input(source, prep)
-    return arr, affine
-
-
-def label_to_grid(source: str | os.PathLike, prep: dict[str, Any]) -> np.ndarray:
-    """A label map (NIfTI) on the model grid: the image's orientation / spacing / pad-crop with nearest-neighbour
-    resampling, as training's ``ct3d_transforms(with_mask=True)`` did. Returns (x, y, z) int labels."""
-    arr, _, _ = _to_grid(source, prep, mode="nearest")
-    return np.rint(pad_crop(arr, prep["spatial_size"])).astype(np.int32)
-
-
-# ------------------------------------------------------------------------------------------- 3D localization
-def trilinear_resize(a: np.ndarray, size: Sequence[int], geometry: Any = None) -> np.ndarray:
+def trilinear_resize(a: np.ndarray, size: Sequence[int], geometry: AttentionGeometry | None = None) -> np.ndarray:
     """Trilinear resize of an (x, y, z) attention map to ``size``: each cell at its centre from ``geometry``
-    (:class:`~medsim.deploy.geometry.AttentionGeometry`; linear between centres, edge values held outside them),
+    (:class:`~medsim.runtime.geometry.AttentionGeometry`; linear between centres, edge values held outside them),
     or stretched over the volume when ``None`` (``align_corners=False`` with edge clamping, PyTorch's
     ``interpolate(mode="trilinear")``); ``medsim.nn.upsample_attention`` with the same geometry. Returns float64."""
-    from medsim.deploy.geometry import resample_attention
-
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 3 or len(size) != 3:
         raise DeployError(f"trilinear_resize expects a 3D array and a 3D size, got {a.shape} → {tuple(size)}")
@@ -249,83 +48,79 @@ def _display_slice(volume: np.ndarray, z: int) -> np.ndarray:
     return volume[::-1, ::-1, z].T
 
 
-def localize_volumes(model_dir: Path, volumes: Sequence[Path], out: Path, localizer: Any, *,
-                     masks: Sequence[str | os.PathLike | None] | None = None, backend: str = "auto",
-                     progress: bool = True, precision: str = "fp32",
-                     names: Sequence[str] | None = None) -> dict[str, Any]:
-    """3D counterpart of :func:`medsim.deploy.tasks.localize_images`, on the model grid (RAS, training spacing,
-    ``spatial_size``): per volume (``<stem>``: its name in ``names``, an opaque case token — default
-    :func:`medsim.deploy.tasks.case_names`) ``<stem>_mask.nii.gz`` (uint8), ``<stem>_heatmap.nii.gz`` (float32),
-    both with
-    the grid's affine so they overlay the original scan in world coordinates; ``<stem>_boxes.json`` (voxel boxes
-    ``x0..z1`` on the grid, x1/y1/z1 exclusive, plus their RAS mm corners); ``<stem>_overlay.png`` (the axial slice
-    through the heat peak, radiological display). Ground-truth label maps (> 0 = lesion) are put on the same grid
-    with nearest-neighbour resampling and scored with Dice, IoU, pointing game and box hit (a box holding the
-    lesion centroid or with 3D IoU ≥ 0.5 against its bounding box)."""
+def localize_volumes(engine: Any, volumes: Sequence[Path], out: Path, localizer: Localizer, *,
+                     names: Sequence[str], masks: Sequence[str | os.PathLike | None] | None = None,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """3D counterpart of :func:`medsim.deploy.tasks.localize_images` (which opens ``engine``, an
+    :class:`~medsim.deploy.EmbeddingEngine` of a ct3d export, and summarises the rows returned here), on the model
+    grid (RAS, training spacing, ``spatial_size``): per volume (``<stem>``: its name in ``names``, an opaque case
+    token, :func:`medsim.deploy.tasks.case_names`) ``<stem>_mask.nii.gz`` (uint8), ``<stem>_heatmap.nii.gz``
+    (float32), both with the grid's affine so they overlay the original scan in world coordinates;
+    ``<stem>_boxes.json`` (voxel boxes ``x0..z1`` on the grid, x1/y1/z1 exclusive, plus their RAS mm corners);
+    ``<stem>_overlay.png`` (the axial slice through the heat peak, radiological display). Ground-truth label maps
+    (> 0 = lesion) are put on the same grid with nearest-neighbour resampling and scored with Dice, IoU, pointing
+    game and box hit (a box holding the lesion centroid or with 3D IoU ≥ 0.5 against its bounding box).
+
+    Returns:
+        one row per volume: ``image`` (its name), ``boxes``, ``overlay_slice`` and, with a non-empty label map,
+        ``dice``, ``iou``, ``pointing``, ``box_hit`` (``empty_mask`` for an empty one).
+    """
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from medsim.deploy.geometry import geometry_from_manifest
-    from medsim.deploy.localizer import Localization, _rgb_image, box_hit, dice, iou, overlay
-    from medsim.deploy.preprocess import load_manifest
-    from medsim.deploy.tasks import _engine, _localization_summary, case_names
-    from medsim.errors import atomic_write_text
     from medsim.viz.contact_sheet import save_png
 
-    manifest = load_manifest(model_dir)
+    manifest = engine.manifest
     prep = manifest["preprocessing"]
-    geometry = geometry_from_manifest(manifest, where=str(model_dir))
+    geometry = geometry_from_manifest(manifest, where=str(engine.model_dir))
     out.mkdir(parents=True, exist_ok=True)
-    names = list(names) if names is not None else case_names(volumes)
     rows = []
-    with _engine(model_dir, backend, precision, batch_size=1) as engine:
-        for i, vol in enumerate(tqdm(volumes, desc="localizing", unit="volume", disable=not progress, leave=False)):
-            grid, affine = model_grid(vol, prep)
-            att = engine.run(grid[None, None])["attention"][0, 0]
-            loc = _localize_grid(localizer, att, grid.shape, geometry)
-            stem = names[i]
-            _save_nifti(loc.mask.astype(np.uint8), affine, out / f"{stem}_mask.nii.gz")
-            _save_nifti(loc.heatmap.astype(np.float32), affine, out / f"{stem}_heatmap.nii.gz")
-            for b in loc.boxes:
-                lo = affine @ np.array([b["x0"], b["y0"], b["z0"], 1.0])
-                hi = affine @ np.array([b["x1"] - 1, b["y1"] - 1, b["z1"] - 1, 1.0])
-                b["ras_mm"] = {"min": np.minimum(lo, hi)[:3].round(2).tolist(),
-                               "max": np.maximum(lo, hi)[:3].round(2).tolist()}
-            doc = {"grid_shape": list(grid.shape), "affine": affine.round(6).tolist(), "threshold": loc.threshold,
-                   "box_convention": "voxels of the model grid (x, y, z = RAS axes); x0/y0/z0 inclusive, x1/y1/z1 "
-                                     "exclusive; ras_mm: world corners of the first and last voxel centres",
-                   "boxes": loc.boxes}
-            atomic_write_text(out / f"{stem}_boxes.json", json.dumps(doc, indent=2) + "\n")
-            z = int(np.unravel_index(int(np.argmax(loc.heatmap)), loc.heatmap.shape)[2])
-            X, Y = grid.shape[:2]
-            flat = [{"x0": X - b["x1"], "x1": X - b["x0"], "y0": Y - b["y1"], "y1": Y - b["y0"]}
-                    for b in loc.boxes if b["z0"] <= z < b["z1"]]
-            sl = Localization(heatmap=_display_slice(loc.heatmap, z), mask=_display_slice(loc.mask, z), boxes=flat)
-            bg = _rgb_image(_display_slice(grid, z).clip(0, 1), sl.heatmap.shape)
-            save_png(Image.fromarray(overlay(sl, bg)), out / f"{stem}_overlay.png")
-            row: dict[str, Any] = {"image": stem, "boxes": len(loc.boxes), "overlay_slice": z}
-            if masks is not None and masks[i] is not None:
-                gt = label_to_grid(masks[i], prep) > 0
-                if gt.shape != loc.mask.shape:
-                    raise DeployError(f"{masks[i]}: on the model grid the label map is {gt.shape}, the volume "
-                                      f"{loc.mask.shape}: is it the label map of {vol}?")
-                if not gt.any():
-                    row["empty_mask"] = True
-                else:
-                    peak = np.unravel_index(int(np.argmax(loc.heatmap)), gt.shape)
-                    row.update(dice=dice(loc.mask, gt), iou=iou(loc.mask, gt), pointing=float(gt[peak]),
-                               box_hit=float(box_hit(loc.boxes, gt)))
-            rows.append(row)
-    return _localization_summary(rows, out)
+    for i, vol in enumerate(tqdm(volumes, desc="localizing", unit="volume", disable=not progress, leave=False)):
+        grid, affine = model_grid(vol, prep)
+        att = engine.run(grid[None, None])["attention"][0, 0]
+        loc = localize_grid(localizer, att, grid.shape, geometry)
+        stem = names[i]
+        _save_nifti(loc.mask.astype(np.uint8), affine, out / f"{stem}_mask.nii.gz")
+        _save_nifti(loc.heatmap.astype(np.float32), affine, out / f"{stem}_heatmap.nii.gz")
+        for b in loc.boxes:
+            lo = affine @ np.array([b["x0"], b["y0"], b["z0"], 1.0])
+            hi = affine @ np.array([b["x1"] - 1, b["y1"] - 1, b["z1"] - 1, 1.0])
+            b["ras_mm"] = {"min": np.minimum(lo, hi)[:3].round(2).tolist(),
+                           "max": np.maximum(lo, hi)[:3].round(2).tolist()}
+        doc = {"grid_shape": list(grid.shape), "affine": affine.round(6).tolist(), "threshold": loc.threshold,
+               "box_convention": "voxels of the model grid (x, y, z = RAS axes); x0/y0/z0 inclusive, x1/y1/z1 "
+                                 "exclusive; ras_mm: world corners of the first and last voxel centres",
+               "boxes": loc.boxes}
+        atomic_write_text(out / f"{stem}_boxes.json", json.dumps(doc, indent=2) + "\n")
+        z = int(np.unravel_index(int(np.argmax(loc.heatmap)), loc.heatmap.shape)[2])
+        X, Y = grid.shape[:2]
+        flat = [{"x0": X - b["x1"], "x1": X - b["x0"], "y0": Y - b["y1"], "y1": Y - b["y0"]}
+                for b in loc.boxes if b["z0"] <= z < b["z1"]]
+        sl = Localization(heatmap=_display_slice(loc.heatmap, z), mask=_display_slice(loc.mask, z), boxes=flat)
+        bg = rgb_image(_display_slice(grid, z).clip(0, 1), sl.heatmap.shape)
+        save_png(Image.fromarray(overlay(sl, bg)), out / f"{stem}_overlay.png")
+        row: dict[str, Any] = {"image": stem, "boxes": len(loc.boxes), "overlay_slice": z}
+        if masks is not None and masks[i] is not None:
+            gt = label_to_grid(masks[i], prep) > 0
+            if gt.shape != loc.mask.shape:
+                raise DeployError(f"{masks[i]}: on the model grid the label map is {gt.shape}, the volume "
+                                  f"{loc.mask.shape}: is it the label map of {vol}?")
+            if not gt.any():
+                row["empty_mask"] = True
+            else:
+                peak = np.unravel_index(int(np.argmax(loc.heatmap)), gt.shape)
+                row.update(dice=dice(loc.mask, gt), iou=iou(loc.mask, gt), pointing=float(gt[peak]),
+                           box_hit=float(box_hit(loc.boxes, gt)))
+        rows.append(row)
+    return rows
 
 
-def _localize_grid(localizer: Any, attention: np.ndarray, shape: Sequence[int], geometry: Any = None) -> Any:
+def localize_grid(localizer: Localizer, attention: np.ndarray, shape: Sequence[int],
+                  geometry: AttentionGeometry | None = None) -> Localization:
     """Attention (x, y, z) at feature resolution → Localization on the grid (26-connected components); the cells
     placed by ``geometry`` (the model grid is the model input, so its size is the geometry's ``input_size``)."""
-    from medsim.deploy.localizer import Localization
-
     if not np.isfinite(attention).all():
         raise DeployError("attention map contains NaN/inf values")
-    heat = localizer._normalized(trilinear_resize(attention, shape, geometry), localizer.normalize)
+    heat = localizer.normalized(trilinear_resize(attention, shape, geometry))
     mask, boxes, t = localizer.components(heat)
     return Localization(heatmap=heat, mask=mask, boxes=boxes, threshold=t)

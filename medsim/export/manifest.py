@@ -15,11 +15,12 @@ from typing import Any
 
 from medsim.errors import atomic_write_text
 from medsim.export.errors import ExportError
+from medsim.runtime.manifest import MANIFEST_NAME
+from medsim.runtime.manifest import read_manifest as _read_manifest
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_SCHEMA", "describe_preprocessing", "preprocessing_kind", "read_manifest",
            "write_manifest", "update_manifest", "utc_now"]
 
-MANIFEST_NAME = "manifest.json"
 #: bumped when a field changes meaning
 MANIFEST_SCHEMA = 1
 
@@ -116,19 +117,9 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a manifest from a model directory, a model file beside it, or the manifest file itself."""
-    p = Path(path)
-    if not p.exists():
-        raise ExportError(f"{p}: not found — give the folder written by `medsim export RUN --out DIR` (it holds "
-                          f"model.onnx and {MANIFEST_NAME})")
-    f = p / MANIFEST_NAME if p.is_dir() else (p if p.name == MANIFEST_NAME else p.with_name(MANIFEST_NAME))
-    if not f.is_file():
-        raise ExportError(f"{f}: not found — export the model first (medsim export RUN --out DIR writes "
-                          f"model.onnx and {MANIFEST_NAME})")
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{f}: not valid JSON (line {e.lineno}: {e.msg}); re-run medsim export") from e
+    """Read a manifest from a model directory, a model file beside it, or the manifest file itself (the runtime's
+    reader, :func:`medsim.runtime.manifest.read_manifest`, raising :class:`ExportError`)."""
+    return _read_manifest(path, error=ExportError)
 
 
 def update_manifest(out_dir: str | os.PathLike, **sections: Any) -> dict[str, Any]:

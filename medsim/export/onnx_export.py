@@ -167,32 +167,26 @@ def onnx_output_shapes(onnx_path: str | os.PathLike) -> dict[str, list[int | str
 
 
 def ort_session(onnx_path: str | os.PathLike, *, threads: int | None = None):
-    """An onnxruntime CPU ``InferenceSession`` (imported lazily; ``pip install medsim[cpu]`` provides it)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ExportError("onnxruntime is not installed: pip install 'medsim[cpu]' (or onnxruntime-gpu on a GPU "
-                          "host)") from e
-    from medsim.threads import ort_session_options
+    """An onnxruntime CPU ``InferenceSession`` — :func:`medsim.runtime.runners.ort_session`, the one the deployed
+    :class:`~medsim.deploy.EmbeddingEngine` opens — with its errors as :class:`ExportError`."""
+    from medsim.runtime.errors import DeployError
+    from medsim.runtime.runners import CPU_EP
+    from medsim.runtime.runners import ort_session as runtime_session
 
-    so = ort_session_options(ort, threads)  # threads: default MEDSIM_THREADS (medsim --threads)
     try:
-        return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{onnx_path}: onnxruntime cannot load the model ({type(e).__name__}: {e})") from e
+        return runtime_session(onnx_path, [CPU_EP], threads)  # threads: default MEDSIM_THREADS (medsim --threads)
+    except DeployError as e:
+        raise ExportError(str(e)) from e
 
 
 def run_onnx(session: Any, images: np.ndarray, *, batch: int = 32, names: Sequence[str] | None = None
              ) -> dict[str, np.ndarray]:
-    """Run ``images`` (N, C, *S) float32 through an ORT session in chunks of ``batch``: ``{output: (N, ...)}``."""
-    names = list(names or [o.name for o in session.get_outputs()])
-    inp = session.get_inputs()[0].name
-    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i in range(0, len(images), batch):
-        outs = session.run(names, {inp: np.ascontiguousarray(images[i:i + batch], dtype=np.float32)})
-        for n, o in zip(names, outs):
-            chunks[n].append(o)
-    return {n: np.concatenate(v) for n, v in chunks.items()}
+    """Run ``images`` (N, C, *S) float32 through an ORT session in chunks of ``batch``: ``{output: (N, ...)}``
+    (``names``: the outputs to compute, default all) — the deployed engine's runner and batching
+    (:class:`medsim.runtime.runners.OrtRunner`, :func:`medsim.runtime.runners.run_batched`)."""
+    from medsim.runtime.runners import OrtRunner, run_batched
+
+    return run_batched(OrtRunner(session, names), images, batch)
 
 
 def check_parity(onnx_path: str | os.PathLike, network: nn.Module, images: np.ndarray | torch.Tensor, *,

@@ -270,36 +270,24 @@ def make_int8_calibrator(images: np.ndarray, *, batch: int, cache_file: str | os
 
 def run_engine(engine_path: str | os.PathLike, images: np.ndarray, *, batch: int) -> dict[str, np.ndarray]:
     """Run preprocessed images (N, C, *S) through a serialized engine on the GPU, in chunks of ``batch``
-    (within the engine's profile): ``{output name: (N, ...)}`` float32. Uses TensorRT 10's
-    ``execute_async_v3`` with CUDA torch tensors as buffers."""
-    trt = require_tensorrt()
-    import torch
+    (within the engine's profile): ``{output name: (N, ...)}`` float32 — with the runner the deployed
+    :class:`~medsim.deploy.EmbeddingEngine` uses (:class:`medsim.runtime.runners.TrtRunner`: TensorRT 10's
+    ``execute_async_v3``, cuda-python buffers), so the export's check tests what ships.
 
-    tlog = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(tlog).deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise TensorRTBuildError(f"{engine_path}: TensorRT cannot deserialize the engine (built by another "
-                                 "TensorRT version or GPU?); rebuild it on this host")
-    ctx = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if n not in inputs]
-    if len(inputs) != 1:
-        raise TensorRTBuildError(f"{engine_path}: expected one input, found {inputs}")
-    stream = torch.cuda.Stream()
-    chunks: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
-    for i in range(0, len(images), batch):
-        xb = torch.from_numpy(np.ascontiguousarray(images[i:i + batch], dtype=np.float32)).cuda()
-        ctx.set_input_shape(inputs[0], tuple(xb.shape))
-        ctx.set_tensor_address(inputs[0], int(xb.data_ptr()))
-        bufs = {}
-        for n in outputs:
-            bufs[n] = torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=torch.float32, device="cuda")
-            ctx.set_tensor_address(n, int(bufs[n].data_ptr()))
-        torch.cuda.synchronize()
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise TensorRTBuildError(f"{engine_path}: TensorRT execution failed at images {i}..{i + len(xb) - 1}")
-        stream.synchronize()
-        for n in outputs:
-            chunks[n].append(bufs[n].cpu().numpy())
-    return {n: np.concatenate(v) for n, v in chunks.items()}
+    Raises:
+        TensorRTUnavailable: no TensorRT / GPU / cuda-python here; TensorRTBuildError: the engine cannot be
+            deserialized or run.
+    """
+    require_tensorrt()
+    from medsim.runtime.errors import DeployError
+    from medsim.runtime.runners import TrtRunner, import_cudart, run_batched
+
+    try:
+        import_cudart()
+    except ImportError as e:
+        raise TensorRTUnavailable(f"running the TensorRT engine needs cuda-python ({e}); " + INSTALL_HINT) from e
+    try:
+        with TrtRunner(engine_path) as runner:
+            return run_batched(runner, images, batch)
+    except DeployError as e:
+        raise TensorRTBuildError(str(e)) from e

@@ -360,7 +360,7 @@ def _fake_cuda_and_trt(onnx_path: Path, max_batch: int):
 
 
 def test_tensorrt_backend_plumbing_with_fakes(model_dir, derm_images, tmp_path, monkeypatch):
-    import medsim.deploy.engine as eng
+    import medsim.runtime.runners as runners
 
     d = tmp_path / "m"
     d.mkdir()
@@ -369,7 +369,7 @@ def test_tensorrt_backend_plumbing_with_fakes(model_dir, derm_images, tmp_path, 
     (d / "model.plan").write_bytes(b"ENGINE")
     trt, cudart, calls = _fake_cuda_and_trt(d / "model.onnx", max_batch=4)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(eng, "_import_cudart", lambda: cudart)
+    monkeypatch.setattr(runners, "import_cudart", lambda: cudart)
     images = derm_images[:10]
     # an engine file the manifest does not list (left by an earlier export) is never used
     assert EmbeddingEngine(d).backend == "ort-cpu" and not calls

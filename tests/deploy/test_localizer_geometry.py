@@ -83,16 +83,16 @@ def test_patch_counts_use_the_declared_cells():
 
 
 def test_3d_localizer_uses_the_geometry():
-    from medsim.deploy.volume import _localize_grid, trilinear_resize
+    from medsim.deploy.volume import localize_grid, trilinear_resize
 
     g = AttentionGeometry((32, 32, 16), (AxisGeometry(2, 0.5, 16.0, 163.0),) * 2 + (AxisGeometry(1, 0.5, 16.0, 163.0),))
     att = np.full((2, 2, 1), 0.1)
     att[1, 0, 0] = 1.0
-    loc = _localize_grid(Localizer(threshold=0.5, min_area=1), att, (32, 32, 16), g)
+    loc = localize_grid(Localizer(threshold=0.5, min_area=1), att, (32, 32, 16), g)
     xs, ys, _ = np.nonzero(loc.mask)
     # cell x=1 is centred at 16.5 (not 24): the mask starts halfway between the centres, at 8.5, and covers the rest
     assert xs.min() == 9 and xs.max() == 31 and ys.max() == 7
-    stretched = _localize_grid(Localizer(threshold=0.5, min_area=1), att, (32, 32, 16))
+    stretched = localize_grid(Localizer(threshold=0.5, min_area=1), att, (32, 32, 16))
     assert np.nonzero(stretched.mask)[0].min() == 16
     np.testing.assert_allclose(trilinear_resize(att, (32, 32, 16), g), resample_attention(att, (32, 32, 16), g))
 

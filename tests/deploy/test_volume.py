@@ -226,11 +226,11 @@ def test_trilinear_resize_equals_torch():
 def test_localize_grid_finds_the_hot_region_and_box_hit_rules():
     from medsim.deploy.localizer import Localizer
     from medsim.deploy.localizer import box_hit as _box_hit_3d  # the one rule, 2D and 3D
-    from medsim.deploy.volume import _localize_grid
+    from medsim.deploy.volume import localize_grid
 
     att = np.zeros((4, 4, 2))
     att[2, 1, 1] = 1.0  # feature voxel (2, 1, 1) of a 4x4x2 map on a 32x32x16 grid: voxels x 16-24, y 8-16, z 8-16
-    loc = _localize_grid(Localizer(threshold=0.5, min_area=1), att, (32, 32, 16))
+    loc = localize_grid(Localizer(threshold=0.5, min_area=1), att, (32, 32, 16))
     (b,) = loc.boxes
     assert (b["x0"], b["x1"], b["y0"], b["y1"], b["z0"], b["z1"]) == (16, 24, 8, 16, 8, 16)
     assert loc.mask.sum() == b["volume_voxels"] and loc.mask[20, 12, 12] and not loc.mask[10, 12, 12]

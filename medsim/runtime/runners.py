@@ -1,0 +1,208 @@
+"""Runners: one exported model on one backend — onnxruntime (CPU or CUDA) or a TensorRT engine — without PyTorch.
+
+A runner is called with one (B, C, *S) float32 batch and returns ``{output name: (B, ...) float32}``; it has
+``output_names``, ``max_batch`` (the TensorRT profile maximum, ``None`` for onnxruntime) and ``close()``.
+:func:`run_batched` feeds it N images in chunks. The export's parity checks (:mod:`medsim.export.onnx_export`,
+:mod:`medsim.export.quantize`, :mod:`medsim.export.tensorrt`) and :class:`medsim.deploy.EmbeddingEngine` run models
+through these same classes, so the check tests the code that ships.
+
+TensorRT buffers are managed with cuda-python's runtime API (TensorRT 10: ``set_input_shape`` /
+``set_tensor_address`` / ``execute_async_v3``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medsim.runtime.errors import BackendUnavailable, DeployError
+from medsim.threads import ort_session_options
+
+__all__ = ["CUDA_EP", "CPU_EP", "ENGINE_NAME", "import_ort", "ort_session", "OrtRunner", "import_cudart",
+           "cuda_check", "trt_missing", "TrtRunner", "run_batched"]
+
+ENGINE_NAME = "model.plan"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+ORT_HINT = ("pip install 'medsim[cpu]' (onnxruntime) on CPU hosts, or onnxruntime-gpu on GPU hosts (not both: "
+            "they overwrite each other)")
+
+
+# ------------------------------------------------------------------------------------------------ onnxruntime
+def import_ort() -> Any:
+    """The ``onnxruntime`` module, or :class:`BackendUnavailable` saying how to install it."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailable(f"onnxruntime is not installed ({e}): {ORT_HINT}") from e
+    return ort
+
+
+def ort_session(path: str | os.PathLike, providers: Sequence[Any] = (CPU_EP,), threads: int | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``path`` asking for ``providers`` (in order), with medsim's session
+    options (``threads`` intra-op threads; default ``MEDSIM_THREADS``, i.e. ``medsim ... --threads``).
+
+    Raises:
+        BackendUnavailable: onnxruntime is not installed; DeployError: onnxruntime cannot load the model.
+    """
+    ort = import_ort()
+    so = ort_session_options(ort, threads)
+    try:
+        return ort.InferenceSession(str(path), so, providers=list(providers))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise DeployError(f"{path}: onnxruntime cannot load the model ({type(e).__name__}: {e})") from e
+
+
+class OrtRunner:
+    """Runs (B, C, *S) float32 batches through an onnxruntime session (``output_names``: a subset to compute;
+    default all outputs)."""
+
+    def __init__(self, session: Any, output_names: Sequence[str] | None = None):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.output_names = list(output_names or [o.name for o in session.get_outputs()])
+        self.max_batch: int | None = None
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, {self.input_name: x})
+        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.output_names, outs)}
+
+    def close(self) -> None:
+        self.session = None
+
+
+# --------------------------------------------------------------------------------------------------- TensorRT
+def import_cudart() -> Any:
+    """cuda-python's runtime API module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        except ImportError as e:
+            raise ImportError(f"cuda-python is not installed ({e}); pip install cuda-python") from e
+    return cudart
+
+
+def cuda_check(result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(err, *values)`` tuple; raise :class:`DeployError` unless ``err`` is success."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise DeployError(f"CUDA {what} failed: {getattr(err, 'name', err)}")
+    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+
+
+def trt_missing(plan: Path) -> list[str]:
+    """What stops TensorRT from running ``plan`` here (empty when everything is present)."""
+    missing = []
+    if not plan.is_file():
+        missing.append(f"the engine file {plan} (medsim export RUN --out DIR --trt builds it, on this GPU model)")
+    try:
+        import tensorrt  # noqa: F401  # type: ignore[import-not-found]
+    except ImportError as e:
+        missing.append(f"the `tensorrt` Python package ({e})")
+    try:
+        cudart = import_cudart()
+    except ImportError as e:
+        missing.append(f"cuda-python ({e})")
+    else:
+        try:
+            err, n = cudart.cudaGetDeviceCount()
+            if int(err) != 0 or n < 1:
+                missing.append(f"a CUDA GPU (cudaGetDeviceCount: {getattr(err, 'name', err)}, {n} device(s))")
+        except Exception as e:  # noqa: BLE001 - driver missing: the call itself fails
+            missing.append(f"a CUDA GPU and driver ({type(e).__name__}: {e})")
+    return missing
+
+
+class TrtRunner:
+    """A deserialized TensorRT engine with device buffers grown to the largest batch seen (TensorRT 10 API:
+    ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``)."""
+
+    def __init__(self, plan: str | os.PathLike, device_id: int = 0):
+        import tensorrt as trt  # type: ignore[import-not-found]
+
+        self.trt, self.cudart, self.plan = trt, import_cudart(), Path(plan)
+        cuda_check(self.cudart.cudaSetDevice(int(device_id)), f"cudaSetDevice({device_id})")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.plan.read_bytes())
+        if self.engine is None:
+            raise DeployError(f"{self.plan}: TensorRT cannot deserialize the engine (built by another TensorRT "
+                              "version or GPU model?); rebuild it on this host with medsim export --trt --no-onnx")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise DeployError(f"{self.plan}: expected one engine input, found {inputs}")
+        self.input_name = inputs[0]
+        self.output_names = [n for n in names if n != self.input_name]
+        _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.max_batch = int(max_shape[0])
+        self.stream = cuda_check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                cuda_check(self.cudart.cudaFree(ptr), "cudaFree")
+            ptr = int(cuda_check(self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)"))
+            self.buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        trt, cudart = self.trt, self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        x = np.ascontiguousarray(x, dtype=trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
+        ptr = self._buffer(self.input_name, x.nbytes)
+        cuda_check(cudart.cudaMemcpyAsync(ptr, x.ctypes.data, x.nbytes, h2d, self.stream), "copy to GPU")
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise DeployError(f"{self.plan}: input shape {x.shape} is outside the engine's optimisation profile")
+        self.context.set_tensor_address(self.input_name, ptr)
+        hosts: dict[str, np.ndarray] = {}
+        for n in self.output_names:
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(n))
+            hosts[n] = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))
+            self.context.set_tensor_address(n, self._buffer(n, hosts[n].nbytes))
+        if not self.context.execute_async_v3(int(self.stream)):  # cudaStream_t → its handle
+            raise DeployError(f"{self.plan}: TensorRT execution failed for a batch of {len(x)}")
+        for n, h in hosts.items():
+            cuda_check(cudart.cudaMemcpyAsync(h.ctypes.data, self.buffers[n][0], h.nbytes, d2h, self.stream),
+                       "copy from GPU")
+        cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return {n: h.astype(np.float32, copy=False) for n, h in hosts.items()}
+
+    def close(self) -> None:
+        for ptr, _ in self.buffers.values():
+            self.cudart.cudaFree(ptr)
+        self.buffers.clear()
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        self.context = self.engine = None
+
+    def __enter__(self) -> "TrtRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+def run_batched(runner: Any, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """``images`` (N, C, *S) through ``runner`` in chunks of ``batch`` (capped by ``runner.max_batch``):
+    ``{output: (N, ...)}`` float32, in input order. ``N = 0`` gives an empty dict."""
+    batch = int(batch)
+    if batch < 1:
+        raise DeployError(f"batch must be a positive integer, got {batch}")
+    if getattr(runner, "max_batch", None):
+        batch = min(batch, int(runner.max_batch))
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in runner.output_names}
+    for i in range(0, len(images), batch):
+        out = runner(np.ascontiguousarray(images[i:i + batch], dtype=np.float32))
+        for n in runner.output_names:
+            chunks[n].append(out[n])
+    return {n: np.concatenate(v) for n, v in chunks.items() if v}
