@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsim.deploy.geometry import AttentionGeometry, interp_matrix
+from medsim.runtime.geometry import AttentionGeometry, interp_matrix
 from medsim.nn.attention import create_attention
 from medsim.nn.backbones import make_backbone
 from medsim.nn.geometry import trace_geometry

@@ -37,7 +37,7 @@ from monai.networks.layers.factories import Conv
 from monai.utils import look_up_option
 from torch import nn
 
-from medsim.deploy.geometry import AttentionGeometry
+from medsim.runtime.geometry import AttentionGeometry
 from medsim.nn.backbones import make_backbone
 from medsim.nn.geometry import Resize, trace_geometry
 

@@ -25,7 +25,7 @@ from typing import Sequence
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
-from medsim.deploy.geometry import AttentionGeometry, AxisGeometry
+from medsim.runtime.geometry import AttentionGeometry, AxisGeometry
 
 __all__ = ["Resize", "trace", "trace_geometry"]
 

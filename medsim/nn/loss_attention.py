@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from monai.utils import look_up_option
 from torch import nn
 
-from medsim.deploy.geometry import AttentionGeometry
+from medsim.runtime.geometry import AttentionGeometry
 from medsim.nn.backbones import CUTS, make_backbone
 from medsim.nn.geometry import trace_geometry
 
