@@ -3,10 +3,11 @@ written here: the subspace-routed PML losses (:mod:`~medsim.losses.metric_losses
 (:mod:`~medsim.losses.divergence`), the gated-attention fusion objective (:mod:`~medsim.losses.fine_grained`) and
 the loss-based attention objective (:mod:`~medsim.losses.loss_attention`)."""
 
+from medsim.losses.base import EmbeddingLoss, OutputsLoss
 from medsim.losses.divergence import ABELoss, divergence_loss
 from medsim.losses.fine_grained import FineGrainedLoss
 from medsim.losses.loss_attention import LossAttentionLoss
-from medsim.losses.metric_losses import LOSSES, ClassificationLoss, MetricLoss, make_loss
+from medsim.losses.metric_losses import ClassificationLoss, CombinedLoss, MetricLoss
 
-__all__ = ["LOSSES", "ClassificationLoss", "MetricLoss", "make_loss", "ABELoss", "divergence_loss",
-           "FineGrainedLoss", "LossAttentionLoss"]
+__all__ = ["EmbeddingLoss", "OutputsLoss", "ClassificationLoss", "CombinedLoss", "MetricLoss", "ABELoss",
+           "divergence_loss", "FineGrainedLoss", "LossAttentionLoss"]

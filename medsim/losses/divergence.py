@@ -10,12 +10,14 @@ with B_m(x_i) the embedding of image x_i by learner m ("self pairs"), d the Eucl
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import copy
+
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from medsim.losses.metric_losses import make_loss
+from medsim.losses.base import OutputsLoss
 
 __all__ = ["divergence_loss", "ABELoss"]
 
@@ -46,43 +48,36 @@ def divergence_loss(learner_embeddings: torch.Tensor, m_div: float = 1.0) -> tor
     return torch.relu(m_div - sq).sum(1).mean()
 
 
-class ABELoss(nn.Module):
+class ABELoss(OutputsLoss):
     """Eq. 8 of ABE: one metric loss per learner, summed, plus λ_div · :func:`divergence_loss`.
 
     Called by :class:`medsim.engines.MetricLearningTrainer` as ``loss(outputs, labels)`` (``takes_outputs``) with
     the model's output dict; it reads ``outputs["learner_embeddings"]`` (B, M, d) of
     :class:`medsim.nn.abe.ABEEmbedder`. The paper trains each learner with its own contrastive loss (Eq. 10);
-    here each learner gets its own :func:`medsim.losses.make_loss` instance (so the margin loss learns a β per
-    class and learner).
+    here each learner gets its own copy of ``metric`` (so a margin loss learns a β per class and learner).
 
     Args:
-        name: metric loss name for :func:`medsim.losses.make_loss` (``margin``, ``triplet``, ``contrastive``;
-            the paper uses contrastive).
-        n_classes: number of classes (the margin loss's per-class β).
+        metric: the metric loss of one learner (a :class:`~medsim.losses.MetricLoss` built in the config, e.g.
+            isic_dsl's ``metric_loss``; isic_abe's ``contrastive`` variant gives the paper's Eq. 10); it is copied
+            ``n_learners`` times.
         n_learners: M.
         m_div: divergence margin (paper: 1).
         lambda_div: divergence weight (paper: 1; 0 = the "without divergence loss" ablation of Table 2).
-        loss_kwargs: extra keyword arguments for ``make_loss``.
     """
 
-    takes_outputs = True
+    required_outputs = ("learner_embeddings",)
 
-    def __init__(self, name: str = "margin", *, n_classes: int | None = None, n_learners: int = 4,
-                 m_div: float = 1.0, lambda_div: float = 1.0, loss_kwargs: Mapping[str, Any] | None = None):
+    def __init__(self, metric: nn.Module, *, n_learners: int = 4, m_div: float = 1.0, lambda_div: float = 1.0):
         super().__init__()
         if n_learners < 1:
             raise ValueError(f"n_learners must be >= 1, got n_learners={n_learners}")
-        if name == "classifier":
-            raise ValueError("ABELoss needs a metric loss on each learner's embedding; got name='classifier'")
-        self.metric = nn.ModuleList(make_loss(name, n_classes=n_classes, **dict(loss_kwargs or {}))
-                                    for _ in range(n_learners))
+        if type(metric).__name__ == "ClassificationLoss":
+            raise ValueError("ABELoss needs a metric loss on each learner's embedding; got a ClassificationLoss")
+        self.metric = nn.ModuleList(copy.deepcopy(metric) for _ in range(n_learners))
         self.n_learners, self.m_div, self.lambda_div = n_learners, float(m_div), float(lambda_div)
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        emb = outputs.get("learner_embeddings")
-        if emb is None:
-            raise ValueError(f"ABELoss needs outputs['learner_embeddings'] (B, M, d) from ABEEmbedder; got keys "
-                             f"{sorted(outputs)}")
+    def compute_loss(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        emb = outputs["learner_embeddings"]
         if emb.ndim != 3 or emb.shape[1] != self.n_learners:
             raise ValueError(f"expected learner embeddings (B, {self.n_learners}, d), got shape {tuple(emb.shape)}")
         loss = sum(metric(emb[:, m], labels) for m, metric in enumerate(self.metric))

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsim.losses.base import OutputsLoss
+
 __all__ = ["lambda_schedule", "FineGrainedLoss"]
 
 
@@ -43,7 +45,7 @@ def lambda_schedule(epoch: int, max_epochs: int | None = None, *, step_epochs: f
     return round(max(float(min_lambda), float(initial) - float(decay) * phase), 12)
 
 
-class FineGrainedLoss(nn.Module):
+class FineGrainedLoss(OutputsLoss):
     """Eq. 3: λ · CE(``global_logits``) + (1 − λ) · CE(``logits``), λ set per epoch by :meth:`set_epoch`.
 
     Called by :class:`medsim.engines.MetricLearningTrainer` as ``loss(outputs, labels)`` (``takes_outputs``)
@@ -61,7 +63,7 @@ class FineGrainedLoss(nn.Module):
     Shapes: outputs["global_logits"], outputs["logits"] (B, n_classes); labels (B,) -> scalar.
     """
 
-    takes_outputs = True
+    required_outputs = ("global_logits", "logits")
 
     def __init__(self, *, step_epochs: float | None = 20, decay: float = 0.1, initial: float = 1.0,
                  min_lambda: float = 0.0, fixed_lambda: float | None = None):
@@ -78,11 +80,7 @@ class FineGrainedLoss(nn.Module):
             self.lam = lambda_schedule(epoch, max_epochs, step_epochs=self.step_epochs, decay=self.decay,
                                        initial=self.initial, min_lambda=self.min_lambda)
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        missing = [k for k in ("global_logits", "logits") if k not in outputs]
-        if missing:
-            raise ValueError(f"FineGrainedLoss needs the model outputs 'global_logits' and 'logits' (FineGrainedMIL);"
-                             f" missing {missing} among {sorted(outputs)}")
+    def compute_loss(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         g, f = outputs["global_logits"], outputs["logits"]
         if g.ndim != 2 or g.shape != f.shape or labels.shape != g.shape[:1]:
             raise ValueError(f"expected global_logits and logits (B, n_classes) and labels (B,), got "

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from monai.utils import look_up_option
 from torch import nn
 
+from medsim.losses.base import OutputsLoss
+
 __all__ = ["LossAttentionLoss", "gaussian_rampup", "patch_ce_regulariser", "patch_bce_regulariser", "MODES"]
 
 MODES = ("softmax", "sigmoid")
@@ -67,7 +69,7 @@ def patch_bce_regulariser(patch_logits: torch.Tensor, patch_weights: torch.Tenso
     return (patch_weights * best).sum(1)
 
 
-class LossAttentionLoss(nn.Module):
+class LossAttentionLoss(OutputsLoss):
     """Eq. 9 (``softmax``) or Eq. 10 (``sigmoid``) of Shi et al. for :class:`medsim.nn.loss_attention.LossAttentionNet`.
 
     ``takes_outputs = True``: called as ``loss(outputs, labels)`` with the network's output dict (``logits``,
@@ -82,7 +84,7 @@ class LossAttentionLoss(nn.Module):
         rampup: fraction of the epochs over which T rises from 0 to 1 (paper 80 / 200 = 0.4).
     """
 
-    takes_outputs = True
+    required_outputs = ("logits", "patch_logits", "patch_weights")
 
     def __init__(self, mode: str = "softmax", gamma_max: float = 0.1, rampup: float = 0.4):
         super().__init__()
@@ -96,11 +98,7 @@ class LossAttentionLoss(nn.Module):
     def set_epoch(self, epoch: int, max_epochs: int) -> None:
         self.weight = self.gamma_max * gaussian_rampup(epoch, self.rampup * max_epochs)
 
-    def forward(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        missing = [k for k in ("logits", "patch_logits", "patch_weights") if k not in outputs]
-        if missing:
-            raise ValueError(f"LossAttentionLoss needs the outputs of LossAttentionNet; missing {missing} "
-                             f"(got keys {sorted(outputs)})")
+    def compute_loss(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         logits, patch_logits, weights = outputs["logits"], outputs["patch_logits"], outputs["patch_weights"]
         b, k = logits.shape
         if patch_logits.shape[0] != b or patch_logits.shape[2] != k or weights.shape != patch_logits.shape[:2]:

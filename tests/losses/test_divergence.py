@@ -6,8 +6,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medsim.losses import ClassificationLoss
 from medsim.losses.divergence import ABELoss, divergence_loss
 
+
+
+def metric(name: str, n_classes: int | None = None):
+    """The per-learner metric losses the bundles configure (isic_dsl's margin, its contrastive variant, and
+    isic_abe's contrastive variant = ABE's Eq. 10)."""
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    from medsim.losses import MetricLoss
+
+    if name == "margin":
+        return MetricLoss(losses.MarginLoss(margin=0.2, nu=0.0, beta=1.2, learn_beta=True, num_classes=n_classes),
+                          miners.DistanceWeightedMiner(cutoff=0.5, nonzero_loss_cutoff=1.4))
+    if name == "contrastive":
+        return MetricLoss(losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5, distance=distances.LpDistance()))
+    return MetricLoss(losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0, distance=distances.LpDistance(power=2),
+                                             reducer=reducers.MeanReducer()))
 
 def _learners(seed=0, b=6, m=4, d=5) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -44,11 +61,11 @@ def test_abe_loss_is_the_sum_of_per_learner_pml_losses_plus_divergence():
 
     e = _learners(1, b=12, m=3, d=6)
     y = torch.arange(12) % 3
-    abe = ABELoss("contrastive", n_classes=3, n_learners=3, m_div=1.0, lambda_div=0.7)
+    abe = ABELoss(metric("contrastive"), n_learners=3, m_div=1.0, lambda_div=0.7)
     pml = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=0.5, distance=distances.LpDistance())
     expected = sum(pml(e[:, m], y) for m in range(3)) + 0.7 * _div_loop(e, 1.0)
     torch.testing.assert_close(abe({"learner_embeddings": e, "embedding": e.flatten(1)}, y), expected)
-    nodiv = ABELoss("contrastive", n_classes=3, n_learners=3, lambda_div=0.0)
+    nodiv = ABELoss(metric("contrastive"), n_learners=3, lambda_div=0.0)
     torch.testing.assert_close(nodiv({"learner_embeddings": e}, y), expected - 0.7 * _div_loop(e, 1.0))
 
 
@@ -59,7 +76,7 @@ def test_margin_loss_per_learner_has_its_own_betas():
 
     e = _learners(2, b=16, m=2, d=6)
     y = torch.arange(16) % 4
-    abe = ABELoss("margin", n_classes=4, n_learners=2)
+    abe = ABELoss(metric("margin", 4), n_learners=2)
     assert [tuple(p.shape) for p in abe.parameters()] == [(4,), (4,)]
     torch.manual_seed(3)  # the distance-weighted miner samples: same seed, same order of draws
     got = abe({"learner_embeddings": e}, y)
@@ -79,17 +96,17 @@ def test_gradient_reaches_every_learners_attention_conv():
     divergence_loss(out["learner_embeddings"], 1.0).backward(retain_graph=True)
     assert all(float(h.weight.grad.abs().sum()) > 0 for h in net.attention_heads)  # divergence alone reaches each
     net.zero_grad()
-    ABELoss("contrastive_abe", n_learners=3, lambda_div=0.0)(out, torch.arange(8) % 2).backward()
+    ABELoss(metric("contrastive_abe"), n_learners=3, lambda_div=0.0)(out, torch.arange(8) % 2).backward()
     assert all(float(h.weight.grad.abs().sum()) > 0 for h in net.attention_heads)  # Eq. 10 alone reaches each
 
 
 def test_errors_name_the_problem():
-    abe = ABELoss("contrastive", n_learners=2)
+    abe = ABELoss(metric("contrastive"), n_learners=2)
     with pytest.raises(ValueError, match=r"learner_embeddings.*got keys \['embedding'\]"):
         abe({"embedding": torch.randn(4, 8)}, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, 2, d\), got shape \(4, 3, 5\)"):
         abe({"learner_embeddings": _learners(b=4, m=3)}, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, M, d\), got shape \(4, 5\)"):
         divergence_loss(torch.randn(4, 5))
-    with pytest.raises(ValueError, match="classifier"):
-        ABELoss("classifier")
+    with pytest.raises(ValueError, match="ClassificationLoss"):
+        ABELoss(ClassificationLoss())

@@ -89,6 +89,9 @@ def test_input_and_argument_errors():
 def test_toy_divergence_keeps_learners_apart_and_without_it_they_collapse():
     """The ABE paper's ablation in miniature: trained with the divergence loss the learners embed an image
     differently (low cosine between learners); without it they drift to the same embedding."""
+    from pytorch_metric_learning import distances, losses, reducers
+
+    from medsim.losses import MetricLoss
     from medsim.losses.divergence import ABELoss
 
     n = torch.get_num_threads()
@@ -103,7 +106,9 @@ def test_toy_divergence_keeps_learners_apart_and_without_it_they_collapse():
         cos = {}
         for lam in (1.0, 0.0):
             net = _tiny(embedding_dim=16, n_learners=2).train()
-            loss = ABELoss("contrastive_abe", n_learners=2, lambda_div=lam)
+            loss = ABELoss(MetricLoss(losses.ContrastiveLoss(  # ABE's Eq. 10
+                pos_margin=0.0, neg_margin=1.0, distance=distances.LpDistance(power=2),
+                reducer=reducers.MeanReducer())), n_learners=2, lambda_div=lam)
             opt = torch.optim.Adam(net.parameters(), lr=2e-3)
             for step in range(40):
                 idx = torch.randperm(64, generator=g)[:32]
