@@ -364,7 +364,7 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
 
 
 def _attention_geometry(network: nn.Module, input_size: Sequence[int]) -> Any:
-    """The network's :class:`~medsim.deploy.geometry.AttentionGeometry` for ``input_size`` (where each attention
+    """The network's :class:`~medsim.runtime.geometry.AttentionGeometry` for ``input_size`` (where each attention
     cell sits on the input; the localizer places it there), or ``None`` with a warning for a network without an
     ``attention_geometry`` method (its maps are then stretched over the image)."""
     derive = getattr(network, "attention_geometry", None)

@@ -389,3 +389,30 @@ def test_tensorrt_backend_plumbing_with_fakes(model_dir, derm_images, tmp_path, 
     with pytest.raises(BackendUnavailable, match="cannot deserialize"):
         EmbeddingEngine(d, backend="tensorrt")
     assert EmbeddingEngine(d).backend == "ort-cpu"  # auto moves on
+
+
+def test_export_engine_check_runs_the_deployed_trt_runner(model_dir, derm_images, tmp_path, monkeypatch):
+    """`medsim export --trt` compares the engine with onnxruntime through medsim.runtime's TrtRunner — the runner
+    EmbeddingEngine ships — so the check tests what deploys (fakes: TensorRT and CUDA copy through host memory)."""
+    import medsim.export.tensorrt as export_trt
+    import medsim.runtime.runners as runners
+    from medsim.export.errors import TensorRTBuildError
+    from medsim.export.onnx_export import ort_session, run_onnx
+
+    trt, cudart, calls = _fake_cuda_and_trt(model_dir / "model.onnx", max_batch=4)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(runners, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(export_trt, "require_tensorrt", lambda: trt)
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"ENGINE")
+    with EmbeddingEngine(model_dir, backend="ort-cpu") as engine:
+        x = np.stack([engine.preprocess(p) for p in derm_images[:7]])
+    got = export_trt.run_engine(plan, x, batch=8)  # capped at the profile maximum, as in EmbeddingEngine
+    assert [c for c in calls if c.startswith("execute")] == ["execute 4", "execute 3"]
+    ref = run_onnx(ort_session(model_dir / "model.onnx"), x, batch=3)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert np.abs(got[k] - ref[k]).max() < 1e-6
+    plan.write_bytes(b"OTHER GPU")
+    with pytest.raises(TensorRTBuildError, match="cannot deserialize"):
+        export_trt.run_engine(plan, x, batch=4)
