@@ -1,8 +1,9 @@
 """How many CPU threads medsim's compute uses: ``--threads N`` on a command, or ``MEDSIM_THREADS``.
 
 The value lives in one place, the ``MEDSIM_THREADS`` environment variable: :func:`set_threads` (called by the CLI's
-``--threads`` option) writes it and applies it to torch; every onnxruntime session medsim opens takes its
-intra-op thread count from :func:`ort_session_options`. No torch import here, so ``medsim.deploy`` stays torch-free.
+``--threads`` option) writes it and applies it to torch; every onnxruntime session medsim opens
+(:func:`medsim.runtime.runners.ort_session`) takes its intra-op thread count from :func:`configured_threads`. No
+torch import here (only inside :func:`set_threads`), so ``medsim.runtime`` and ``medsim.deploy`` stay torch-free.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
 
 from medsim.errors import MedsimError
 
-__all__ = ["THREADS_ENV", "configured_threads", "set_threads", "ort_session_options"]
+__all__ = ["THREADS_ENV", "configured_threads", "set_threads"]
 
 THREADS_ENV = "MEDSIM_THREADS"
 
@@ -57,14 +57,3 @@ def set_threads(n: int, *, torch: bool = True) -> None:
         _torch.set_num_interop_threads(n)
     except RuntimeError as e:  # once per process, and only before inter-op work started
         logger.debug("torch inter-op threads stay %d (%s)", _torch.get_num_interop_threads(), e)
-
-
-def ort_session_options(ort: Any, threads: int | None = None) -> Any:
-    """``onnxruntime.SessionOptions`` for medsim's sessions: quiet log, ``threads`` (default
-    ``MEDSIM_THREADS``; unset: onnxruntime's choice) intra-op threads."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # a provider that fails to load is judged from get_providers(), not the log
-    threads = threads or configured_threads()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    return so

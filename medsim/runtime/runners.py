@@ -19,9 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from medsim.runtime.errors import BackendUnavailable, DeployError
-from medsim.threads import ort_session_options
+from medsim.threads import configured_threads
 
-__all__ = ["CUDA_EP", "CPU_EP", "ENGINE_NAME", "import_ort", "ort_session", "OrtRunner", "import_cudart",
+__all__ = ["CUDA_EP", "CPU_EP", "ENGINE_NAME", "import_ort", "session_options", "ort_session", "OrtRunner", "import_cudart",
            "cuda_check", "trt_missing", "TrtRunner", "run_batched"]
 
 ENGINE_NAME = "model.plan"
@@ -41,6 +41,17 @@ def import_ort() -> Any:
     return ort
 
 
+def session_options(ort: Any, threads: int | None = None) -> Any:
+    """``onnxruntime.SessionOptions`` for medsim's sessions: quiet log, ``threads`` (default ``MEDSIM_THREADS``,
+    i.e. ``medsim ... --threads``; unset: onnxruntime's choice) intra-op threads."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # a provider that fails to load is judged from get_providers(), not the log
+    threads = threads or configured_threads()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return so
+
+
 def ort_session(path: str | os.PathLike, providers: Sequence[Any] = (CPU_EP,), threads: int | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` for ``path`` asking for ``providers`` (in order), with medsim's session
     options (``threads`` intra-op threads; default ``MEDSIM_THREADS``, i.e. ``medsim ... --threads``).
@@ -49,7 +60,7 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Any] = (CPU_EP,), t
         BackendUnavailable: onnxruntime is not installed; DeployError: onnxruntime cannot load the model.
     """
     ort = import_ort()
-    so = ort_session_options(ort, threads)
+    so = session_options(ort, threads)
     try:
         return ort.InferenceSession(str(path), so, providers=list(providers))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
