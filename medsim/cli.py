@@ -191,10 +191,9 @@ def data_prepare(source: Path | None, layout: str, image_column: str | None, lab
 # ---------------------------------------------------------------------------------------- later capabilities
 @cli.command("train")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--variant", default=None, help="Override config in the bundle's configs/ (isic_dsl: margin, mml, triplet, "
-                                               "contrastive, classifier; isic_abe: nodiv; derm_gated: plain, se, "
-                                               "spatial, channel, dual, gc, histology; derm_lossattn: sigmoid, capsule, "
-                                               "mean, attention_mil, gated_mil).")
+@click.option("--variant", default=None,
+              help="An override config of the bundle: the name of any file in BUNDLE/configs/ other than train, "
+                   "metadata, evaluate and inference (e.g. isic_dsl: mml, triplet; an unknown name lists them).")
 @click.option("--dataset-dir", default=None,
               help="Dataset folder or CSV datalist in any layout `data inspect` reads, detected: "
                    f"{', '.join(c for c in LAYOUT_CHOICES if c != 'auto')} (see README 'Layouts read'); default: the "

@@ -429,7 +429,7 @@ def evaluate_network(network: torch.nn.Module, run_dir: str | os.PathLike, datal
                      device: str | torch.device, *, split: str = "test", checkpoint: str = "best.pt",
                      batch_size: int = 64, seed: int = 0) -> dict[str, float]:
     """Load ``run_dir/checkpoint`` into ``network``, embed one split and write ``eval_<split>.json`` / ``.md``
-    (used by ``medsim evaluate`` and the bundle's ``evaluate.json``)."""
+    (used by ``medsim evaluate``; the bundle's ``evaluate.json`` is the same evaluation as MONAI handlers)."""
     from monai.data import DataLoader
 
     from medsim.data.datasets import make_dataset

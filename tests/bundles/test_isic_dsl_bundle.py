@@ -53,6 +53,9 @@ def test_dsl_bundle_trains_and_reports(sample_root, tmp_path):
     ev.run()
     again = json.loads((out / "eval_test.json").read_text())
     assert again["nmi"] == pytest.approx(res["nmi"], abs=1e-4) and again["R@1"] == pytest.approx(res["R@1"])
+    assert again["map_at_r"] == pytest.approx(res["map_at_r"], abs=1e-6) and again["checkpoint"].endswith("best.pt")
+    saved = dict(line.split(",") for line in (out / "eval_test" / "metrics.csv").read_text().splitlines())
+    assert float(saved["nmi"]) == pytest.approx(again["nmi"]) and set(saved) >= {"R@1", "map_at_r"}  # MetricsSaver
     # inference.json: embeddings + attention maps of every image
     inf = _workflow(out, sample_root / "derm", "inference")
     inf.initialize()
