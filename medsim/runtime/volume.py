@@ -12,7 +12,7 @@ Spacingd(pixdim)            :func:`resample_to_spacing`: MONAI's output grid (zo
                             shape from the transformed corners) and trilinear sampling at voxel centres with border
                             padding (``grid_sample(align_corners=False, padding_mode="border")`` ≡
                             ``scipy.ndimage.map_coordinates(order=1, mode="nearest")``), float64 like MONAI
-ScaleIntensityRanged        affine HU window to [0, 1], clipped (shared with 2D: ``preprocess.scale_range``)
+ScaleIntensityRanged        affine HU window to [0, 1], clipped (shared with 2D: ``transforms.scale_range``)
 SpatialPadd + CenterCrop    :func:`pad_crop`: symmetric zero padding, then MONAI's centre (``size // 2 - roi // 2``)
 ==========================  ===========================================================================================
 
@@ -30,7 +30,7 @@ import numpy as np
 from medsim.errors import DataError, MedsimError
 from medsim.files import check_pixel_count
 from medsim.runtime.errors import DeployError
-from medsim.runtime.preprocess import scale_range
+from medsim.runtime.transforms import scale_range
 
 __all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "preprocess_volume",
            "model_grid", "label_to_grid", "NIFTI_SUFFIXES"]

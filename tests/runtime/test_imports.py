@@ -122,6 +122,50 @@ def test_imports_point_down_the_layers():
     assert not _violations(), "\n".join(_violations())
 
 
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph`` (strongly connected components with more than one module; Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_loops_in_runtime_export_and_deploy():
+    """Lazy imports included: a loop (deploy had engine → preprocess → volume → tasks → engine) means two modules
+    each need the other, i.e. one job split wrongly between them."""
+    graph = {m: {n for n, _ in imps if n in GRAPH and n != m} for m, imps in GRAPH.items()}
+    loops = [c for c in _cycles(graph) if any(_layer(m) in ("runtime", "export", "deploy") for m in c)]
+    assert not loops, loops
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the finder finds
+
+
 def test_every_package_has_a_layer():
     assert {_layer(m) for m in GRAPH} <= set(RANK)
 
