@@ -457,8 +457,10 @@ def evaluate_network(network: torch.nn.Module, run_dir: str | os.PathLike, datal
 
 def embed_dataset(network: torch.nn.Module, checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike | None,
                   transform: Any, out_file: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  batch_size: int = 64) -> Path:
-    """Embed every usable image of ``dataset_dir`` (default: the embedded sample) with a trained checkpoint.
+                  batch_size: int = 64, inferer: Any = None) -> Path:
+    """Embed every usable image of ``dataset_dir`` (default: the embedded sample) with a trained checkpoint,
+    through ``inferer`` (a MONAI ``Inferer``, e.g. the bundle's ``inference.json#inferer``; default: the network
+    called on the batch).
 
     Writes ``out_file`` (.npz, atomically): ``embedding`` (N, D), ``attention`` (N, 1, h, w), ``label`` (N,),
     ``id`` (N,) image ids, ``classes``. Returns the path.
@@ -483,7 +485,8 @@ def embed_dataset(network: torch.nn.Module, checkpoint: str | os.PathLike, datas
     embs, atts, labels = [], [], []
     with torch.no_grad():
         for batch in loader:
-            out = network(batch["image"].to(device))
+            x = batch["image"].to(device)
+            out = inferer(x, network) if inferer is not None else network(x)
             embs.append(out["embedding"].cpu())
             atts.append(out["attention"].cpu())
             labels.append(torch.as_tensor(batch["label"]))

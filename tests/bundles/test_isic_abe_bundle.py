@@ -110,3 +110,18 @@ def test_metadata_matches_the_network_and_verifies_offline(tmp_path, monkeypatch
 def test_abe_run_deploys(abe_run, deploy_check):
     got = deploy_check(abe_run[0])
     assert set(got) >= {"embedding", "attention"} and "logits" not in got
+
+
+def test_monai_runner_and_medsim_train_read_the_same_configuration():
+    """``python -m monai.bundle run --config_file "['bundles/isic_dsl/configs/train.json',
+    'bundles/isic_abe/configs/train.json']"`` and ``medsim train bundles/isic_abe`` parse the same files in the same
+    order, so they run the same configuration."""
+    from monai.bundle import ConfigParser
+
+    from medsim.engines.workflow import _bundle_files
+
+    root = BUNDLE.parent
+    monai_files = [str(root / "isic_dsl" / "configs" / "train.json"), str(BUNDLE / "configs" / "train.json")]
+    ours = _bundle_files(BUNDLE, None)
+    assert [str(Path(f).resolve()) for f in ours] == [str(Path(f).resolve()) for f in monai_files]
+    assert ConfigParser.load_config_files(ours) == ConfigParser.load_config_files(monai_files)
