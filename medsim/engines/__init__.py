@@ -2,9 +2,9 @@
 
 from medsim.engines.sampling import ClusterBatchSampler
 from medsim.engines.subspaces import SubspaceState, equal_slices, neuron_scores, split_learner
-from medsim.engines.trainer import (Checkpointer, EmbeddingMetric, MetricLearningTrainer, MetricsLogger, RNGState,
-                                    SubspaceHandler, atomic_torch_save)
+from medsim.engines.trainer import (Checkpointer, EmbeddingMetric, MetricLearningTrainer, MetricsLogger,
+                                    PrecisionInferer, RNGState, SubspaceHandler, atomic_torch_save)
 
 __all__ = ["ClusterBatchSampler", "SubspaceState", "equal_slices", "neuron_scores", "split_learner", "Checkpointer",
-           "EmbeddingMetric", "MetricLearningTrainer", "MetricsLogger", "RNGState", "SubspaceHandler",
+           "EmbeddingMetric", "MetricLearningTrainer", "MetricsLogger", "PrecisionInferer", "RNGState", "SubspaceHandler",
            "atomic_torch_save"]

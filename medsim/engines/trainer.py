@@ -2,6 +2,8 @@
 
 - :class:`MetricLearningTrainer` — a MONAI ``SupervisedTrainer`` whose iteration routes each batch (drawn from
   one cluster) through its learner's embedding subspace.
+- :class:`PrecisionInferer` — bf16 autocast (AMX on CPU) and channels_last for the trainer's and the evaluators'
+  forward passes; outputs come back in float32, so losses and metrics are computed in fp32.
 - :class:`EmbeddingMetric` — an ignite metric for a MONAI ``SupervisedEvaluator``: NMI (key metric) or the full
   retrieval/clustering set on the validation embeddings.
 - :class:`SubspaceHandler` — re-clustering every N epochs; DSL's split on a validation-NMI plateau; the final
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.engines import SupervisedTrainer
+from monai.inferers import Inferer
+from monai.utils import look_up_option
 
 from medsim.errors import MedsimError
 
@@ -34,7 +38,7 @@ from medsim.engines.runs import load_checkpoint
 from medsim.engines.subspaces import (SubspaceState, cluster_counts, embed_loader, equal_slices, neuron_scores,
                                       split_learner)
 
-__all__ = ["MetricLearningTrainer", "EmbeddingMetric", "SubspaceHandler", "Checkpointer", "MetricsLogger",
+__all__ = ["MetricLearningTrainer", "PrecisionInferer", "EmbeddingMetric", "SubspaceHandler", "Checkpointer", "MetricsLogger",
            "RNGState", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +75,59 @@ class RNGState:
         random.setstate(tuple(state["python"]) if isinstance(state["python"], list) else state["python"])
 
 
+def _float32(out: Any) -> Any:
+    """Floating tensors of a network output (tensor, mapping or sequence) as float32; everything else unchanged."""
+    if torch.is_tensor(out):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, Mapping):
+        return {k: _float32(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_float32(v) for v in out)
+    return out
+
+
+class PrecisionInferer(Inferer):
+    """Forward pass under ``torch.autocast`` and/or in channels_last memory format; outputs in float32.
+
+    MONAI's engines autocast only on CUDA (``torch.autocast("cuda")``); this inferer autocasts on the inputs'
+    device, so bf16 runs on CPUs with AMX (bf16 GEMM about 5x fp32 on this project's CPU) as well as on GPUs. The
+    network's floating outputs are cast back to float32, so the loss, the metrics and the backward pass of the loss
+    run in fp32 (only the network's own ops run in bf16, by autocast's op lists). bf16 needs no loss scaling;
+    float16 would need a ``GradScaler`` in training and is accepted for inference only.
+
+    Args:
+        amp: run the forward pass under autocast.
+        dtype: autocast dtype, ``"bfloat16"`` (default) or ``"float16"``.
+        channels_last: convert the network's 4-D/5-D weights (once) and each 4-D/5-D input batch to channels_last
+            (channels_last_3d for 3-D data): oneDNN's and cuDNN's fast convolution layout.
+
+    Used as ``inferer`` of :class:`MetricLearningTrainer` and of MONAI's ``SupervisedEvaluator`` (one object in the
+    bundle: ``train#inferer``), so training and validation run at the same precision.
+    """
+
+    def __init__(self, amp: bool = False, dtype: str | torch.dtype = "bfloat16", channels_last: bool = False):
+        super().__init__()
+        name = look_up_option(str(dtype).replace("torch.", ""), ("bfloat16", "float16"))
+        self.amp, self.dtype, self.channels_last = bool(amp), getattr(torch, name), bool(channels_last)
+        self._converted: set[tuple[int, torch.memory_format]] = set()
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.channels_last and inputs.ndim in (4, 5):
+            fmt = torch.channels_last if inputs.ndim == 4 else torch.channels_last_3d
+            if isinstance(network, torch.nn.Module) and (id(network), fmt) not in self._converted:
+                network.to(memory_format=fmt)  # in place: the optimiser keeps the same Parameters
+                self._converted.add((id(network), fmt))
+            inputs = inputs.contiguous(memory_format=fmt)
+        if not self.amp:
+            return network(inputs, *args, **kwargs)
+        with torch.autocast(inputs.device.type, dtype=self.dtype):
+            out = network(inputs, *args, **kwargs)
+        return _float32(out)
+
+    def __repr__(self) -> str:
+        return f"PrecisionInferer(amp={self.amp}, dtype={self.dtype}, channels_last={self.channels_last})"
+
+
 class MetricLearningTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` for embedders: each batch (all from one cluster, see
     :class:`~medsim.engines.sampling.ClusterBatchSampler`) trains the neurons of its cluster's learner; the loss
@@ -80,15 +137,28 @@ class MetricLearningTrainer(SupervisedTrainer):
     ``loss(outputs, labels)`` with the model's whole output dict; a loss with ``set_epoch(epoch, max_epochs)``
     (epoch from 0) is told the epoch at each epoch start, for weight schedules.
 
+    The forward pass goes through ``inferer`` (a :class:`PrecisionInferer` for bf16 autocast / channels_last);
+    the loss sees float32 outputs.
+
     Extra args:
         subspaces: the shared :class:`SubspaceState`.
         batch_sampler: its ``set_epoch`` is called at each epoch start (reproducible batches on resume).
         transform: the training augmentation, re-seeded from (seed, epoch) at each epoch start.
+        amp, amp_kwargs, channels_last: without an ``inferer``, build ``PrecisionInferer(amp,
+            amp_kwargs["dtype"] (default bfloat16), channels_last)``. MONAI's own AMP path (CUDA autocast + fp16
+            ``GradScaler``) is not used.
     """
 
     def __init__(self, *args: Any, subspaces: SubspaceState, batch_sampler: Any = None, transform: Any = None,
-                 seed: int = 0, **kwargs: Any):
+                 seed: int = 0, amp: bool = False, amp_kwargs: Mapping[str, Any] | None = None,
+                 channels_last: bool = False, **kwargs: Any):
         kwargs.setdefault("decollate", False)
+        if kwargs.get("inferer") is None:
+            kwargs["inferer"] = PrecisionInferer(amp, dtype=dict(amp_kwargs or {}).get("dtype", "bfloat16"),
+                                                 channels_last=channels_last)
+        elif amp or channels_last:
+            raise ValueError(f"give either an inferer ({kwargs['inferer']!r}) or amp={amp}/channels_last="
+                             f"{channels_last}, not both: set amp/channels_last on the PrecisionInferer")
         super().__init__(*args, **kwargs)
         self.subspaces = subspaces
         self.batch_sampler = batch_sampler
@@ -117,7 +187,7 @@ class MetricLearningTrainer(SupervisedTrainer):
         cluster = int(asg[first]) if len(asg) > first else 0
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.network(x)
+        out = self.inferer(x, self.network)  # float32 outputs (a PrecisionInferer autocasts only the network)
         emb = out["embedding"]
         neurons = self.subspaces.neurons_for_cluster(cluster, emb.shape[1])
         if len(neurons) < emb.shape[1]:
