@@ -1,6 +1,9 @@
 """medsim.nn: backbones (MONAI nets), attention modules and the one Embedder contract every model follows.
 
-Models (each returns ``{"embedding", "attention"[, "logits"], ...}``):
+Every model derives from :class:`EmbedderBase` (one input check, a named ``trunk``, ``embedding_dim``,
+``attention_geometry(input_size)``) and returns an :class:`EmbedderOutput` ``{"embedding", "attention"[, "logits"],
+["features"], ...}``; every attention module is built by :func:`create_attention` from the one registry
+:data:`ATTENTIONS`. Models:
 
 - :class:`Embedder` — DSL / MML / single-learner baselines (Adiga Vasudeva et al., MIDL 2022)
 - :class:`ABEEmbedder` — attention-based ensemble ABE-M (Kim et al., ECCV 2018)
@@ -9,12 +12,16 @@ Models (each returns ``{"embedding", "attention"[, "logits"], ...}``):
 """
 
 from medsim.nn.abe import ABEEmbedder
-from medsim.nn.attention import ATTENTIONS, DSLAttention, NoAttention, create_attention
+from medsim.nn.attention import ATTENTION_ALIASES, ATTENTIONS, DSLAttention, NoAttention, create_attention
 from medsim.nn.backbones import make_backbone
+from medsim.nn.base import EmbedderBase, EmbedderOutput
 from medsim.nn.embedder import Embedder, upsample_attention
-from medsim.nn.gated_attention import FineGrainedMIL, GatedAttention, create_fine_grained_attention
-from medsim.nn.loss_attention import LossAttentionNet, create_pooling
+from medsim.nn.fine_grained_attention import GatedAttention
+from medsim.nn.fine_grained_mil import FineGrainedMIL
+from medsim.nn.gated_attention import create_fine_grained_attention
+from medsim.nn.loss_attention import LossAttentionNet
+from medsim.nn.mil_attention import MILAttention, MILGatedAttention
 
-__all__ = ["ATTENTIONS", "DSLAttention", "NoAttention", "create_attention", "make_backbone", "Embedder",
-           "upsample_attention", "ABEEmbedder", "FineGrainedMIL", "GatedAttention", "create_fine_grained_attention",
-           "LossAttentionNet", "create_pooling"]
+__all__ = ["EmbedderBase", "EmbedderOutput", "ATTENTIONS", "ATTENTION_ALIASES", "DSLAttention", "NoAttention",
+           "create_attention", "make_backbone", "Embedder", "upsample_attention", "ABEEmbedder", "FineGrainedMIL",
+           "GatedAttention", "create_fine_grained_attention", "LossAttentionNet", "MILAttention", "MILGatedAttention"]

@@ -17,14 +17,14 @@ from monai.networks.layers.factories import Conv
 from monai.utils import look_up_option
 from torch import nn
 
-from medsim.runtime.geometry import AttentionGeometry
 from medsim.nn.backbones import CUTS, make_backbone
-from medsim.nn.geometry import trace_geometry
+from medsim.nn.base import EmbedderBase, EmbedderOutput
+from medsim.nn.geometry import AttentionGeometry, trace_geometry
 
 __all__ = ["ABEEmbedder"]
 
 
-class ABEEmbedder(nn.Module):
+class ABEEmbedder(EmbedderBase):
     """ABE-M on a MONAI ResNet, in the paper's efficient form A_m(·) = A'_m(C(·)) (Sec. 4).
 
     Mapping of the paper's GoogLeNet parts onto the ResNet stages:
@@ -57,8 +57,10 @@ class ABEEmbedder(nn.Module):
     Shapes: x (B, in_channels, *S) -> ``embedding`` (B, D) unit-norm, ``attention`` (B, 1, *s) (mean over
     learners and channels of the masks), ``learner_attention`` (B, M, *s) (each learner's mask averaged over
     channels), ``learner_embeddings`` (B, M, D/M) unit-norm per learner; *s = S's output size (1/16 of the input
-    for ``layer3``).
+    for ``layer3``). S is registered as ``spatial`` (its state_dict keys); :attr:`trunk` reads it.
     """
+
+    trunk_key = "spatial"
 
     def __init__(self, backbone: str = "resnet18", *, spatial_dims: int = 2, in_channels: int = 3,
                  cut: str = "layer3", embedding_dim: int = 128, n_learners: int = 4, widen_factor: float = 1.0,
@@ -116,10 +118,7 @@ class ABEEmbedder(nn.Module):
         emb = self.embed(g.flatten(2).mean(-1))  # (B·M, D/M)
         return F.normalize(emb.reshape(-1, self.n_learners, emb.shape[-1]), dim=-1)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected a (B, {self.in_channels}, {', '.join(['*'] * self.spatial_dims)}) batch, "
-                             f"got shape {tuple(x.shape)}")
+    def compute(self, x: torch.Tensor) -> EmbedderOutput:
         feats = self.spatial(x)
         masks = self.learner_masks(feats)
         learners = self.embed_learners(feats, masks)

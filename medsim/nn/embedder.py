@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsim.runtime.geometry import AttentionGeometry, interp_matrix
 from medsim.nn.attention import create_attention
 from medsim.nn.backbones import make_backbone
-from medsim.nn.geometry import trace_geometry
+from medsim.nn.base import EmbedderBase, EmbedderOutput
+from medsim.nn.geometry import AttentionGeometry, trace_geometry
+from medsim.runtime.geometry import interp_matrix
 
 __all__ = ["Embedder", "upsample_attention"]
 
 
-class Embedder(nn.Module):
+class Embedder(EmbedderBase):
     """Attention-based metric-learning network of Dynamic Subspace Learners (DSL, MIDL 2022).
 
     Args:
@@ -30,14 +31,17 @@ class Embedder(nn.Module):
         in_channels: input channels.
         cut: backbone stage whose output feeds attention (``layer3`` as in DSL).
         embedding_dim: D (128 in DSL).
-        attention: ``"dsl"`` or ``"none"``.
+        attention: a name in :data:`medsim.nn.attention.ATTENTIONS` (``"dsl"`` as in DSL, ``"none"``).
         n_classes: adds a classification head on the (unnormalised) embedding when set (classifier baseline:
             the embedding is then the penultimate layer).
         widen_factor: backbone width multiplier.
         normalize: L2-normalise the embedding.
 
     Shapes: x (B, in_channels, *S) -> embedding (B, D), attention (B, 1, *S/16 for layer3), logits (B, n_classes).
+    The trunk is registered as ``backbone`` (its state_dict keys); :attr:`trunk` reads it.
     """
+
+    trunk_key = "backbone"
 
     def __init__(self, backbone: str = "resnet18", *, spatial_dims: int = 2, in_channels: int = 3,
                  cut: str = "layer3", embedding_dim: int = 128, attention: str = "dsl", n_classes: int | None = None,
@@ -53,14 +57,11 @@ class Embedder(nn.Module):
         self.embedding_dim = embedding_dim
         self.normalize = normalize
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected a (B, {self.in_channels}, {', '.join(['*'] * self.spatial_dims)}) batch, "
-                             f"got shape {tuple(x.shape)}")
+    def compute(self, x: torch.Tensor) -> EmbedderOutput:
         feats, att = self.attention(self.backbone(x))
         pooled = feats.flatten(2).mean(-1)
         raw = self.embed(pooled)
-        out = {"embedding": F.normalize(raw, dim=1) if self.normalize else raw, "attention": att}
+        out: EmbedderOutput = {"embedding": F.normalize(raw, dim=1) if self.normalize else raw, "attention": att}
         if self.classifier is not None:
             out["logits"] = self.classifier(raw)
         return out
@@ -85,7 +86,7 @@ def upsample_attention(attention: torch.Tensor, size: Sequence[int],
 
     With ``geometry`` (``model.attention_geometry(input_size)``) each cell is placed at its receptive-field centre,
     linear between centres and the edge value held outside them — the rule of the torch-free localizer
-    (:func:`medsim.deploy.geometry.resample_attention`, the same interpolation weights). Without it the grid is
+    (:func:`medsim.runtime.geometry.resample_attention`, the same interpolation weights). Without it the grid is
     stretched over the whole input ((bi/tri)linear, ``align_corners=False``), which misplaces patch-grid maps.
     """
     if geometry is None:

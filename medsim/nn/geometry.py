@@ -1,4 +1,4 @@
-"""Derive an attention map's geometry (:class:`medsim.deploy.geometry.AttentionGeometry`) from the layers that
+"""Derive an attention map's geometry (:class:`medsim.runtime.geometry.AttentionGeometry`) from the layers that
 make it: every convolution and pooling on the path from the input to the map, with its kernel, stride, padding
 and dilation as they are in the module (so a trunk whose strides were removed after construction, like loss-based
 attention's, is read as it runs).
@@ -27,7 +27,7 @@ from torch import nn
 
 from medsim.runtime.geometry import AttentionGeometry, AxisGeometry
 
-__all__ = ["Resize", "trace", "trace_geometry"]
+__all__ = ["AttentionGeometry", "Resize", "trace", "trace_geometry"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)

@@ -6,7 +6,8 @@ The image is cut into M patches by a convolution (9×9, stride 4) on a ResNet tr
 removed (so a patch's features depend on its own pixels, not on pooled neighbours); every patch gets logits from the
 **same** linear classifier that makes the image decision, and the image logits are a weighted sum of the patch
 logits. The weights come from the classifier itself (``pooling="loss"``, Eq. 5 / Eq. 6) or, for the baselines,
-from uniform weights (``"mean"``) or a separate attention network (``"attention"``, ``"gated"``).
+from uniform weights (``"mean"``) or a separate attention network (``"attention"``, ``"gated"``: Ilse et al.'s MIL
+poolings, registered as ``mil_attention`` / ``mil_gated`` in :mod:`medsim.nn.attention`).
 
 =============  ==========================================================================================
 ``head``       architecture
@@ -32,13 +33,13 @@ import torch.nn.functional as F
 from monai.utils import look_up_option
 from torch import nn
 
-from medsim.runtime.geometry import AttentionGeometry
+from medsim.nn.attention import create_attention
 from medsim.nn.backbones import CUTS, make_backbone
-from medsim.nn.geometry import trace_geometry
+from medsim.nn.base import EmbedderBase, EmbedderOutput
+from medsim.nn.geometry import AttentionGeometry, trace_geometry
 
 __all__ = ["LossAttentionNet", "flat_resnet", "loss_based_weights", "capsule_loss_based_weights", "POOLINGS",
-           "HEADS", "STRIDED", "create_pooling", "MeanPooling", "AttentionPooling", "GatedAttentionPooling",
-           "LossBasedPooling"]
+           "HEADS", "STRIDED"]
 
 HEADS = ("softmax", "sigmoid", "capsule")
 #: stages of a MONAI ResNet whose stride 2 can be kept (layer1 has none)
@@ -132,71 +133,10 @@ def capsule_loss_based_weights(capsule_logits: torch.Tensor, xi: float = 0.1) ->
     return patch, caps
 
 
-class LossBasedPooling(nn.Module):
-    """Eq. (5): weights from the patch logits themselves (no parameters of its own). See :func:`loss_based_weights`.
-
-    Shapes: features (B, M, C), patch_logits (B, M, K) -> weights (B, M).
-    """
-
-    def __init__(self, in_channels: int = 0, xi: float = 0.1, **_: object):
-        super().__init__()
-        if not 0.0 <= xi <= 1.0:
-            raise ValueError(f"xi must be in [0, 1] (the paper caps it at 1), got xi={xi}")
-        self.xi = float(xi)
-
-    def forward(self, features: torch.Tensor, patch_logits: torch.Tensor) -> torch.Tensor:
-        return loss_based_weights(patch_logits, self.xi)
-
-
-class MeanPooling(nn.Module):
-    """Mean-pooling baseline: every patch weighs 1/M. Shapes: (B, M, C), (B, M, K) -> (B, M)."""
-
-    def __init__(self, in_channels: int = 0, **_: object):
-        super().__init__()
-
-    def forward(self, features: torch.Tensor, patch_logits: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(features[..., 0]) / features.shape[1]
-
-
-class AttentionPooling(nn.Module):
-    """Attention-based MIL pooling (Ilse et al. 2018, Eq. 8): ``a_k = softmax_k(wᵀ tanh(V h_k))``.
-
-    Shapes: features (B, M, C) -> weights (B, M).
-    """
-
-    def __init__(self, in_channels: int, hidden: int = 128, **_: object):
-        super().__init__()
-        self.V = nn.Linear(in_channels, hidden)
-        self.w = nn.Linear(hidden, 1)
-
-    def forward(self, features: torch.Tensor, patch_logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.w(torch.tanh(self.V(features))).squeeze(-1), dim=1)
-
-
-class GatedAttentionPooling(nn.Module):
-    """Gated attention MIL pooling (Ilse et al. 2018, Eq. 9): ``a_k = softmax_k(wᵀ(tanh(V h_k) ⊙ sigm(U h_k)))``.
-
-    Shapes: features (B, M, C) -> weights (B, M).
-    """
-
-    def __init__(self, in_channels: int, hidden: int = 128, **_: object):
-        super().__init__()
-        self.V = nn.Linear(in_channels, hidden)
-        self.U = nn.Linear(in_channels, hidden)
-        self.w = nn.Linear(hidden, 1)
-
-    def forward(self, features: torch.Tensor, patch_logits: torch.Tensor) -> torch.Tensor:
-        gated = torch.tanh(self.V(features)) * torch.sigmoid(self.U(features))
-        return torch.softmax(self.w(gated).squeeze(-1), dim=1)
-
-
-POOLINGS: dict[str, type[nn.Module]] = {"loss": LossBasedPooling, "mean": MeanPooling, "attention": AttentionPooling,
-                                        "gated": GatedAttentionPooling}
-
-
-def create_pooling(name: str, in_channels: int, **kwargs: object) -> nn.Module:
-    """The patch pooling registered as ``name`` in :data:`POOLINGS` ("did you mean" on typos)."""
-    return look_up_option(name, POOLINGS)(in_channels, **kwargs)
+#: ``LossAttentionNet(pooling=...)``: the registered attention module (:data:`medsim.nn.attention.ATTENTIONS`) that
+#: weighs the patches, or ``None`` where no module is needed (``loss``: Eq. 5 on the classifier's own patch logits;
+#: ``mean``: uniform 1/M). ``attention`` / ``gated`` are Ilse et al.'s MIL poolings, ``mil_attention`` / ``mil_gated``.
+POOLINGS: dict[str, str | None] = {"loss": None, "mean": None, "attention": "mil_attention", "gated": "mil_gated"}
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -210,7 +150,7 @@ def _weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- network
-class LossAttentionNet(nn.Module):
+class LossAttentionNet(EmbedderBase):
     """The modified ResNet of Shi et al. (Fig. 1, Fig. 3) with loss-based attention or a MIL pooling baseline.
 
     Convolutional heads (``softmax`` / ``sigmoid``): trunk → conv 9×9 stride 4 (patch features; one output cell =
@@ -247,8 +187,10 @@ class LossAttentionNet(nn.Module):
     Shapes: x (B, in_channels, H, W) -> ``logits`` (B, K), ``patch_logits`` (B, M, K), ``patch_weights`` (B, M),
     ``attention`` (B, 1, gh, gw) with M = gh·gw, ``embedding`` (B, D). ``attention`` is the patch weights on the
     patch grid divided by each image's largest weight (the top patch is 1, patches removed by ξ are 0; mean
-    pooling gives all ones).
+    pooling gives all ones). The trunk is registered as ``backbone`` (its state_dict keys); :attr:`trunk` reads it.
     """
+
+    trunk_key = "backbone"
 
     def __init__(self, backbone: str = "resnet18", *, n_classes: int, in_channels: int = 3, cut: str = "layer4",
                  widen_factor: float = 1.0, strided: Sequence[str] = ("layer2",), head: str = "softmax",
@@ -279,7 +221,8 @@ class LossAttentionNet(nn.Module):
         else:
             self.patch_features = nn.Sequential(_conv_bn_relu(trunk_channels, patch_channels, patch_kernel, patch_stride),
                                                 _conv_bn_relu(patch_channels, patch_channels, 1))
-            self.pooling = create_pooling(pooling, patch_channels, xi=xi, hidden=mil_hidden)
+            module = POOLINGS[pooling]
+            self.pooling = create_attention(module, patch_channels, hidden=mil_hidden) if module else None
             feature_dim = patch_channels
         self.classifier = nn.Linear(feature_dim, n_classes)  # Θ: shared by patch logits, weights and the image
         self.embed = nn.Linear(feature_dim, embedding_dim) if embedding_dim else None
@@ -288,9 +231,7 @@ class LossAttentionNet(nn.Module):
         self.n_classes = n_classes
         self.multilabel = self.head == "sigmoid"
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected a (B, {self.in_channels}, H, W) batch, got shape {tuple(x.shape)}")
+    def compute(self, x: torch.Tensor) -> EmbedderOutput:
         f = self.backbone(x)
         if min(f.shape[-2:]) < self.patch_kernel:
             raise ValueError(f"input {tuple(x.shape[-2:])} gives {tuple(f.shape[-2:])} trunk features, smaller than "
@@ -309,7 +250,12 @@ class LossAttentionNet(nn.Module):
         h = self.patch_features(f)  # (B, C, gh, gw)
         feats = h.flatten(2).transpose(1, 2)  # (B, M, C): h_j
         patch_logits = self.classifier(feats)  # (B, M, K): p_j = Θ h_j + b
-        w = self.pooling(feats, patch_logits)  # (B, M)
+        if self.pooling is not None:  # Ilse et al.'s MIL poolings: weights from the patch features
+            w = self.pooling(h)[1].flatten(1)  # (B, M)
+        elif self.pooling_name == "loss":  # Eq. 5: weights from the classifier's own patch logits
+            w = loss_based_weights(patch_logits, self.xi)
+        else:  # mean pooling
+            w = torch.ones_like(feats[..., 0]) / feats.shape[1]
         return {"logits": _weighted_sum(w, patch_logits), "patch_logits": patch_logits, "patch_weights": w,
                 "pooled": _weighted_sum(w, feats), "grid": tuple(h.shape[-2:])}
 

@@ -23,24 +23,18 @@ def _tiny(**kw) -> FineGrainedMIL:
 
 
 # ---------------------------------------------------------------------------------------------------- modules
-@pytest.mark.parametrize("name", sorted(FINE_GRAINED_ATTENTIONS))
-@pytest.mark.parametrize("dims", [2, 3])
-def test_every_module_follows_the_contract(name, dims):
+@pytest.mark.parametrize("name", sorted(set(FINE_GRAINED_ATTENTIONS) - {"none"}))  # "none" is the one NoAttention
+@pytest.mark.parametrize("dims", [2, 3])  # shapes, gradients, input check: the registry sweep (test_attention_factory)
+def test_every_table2_module_reads_its_map_out_of_its_features(name, dims):
     torch.manual_seed(0)
     m = create_fine_grained_attention(name, 16, spatial_dims=dims)
-    x = torch.rand(2, 16, *([5] * dims), requires_grad=True)
-    feats, att = m(x)
-    att = att.detach()
-    assert feats.shape == x.shape and att.shape == (2, 1, *([5] * dims))
+    with torch.no_grad():
+        feats, att = m(torch.rand(2, 16, *([5] * dims)))
     assert float(att.min()) == 0.0 and float(att.max()) == pytest.approx(1.0)  # min–max per image
     # the map is the channel mean of the returned features, min–max scaled
     raw = feats.mean(1, keepdim=True).flatten(1)
     ref = (raw - raw.amin(1, keepdim=True)) / (raw.amax(1, keepdim=True) - raw.amin(1, keepdim=True))
     torch.testing.assert_close(att.flatten(1), ref, atol=1e-5, rtol=0)
-    feats.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-    with pytest.raises(ValueError, match=r"got shape \(16, 5\)"):
-        m(torch.rand(16, 5))
 
 
 def test_factory_did_you_mean():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from medsim.deploy.geometry import AttentionGeometry, resample_attention
+from medsim.runtime.geometry import AttentionGeometry, resample_attention
 from medsim.nn import ABEEmbedder, Embedder, FineGrainedMIL, LossAttentionNet, upsample_attention
 from medsim.nn.geometry import Resize, trace_geometry
 

@@ -1,0 +1,95 @@
+"""The one Embedder contract every medsim model follows: :class:`EmbedderBase` and its output, :class:`EmbedderOutput`.
+
+Export, retrieval, localization and MONAI Label read every model the same way::
+
+    out = model(x)                        # x (B, C, *spatial), checked once here
+    out["embedding"]                      # (B, D): L2-normalised (cosine similarity = dot product)
+    out["attention"]                      # (B, 1, *s) in [0, 1] at feature resolution
+    model.attention_geometry(input_size)  # where those cells sit on the input (medsim.nn.geometry)
+    out.get("logits")                     # (B, n_classes) when the model classifies
+    out.get("features")                   # (B, F, *s) dense features, for pixel-wise methods
+    model.trunk                           # the feature extractor (B, C, *spatial) -> (B, F, *s)
+    model.embedding_dim                   # D
+
+A model may add method-specific keys (ABE's ``learner_embeddings``, loss attention's ``patch_weights``, …); the
+keys above mean the same thing in every model.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Sequence, TypedDict
+
+import torch
+from torch import nn
+
+from medsim.nn.geometry import AttentionGeometry
+
+__all__ = ["EmbedderOutput", "EmbedderBase", "check_batch"]
+
+
+class EmbedderOutput(TypedDict, total=False):
+    """What every model's ``forward`` returns (a plain ``dict`` at run time, so ONNX export and TorchScript see
+    tensors only). ``embedding`` and ``attention`` are always present; models add their own keys."""
+
+    embedding: torch.Tensor  # (B, D), L2-normalised
+    attention: torch.Tensor  # (B, 1, *s) in [0, 1]; its placement on the input: model.attention_geometry(size)
+    logits: torch.Tensor  # (B, n_classes), optional
+    features: torch.Tensor  # (B, F, *s) dense features, optional
+
+
+def check_batch(x: torch.Tensor, spatial_dims: int, in_channels: int | None = None) -> None:
+    """The one input check: ``x`` must be a (B, C, *spatial) batch with ``spatial_dims`` spatial axes (and
+    ``in_channels`` channels when given).
+
+    Raises:
+        ValueError: naming the expected layout and the shape received.
+    """
+    if x.ndim == spatial_dims + 2 and (in_channels is None or x.shape[1] == in_channels):
+        return
+    if in_channels is None:
+        raise ValueError(f"expected a {spatial_dims + 2}-D (B, C, *spatial) batch, got shape {tuple(x.shape)}")
+    raise ValueError(f"expected a (B, {in_channels}, {', '.join(['*'] * spatial_dims)}) batch, "
+                     f"got shape {tuple(x.shape)}")
+
+
+class EmbedderBase(nn.Module):
+    """Base of every medsim model: checks the input once, then calls :meth:`compute`.
+
+    Subclasses set ``spatial_dims``, ``in_channels`` and ``embedding_dim`` in ``__init__``, register their feature
+    extractor as a submodule named by ``trunk_key`` (the name stays as it was when the model was first released,
+    so its ``state_dict`` keys — and every checkpoint and export — are unchanged; :attr:`trunk` reads it under one
+    name), and implement :meth:`compute` and :meth:`attention_geometry`.
+    """
+
+    #: name of the trunk submodule in the state_dict (``backbone`` / ``spatial`` / ``trunk`` by model)
+    trunk_key: ClassVar[str] = "trunk"
+    spatial_dims: int = 2
+    in_channels: int
+    embedding_dim: int
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The feature extractor (B, C, *spatial) -> (B, F, *s) (read-only; registered as ``trunk_key``)."""
+        return self._modules[self.trunk_key]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "trunk" and self.trunk_key != "trunk":
+            raise AttributeError(f"{type(self).__name__}.trunk is a read-only alias of '{self.trunk_key}' (the name "
+                                 f"its checkpoints use): assign {self.trunk_key} instead")
+        super().__setattr__(name, value)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is a (B, in_channels, *spatial) batch of this model's dimensionality."""
+        check_batch(x, self.spatial_dims, self.in_channels)
+
+    def forward(self, x: torch.Tensor) -> EmbedderOutput:
+        self.check_input(x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> EmbedderOutput:  # pragma: no cover - abstract
+        """The model on a checked batch (see :class:`EmbedderOutput`)."""
+        raise NotImplementedError
+
+    def attention_geometry(self, input_size: Sequence[int]) -> AttentionGeometry:  # pragma: no cover - abstract
+        """Where the ``attention`` cells sit on an input of spatial ``input_size`` (x, y[, z])."""
+        raise NotImplementedError
