@@ -125,8 +125,8 @@ def bench_size(x: np.ndarray, q: np.ndarray, args: argparse.Namespace) -> list[d
         t0 = time.perf_counter()
         index.add(x, records)
         build_s = time.perf_counter() - t0
+        # for refine, the IndexRefineFlat inside holds the full vectors kept for re-ranking
         mem = int(faiss.serialize_index(index.faiss_index).nbytes)
-        mem += int(x.nbytes) if build_params.get("refine") else 0  # the full vectors kept for re-ranking
         shown = ({"nlist": index.nlist, "m_pq": index.m_pq, "nbits": index.nbits} if kind == "ivfpq" else
                  {"M": index.hnsw_m, "efConstruction": index.ef_construction} if kind == "hnsw" else {})
         for value in sweep:

@@ -46,7 +46,9 @@ METRICS = ("ip", "l2")
 #: the metadata file of a saved index (records, ids, parameters, checksum of the faiss file)
 META_FILE = "case_index.json"
 _FORMAT = "medsim-case-index"
-_FORMAT_VERSION = 1
+#: 2: an ``ivfpq`` index with ``refine`` is one ``IndexIDMap2(IndexRefineFlat(IndexIVFPQ))`` file (version 1 kept
+#: the exact vectors in a separate ``refine-*.faiss`` file; such indexes are converted when loaded)
+_FORMAT_VERSION = 2
 _INDEX_GLOB = "index-*.faiss"
 
 Kind = Literal["flat", "ivfpq", "hnsw"]
@@ -129,9 +131,9 @@ class CaseIndex:
 
     Args:
         dim: embedding size ``D``.
-        kind: ``"flat"`` (exact, ``IndexFlatIP``/``IndexFlatL2``), ``"ivfpq"`` (``IndexIVFPQ``: inverted lists of
-            product-quantised codes, trained on the first :meth:`add` or an explicit :meth:`train`) or ``"hnsw"``
-            (``IndexHNSWFlat`` graph; CPU only).
+        kind: ``"flat"`` (exact, factory ``"IDMap2,Flat"``), ``"ivfpq"`` (``"IVF{nlist},PQ{m_pq}x{nbits}np"``:
+            inverted lists of product-quantised codes, trained on the first :meth:`add` or an explicit :meth:`train`)
+            or ``"hnsw"`` (``"IDMap2,HNSW{hnsw_m}"`` graph; CPU only). :attr:`factory_string` is the string used.
         metric: ``"ip"`` — cosine similarity, vectors are L2-normalised by the index — or ``"l2"`` (squared
             Euclidean distance on the vectors as given).
         nlist: IVF lists (``ivfpq``); default :func:`default_nlist` of the training-set size.
@@ -145,17 +147,22 @@ class CaseIndex:
         ef_search: default candidate-list size while searching (``hnsw``; raised to ``k`` when smaller).
         nprobe: default number of IVF lists visited per query (``ivfpq``).
         refine: ``ivfpq`` only: re-rank ``refine · k`` PQ candidates by exact distances on the full vectors, kept
-            beside the codes (``dim · 4`` more bytes per case; 0: off). PQ distances are approximate, so the true
-            neighbours are often found but mis-ordered: re-ranking 4·k candidates lifted recall@10 from 0.93 to
-            0.998 on 1M × 128 in benchmarks/faiss_indexes.py.
+            beside the codes (``dim · 4`` more bytes per case; 0: off): factory ``"IDMap2,IVF…,PQ…np,RFlat"``, an
+            ``IndexRefineFlat`` with ``k_factor=refine`` inside an ``IndexIDMap2``. PQ distances are approximate,
+            so the true neighbours are often found but mis-ordered: re-ranking 4·k candidates lifted recall@10
+            from 0.93 to 0.998 on 1M × 128 in benchmarks/faiss_indexes.py.
         model_id: id of the model (and version) that produced the embeddings; :meth:`load` refuses an index
             built by another model.
         use_gpu: ``"auto"`` (use every GPU faiss sees, when there is one and the kind has a GPU version),
             ``True`` (require a GPU: :class:`CaseIndexError` when faiss sees none) or ``False``.
 
-    Ids are ``int64``, assigned increasingly from 0 unless :meth:`add` is given ``ids``; removed ids are never
-    returned by :meth:`search` (``hnsw`` marks them deleted and compacts its graph once they outnumber the live
-    vectors). The CPU index is the source of truth; on a GPU, a copy is (re)made for the first search after a change.
+    Ids are ``int64``, assigned increasingly from 0 unless :meth:`add` is given ``ids``, and stored by faiss:
+    ``IndexIDMap2`` maps them for ``flat``, ``hnsw`` and ``ivfpq`` with ``refine``; a plain ``ivfpq`` index keeps
+    them in its inverted lists (``IndexIVF`` takes ids natively, and an ``IndexIDMap2`` over it would mis-map ids
+    after a removal, because IVF lists do not renumber). Removed ids are never returned by :meth:`search`; where
+    faiss cannot delete (``HNSW``, ``IndexRefine``) they are marked, filtered at search time with an ``IDSelector``,
+    and dropped by :meth:`compact` once they outnumber the live vectors. The CPU index is the source of truth; on a
+    GPU, a copy is (re)made for the first search after a change.
     """
 
     def __init__(self, dim: int, *, kind: Kind = "flat", metric: Metric = "ip", nlist: int | None = None,
@@ -209,9 +216,9 @@ class CaseIndex:
         self._tombstones: set[int] = set()
         self._next_id = 0
         self._gpu_index: Any = None
+        #: positions -> ids of the GPU replica of a refine index (faiss' IndexIDMap2 wraps only empty indexes)
+        self._gpu_ids: np.ndarray | None = None
         self._index: Any = None if kind == "ivfpq" else self._new_index()
-        #: full vectors by id for exact re-ranking (``refine``); IndexIDMap2 adds, removes and reconstructs by id
-        self._exact: Any = self._new_index("flat") if self.refine else None
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -237,19 +244,58 @@ class CaseIndex:
         faiss = _faiss()
         return faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
 
-    def _new_index(self, kind: str | None = None) -> Any:
-        """A fresh, empty CPU index for ``flat``/``hnsw`` (``IndexIDMap2`` around the storage)."""
+    @property
+    def factory_string(self) -> str | None:
+        """The ``faiss.index_factory`` description of this index (None for ``ivfpq`` before training, whose list
+        count is then still unknown), e.g. ``"IDMap2,HNSW32"`` or ``"IDMap2,IVF64,PQ32x8np,RFlat"``. ``np``: no
+        polysemous training (it only reorders codes for Hamming filtering, which this index does not use)."""
+        return self._factory_string(self.nlist)
+
+    def _factory_string(self, nlist: int | None) -> str | None:
+        if self.kind == "flat":
+            return "IDMap2,Flat"
+        if self.kind == "hnsw":
+            return f"IDMap2,HNSW{self.hnsw_m}"
+        if nlist is None:
+            return None
+        ivfpq = f"IVF{nlist},PQ{self.m_pq}x{self.nbits}np"
+        return f"IDMap2,{ivfpq},RFlat" if self.refine else ivfpq
+
+    @property
+    def _marks_removals(self) -> bool:
+        """True where faiss cannot delete (HNSW, IndexRefine): removed ids are tombstoned and filtered."""
+        return self.kind == "hnsw" or bool(self.refine)
+
+    def _new_index(self, factory: str | None = None) -> Any:
+        """A fresh, empty CPU index from ``factory`` (default :attr:`factory_string`; untrained for ``ivfpq``)."""
         faiss = _faiss()
-        kind = kind or self.kind
-        if kind == "flat":
-            inner = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-        elif kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, self._faiss_metric())
-            inner.hnsw.efConstruction = self.ef_construction
-            inner.hnsw.efSearch = self.ef_search
-        else:  # pragma: no cover - ivfpq is made by train()
-            raise AssertionError(kind)
-        return faiss.IndexIDMap2(inner)
+        index = faiss.index_factory(self.dim, factory or self.factory_string, self._faiss_metric())
+        if self.kind == "hnsw":
+            hnsw = faiss.downcast_index(index.index).hnsw
+            hnsw.efConstruction = self.ef_construction
+            hnsw.efSearch = self.ef_search
+        elif self.kind == "ivfpq":
+            faiss.extract_index_ivf(index).nprobe = self.nprobe
+            if self.refine:
+                faiss.downcast_index(index.index).k_factor = float(self.refine)
+        return index
+
+    def _empty_like(self) -> Any:
+        """An empty CPU index of the same structure and training as the current one (for :meth:`compact`)."""
+        if self.kind != "ivfpq":
+            return self._new_index()
+        faiss = _faiss()
+        base = faiss.clone_index(faiss.extract_index_ivf(self._index))  # trained quantizer and codebooks
+        base.reset()
+        return self._wrap_refine(base) if self.refine else base
+
+    def _wrap_refine(self, base: Any) -> Any:
+        """``IndexIDMap2(IndexRefineFlat(base))`` with ``k_factor=refine``; the same object as the factory string
+        ``"IDMap2,<base>,RFlat"`` builds, around an existing (trained, empty) base."""
+        faiss = _faiss()
+        refine = faiss.IndexRefineFlat(base)
+        refine.k_factor = float(self.refine)
+        return faiss.IndexIDMap2(refine)
 
     # ------------------------------------------------------------------ validation
 
@@ -385,32 +431,30 @@ class CaseIndex:
             raise ValueError(
                 f"ivfpq needs at least max(2**nbits={need}, nlist={nlist}) training vectors, got {n}: add or "
                 f"train() with more cases, lower nbits, or use kind='flat' (exact and fast for small collections)")
-        metric = self._faiss_metric()
-        quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
-        index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.m_pq, self.nbits, metric)
+        factory = self._factory_string(nlist)
+        index = self._new_index(factory)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         # bounded training cost: at most 64 points per centroid, fewer iterations than faiss' default 25
-        index.cp.max_points_per_centroid = 64
-        index.cp.niter = 20
-        index.pq.cp.max_points_per_centroid = 64
-        index.pq.cp.niter = 15
-        index.nprobe = self.nprobe
+        ivf.cp.max_points_per_centroid = 64
+        ivf.cp.niter = 20
+        ivf.pq.cp.max_points_per_centroid = 64
+        ivf.pq.cp.niter = 15
         t0 = time.perf_counter()
         # 1) the coarse quantizer (k-means in D dimensions) with all threads ...
-        clustering = faiss.Clustering(self.dim, nlist, index.cp)
-        clustering.train(x, quantizer)
+        clustering = faiss.Clustering(self.dim, nlist, ivf.cp)
+        clustering.train(x, ivf.quantizer)
         # 2) ... then the PQ codebooks: k-means on (D / m_pq)-dimensional sub-vectors has too little work per
         # OpenMP region to gain from threads, and loses several times over when the cores are shared (measured:
-        # 16 s with 2 threads vs 5 s with 1 on a busy 2-core host). IndexIVF.train skips the trained quantizer.
+        # 16 s with 2 threads vs 5 s with 1 on a busy 2-core host). IndexIVF.train skips the trained quantizer
+        # (IndexIDMap2 and IndexRefineFlat pass training on to it).
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
         try:
             index.train(x)
         finally:
             faiss.omp_set_num_threads(threads)
-        log.info("trained ivfpq (nlist=%d, m_pq=%d, nbits=%d) on %d vectors in %.1f s", nlist, self.m_pq,
-                 self.nbits, n, time.perf_counter() - t0)
+        log.info("trained %s on %d vectors in %.1f s", factory, n, time.perf_counter() - t0)
         self.nlist = nlist
-        self._quantizer = quantizer  # keep the Python object alive next to the index that points at it
         self._index = index
         self._gpu_index = None
 
@@ -447,8 +491,6 @@ class CaseIndex:
             self._train(x)
         t0 = time.perf_counter()
         self._index.add_with_ids(x, new_ids)
-        if self._exact is not None:
-            self._exact.add_with_ids(x, new_ids)
         log.debug("added %d vectors to the %s case index in %.2f s", n, self.kind, time.perf_counter() - t0)
         self._records.update(zip(new_ids.tolist(), recs))
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
@@ -465,36 +507,37 @@ class CaseIndex:
                              f"{' …' if len(unknown) > 10 else ''}")
         if rm.size == 0:
             return 0
-        if self.kind == "hnsw":  # faiss HNSW cannot delete: mark, filter at search, compact when mostly dead
+        if self._marks_removals:  # faiss HNSW / IndexRefine cannot delete: mark, filter at search, compact later
             self._tombstones.update(rm.tolist())
         else:
             removed = self._index.remove_ids(rm)
             if removed != rm.size:  # pragma: no cover - faiss and the records disagree
                 raise CaseIndexError(f"faiss removed {removed} of {rm.size} ids; the index is inconsistent")
-            if self._exact is not None:
-                self._exact.remove_ids(rm)
         for i in rm.tolist():
             del self._records[i]
         self._gpu_index = None
-        if self.kind == "hnsw" and len(self._tombstones) > max(len(self._records), 1000):
+        if self._marks_removals and len(self._tombstones) > max(len(self._records), 1000):
             self.compact()
         return int(rm.size)
 
     def compact(self) -> None:
-        """Rebuild the ``hnsw`` graph without the removed vectors (no-op for other kinds or without removals)."""
-        if self.kind != "hnsw" or not self._tombstones:
+        """Rebuild an ``hnsw`` graph or a ``refine`` index without its removed vectors, re-adding the live ones
+        (exact vectors: the HNSW storage, or the refine index's full copies); no-op for other kinds or without
+        removals."""
+        if not self._marks_removals or not self._tombstones:
             return
         t0 = time.perf_counter()
         live = self.ids()
         x = self._index.reconstruct_batch(live) if live.size else np.zeros((0, self.dim), np.float32)
-        index = self._new_index()
+        index = self._empty_like()
         if live.size:
             index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), live)
         self._index = index
+        self._gpu_index = None
         dropped = len(self._tombstones)
         self._tombstones.clear()
-        log.info("compacted the hnsw case index: dropped %d removed vectors, kept %d (%.1f s)", dropped,
-                 live.size, time.perf_counter() - t0)
+        log.info("compacted the %s case index: dropped %d removed vectors, kept %d (%.1f s)", self.factory_string,
+                 dropped, live.size, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ search
 
@@ -506,7 +549,10 @@ class CaseIndex:
             try:
                 co = faiss.GpuMultipleClonerOptions()
                 co.useFloat16 = True  # IVF-PQ lookup tables for many sub-quantizers
-                self._gpu_index = faiss.index_cpu_to_all_gpus(self._index, co=co)
+                if self.refine:
+                    self._gpu_index = self._gpu_refine_replica(co)
+                else:
+                    self._gpu_index = faiss.index_cpu_to_all_gpus(self._index, co=co)
             except (RuntimeError, AttributeError) as exc:
                 if self._use_gpu_arg is True:
                     raise CaseIndexError(f"cannot copy the {self.kind} case index to the GPU: {exc}") from exc
@@ -514,6 +560,22 @@ class CaseIndex:
                 self.use_gpu = False
                 return self._index
         return self._gpu_index
+
+    def _gpu_refine_replica(self, co: Any) -> Any:
+        """The GPU replica of a ``refine`` index: faiss has no GPU ``IndexRefine``, so the IVF-PQ base goes to the
+        GPU(s) and an ``IndexRefine`` on the CPU re-ranks its candidates against the CPU's full vectors (shared, not
+        copied). GPU IVF search takes no ``IDSelector``, so removed vectors are compacted away first. Searching it
+        returns storage positions; :attr:`_gpu_ids` maps them to ids."""
+        faiss = _faiss()
+        self.compact()
+        cpu = faiss.downcast_index(self._index.index)  # the IndexRefineFlat inside the IndexIDMap2
+        base = faiss.index_cpu_to_all_gpus(cpu.base_index, co=co)
+        replica = faiss.IndexRefine(base, cpu.refine_index)
+        replica.k_factor = float(self.refine)
+        replica.own_fields = False
+        self._gpu_parts = (base, cpu)  # the replica points at both without owning them
+        self._gpu_ids = faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+        return replica
 
     def search_arrays(self, queries: Any, k: int, *, nprobe: int | None = None,
                       ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -529,50 +591,44 @@ class CaseIndex:
             return np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
         faiss = _faiss()
         index = self._searcher()
+        on_gpu = index is not self._index
         params = None
         keep: list[Any] = []  # selector objects must outlive the search call
+        removed = None
+        if self._tombstones and not on_gpu:  # faiss cannot delete from this kind: skip the marked ids
+            batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
+            removed = faiss.IDSelectorNot(batch)
+            keep += [batch, removed]
         if self.kind == "ivfpq":
             probe = int(nprobe if nprobe is not None else self.nprobe)
-            if index is self._index:
-                params = faiss.SearchParametersIVF(nprobe=probe)
+            if on_gpu:
+                gpu_ivf = index.base_index if self.refine else index
+                faiss.GpuParameterSpace().set_index_parameter(gpu_ivf, "nprobe", probe)
+            elif self.refine:
+                base_params = faiss.SearchParametersIVF(nprobe=probe)
+                if removed is not None:
+                    # IndexIDMap2 translates only a top-level selector, which IndexRefine does not forward: the
+                    # base searches storage positions, so translate the ids through the id map here
+                    base_params.sel = faiss.IDSelectorTranslated(self._index.id_map, removed)
+                    keep.append(base_params.sel)
+                params = faiss.IndexRefineSearchParameters(k_factor=float(self.refine))
+                params.base_index_params = base_params
+                keep.append(base_params)
             else:
-                faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", probe)
+                params = faiss.SearchParametersIVF(nprobe=probe)
         elif self.kind == "hnsw":
             ef = max(int(ef_search if ef_search is not None else self.ef_search), k)
             params = faiss.SearchParametersHNSW(efSearch=ef)
-            if self._tombstones:
-                batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
-                sel = faiss.IDSelectorNot(batch)
-                keep += [batch, sel]
-                params.sel = sel
+            if removed is not None:
+                params.sel = removed  # IndexIDMap2 translates it to storage positions
         # pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search process-wide with
         # a wrapper that has no `params`; the original numpy method stays available as `search_numpy`
         search = getattr(index, "search_numpy", index.search)
-        k_base = k * self.refine if self._exact is not None else k
-        scores, ids = search(q, k_base, params=params) if params is not None else search(q, k_base)
+        scores, ids = search(q, k, params=params) if params is not None else search(q, k)
         del keep
-        if self._exact is not None:
-            scores, ids = self._rerank(q, ids, k)
+        if on_gpu and self.refine:  # the replica returns storage positions
+            ids = np.where(ids >= 0, self._gpu_ids[np.maximum(ids, 0)], -1)
         return scores, ids
-
-    def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of the candidate ids ``cand`` (Q, k') from the stored full vectors; the best ``k``."""
-        valid = cand >= 0
-        vecs = np.zeros((*cand.shape, self.dim), np.float32)
-        if valid.any():
-            vecs[valid] = self._exact.reconstruct_batch(np.ascontiguousarray(cand[valid]))
-        if self.metric == "ip":
-            exact = np.einsum("qd,qkd->qk", q, vecs)
-            exact[~valid] = -np.inf
-            order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        else:
-            exact = ((vecs - q[:, None, :]) ** 2).sum(-1)
-            exact[~valid] = np.inf
-            order = np.argsort(exact, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(cand, order, 1)
-        out = np.take_along_axis(exact, order, 1).astype(np.float32)
-        ids[~np.isfinite(out)] = -1  # fewer than k cases (faiss pads candidates with -1)
-        return out, ids
 
     def search(self, queries: Any, k: int = 10, *, nprobe: int | None = None,
                ef_search: int | None = None) -> list[list[Hit]]:
@@ -600,7 +656,6 @@ class CaseIndex:
             raise CaseIndexError(f"{root}: cannot save a case index there: it is a file, not a directory")
         root.mkdir(parents=True, exist_ok=True)
         index_name, sha, size = self._write_faiss(self._index, root, "index")
-        refine_name, refine_sha, refine_size = self._write_faiss(self._exact, root, "refine")
         try:
             self._check_phi("info", self.info)
             json.dumps(self.info, allow_nan=False)
@@ -615,14 +670,15 @@ class CaseIndex:
             "params": {"nlist": self.nlist, "m_pq": self.m_pq, "nbits": self.nbits, "hnsw_m": self.hnsw_m,
                        "ef_construction": self.ef_construction, "ef_search": self.ef_search,
                        "nprobe": self.nprobe, "refine": self.refine},
+            "factory_string": self.factory_string,
             "index_file": index_name, "index_bytes": size, "index_sha256": sha,
-            "refine_file": refine_name, "refine_bytes": refine_size, "refine_sha256": refine_sha,
             "next_id": self._next_id, "tombstones": sorted(self._tombstones),
             "ids": ids, "records": [self._records[i] for i in ids], "info": self.info,
         }
         atomic_write_text(root / META_FILE, json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
-        for old in [*root.glob(_INDEX_GLOB), *root.glob("refine-*.faiss")]:  # index files of earlier saves
-            if old.name not in (index_name, refine_name):
+        # index files of earlier saves (refine-*.faiss: the exact vectors of a format-1 refine index)
+        for old in [*root.glob(_INDEX_GLOB), *root.glob("refine-*.faiss")]:
+            if old.name != index_name:
                 old.unlink(missing_ok=True)
         log.info("saved %s to %s (%d cases, %s bytes)", self, root, len(ids), size)
         return root
@@ -718,22 +774,63 @@ class CaseIndex:
         if meta.get("faiss_version") not in (None, getattr(faiss, "__version__", None)):
             log.info("case index %s was written by faiss %s, reading with %s", root, meta.get("faiss_version"),
                      getattr(faiss, "__version__", "?"))
-        obj._index = index
-        if obj.refine:
-            if not meta.get("refine_file"):
-                raise CaseIndexError(f"{meta_path}: refine={obj.refine} but no refine_file is recorded")
-            exact = cls._read_verified(root / meta["refine_file"], meta, "refine")
-            if exact.ntotal != len(ids) or exact.d != obj.dim:
-                raise CaseIndexError(f"{root / meta['refine_file']}: holds {exact.ntotal} vectors of dim {exact.d}, "
-                                     f"the metadata says {len(ids)} of dim {obj.dim}")
-            obj._exact = exact
         if index is not None and obj.kind == "ivfpq":
             obj.nlist = int(faiss.extract_index_ivf(index).nlist)
+        if index is not None and obj.refine and meta.get("format_version", 0) < 2:
+            index = obj._refine_from_format_1(index, meta, meta_path, root, len(ids))
+        if index is not None:
+            cls._check_structure(obj, index, meta_path)
+        obj._index = index
         obj._records = {int(i): dict(r) for i, r in zip(ids, records)}
         obj._tombstones = tombstones
         obj.info = dict(meta.get("info") or {})
         obj._next_id = int(meta.get("next_id", max([*map(int, ids), *tombstones], default=-1) + 1))
         return obj
+
+    def _refine_from_format_1(self, base: Any, meta: dict[str, Any], meta_path: Path, root: Path,
+                              count: int) -> Any:
+        """A format-1 ``refine`` index (an ``IndexIVFPQ`` with native ids + ``refine-*.faiss``, an
+        ``IndexIDMap2(IndexFlat)`` of the full vectors) as this version's ``IndexIDMap2(IndexRefineFlat)``: the
+        trained base, emptied, re-encodes the full vectors (PQ encoding is deterministic: the same codes)."""
+        faiss = _faiss()
+        if not meta.get("refine_file"):
+            raise CaseIndexError(f"{meta_path}: refine={self.refine} but no refine_file is recorded")
+        exact = self._read_verified(root / meta["refine_file"], meta, "refine")
+        if exact.ntotal != count or exact.d != self.dim:
+            raise CaseIndexError(f"{root / meta['refine_file']}: holds {exact.ntotal} vectors of dim {exact.d}, "
+                                 f"the metadata says {count} of dim {self.dim}")
+        ids = faiss.vector_to_array(exact.id_map).astype(np.int64)
+        vectors = faiss.downcast_index(exact.index).reconstruct_n(0, exact.ntotal)
+        base.reset()
+        index = self._wrap_refine(base)
+        if ids.size:
+            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        log.info("converted the format-1 refine index %s to %s (one faiss file from the next save on)", root,
+                 self.factory_string)
+        return index
+
+    @staticmethod
+    def _check_structure(obj: "CaseIndex", index: Any, meta_path: Path) -> None:
+        """The loaded faiss object has the structure :attr:`factory_string` describes (a hand-edited
+        ``kind``/``refine`` would otherwise search the wrong way)."""
+        faiss = _faiss()
+        fresh = faiss.index_factory(obj.dim, obj.factory_string, obj._faiss_metric())
+
+        def chain(ix: Any) -> list[str]:
+            names = []
+            while ix is not None:
+                ix = faiss.downcast_index(ix)
+                names.append(re.sub(r"^IndexFlat(IP|L2)$", "IndexFlat", type(ix).__name__))  # metric: below
+                ix = ix.index if isinstance(ix, faiss.IndexIDMap2) else (
+                    ix.base_index if isinstance(ix, faiss.IndexRefine) else None)
+            return names
+
+        got, want = chain(index), chain(fresh)
+        if got != want or index.metric_type != fresh.metric_type:
+            raise CaseIndexError(f"{meta_path}: the faiss file holds {'(' .join(got)}{')' * (len(got) - 1)} "
+                                 f"(metric {index.metric_type}), but kind={obj.kind!r}, metric={obj.metric!r}, "
+                                 f"refine={obj.refine} need {obj.factory_string!r}; rebuild the index with "
+                                 "`medsim index build`")
 
     @staticmethod
     def _read_verified(file: Path, meta: dict[str, Any], prefix: str = "index") -> Any:

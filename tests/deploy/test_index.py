@@ -387,18 +387,21 @@ def test_refine_follows_removals_and_survives_save_load(tmp_path):
     _, after = index.search_arrays(x[:5], 3)
     assert not np.isin(after, np.arange(5)).any()
     index.save(tmp_path / "ix")
-    assert len(list((tmp_path / "ix").glob("refine-*.faiss"))) == 1
+    # format 2: the full vectors live inside the one faiss file (IndexIDMap2(IndexRefineFlat(IndexIVFPQ)))
+    assert len(list((tmp_path / "ix").glob("index-*.faiss"))) == 1
+    assert not list((tmp_path / "ix").glob("refine-*.faiss"))
     loaded = CaseIndex.load(tmp_path / "ix")
     assert loaded.refine == 4 and "refine=4" in repr(loaded)
+    assert isinstance(faiss.downcast_index(loaded.faiss_index.index), faiss.IndexRefineFlat)
     s1, i1 = index.search_arrays(x[5:50], 5)
     s2, i2 = loaded.search_arrays(x[5:50], 5)
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_allclose(s1, s2)
-    refine_file = next((tmp_path / "ix").glob("refine-*.faiss"))
-    data = bytearray(refine_file.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    refine_file.write_bytes(bytes(data))
-    with pytest.raises(CaseIndexError, match="refine-.*checksum mismatch"):
+    index_file = next((tmp_path / "ix").glob("index-*.faiss"))
+    data = bytearray(index_file.read_bytes())
+    data[-len(data) // 4] ^= 0xFF  # inside the full vectors, which follow the PQ codes
+    index_file.write_bytes(bytes(data))
+    with pytest.raises(CaseIndexError, match="index-.*checksum mismatch"):
         CaseIndex.load(tmp_path / "ix")
 
 
@@ -461,3 +464,193 @@ def test_min_train_size():
     assert CaseIndex(8, model_id=MODEL).min_train_size == 0
     assert CaseIndex(8, kind="ivfpq", model_id=MODEL).min_train_size == 256
     assert CaseIndex(8, kind="ivfpq", nbits=4, nlist=40, model_id=MODEL).min_train_size == 40
+
+
+# --------------------------------------------------------------------------- faiss objects from factory strings
+
+def chain(index) -> list[str]:
+    """Class names from the outer faiss index inwards (IndexIDMap2 -> .index, IndexRefine -> .base_index)."""
+    names = []
+    while index is not None:
+        index = faiss.downcast_index(index)
+        names.append(type(index).__name__)
+        index = (index.index if isinstance(index, faiss.IndexIDMap2) else
+                 index.base_index if isinstance(index, faiss.IndexRefine) else None)
+    return names
+
+
+@pytest.mark.parametrize("kw, factory, expected", [
+    ({"kind": "flat"}, "IDMap2,Flat", ["IndexIDMap2", "IndexFlat"]),
+    ({"kind": "flat", "metric": "l2"}, "IDMap2,Flat", ["IndexIDMap2", "IndexFlat"]),
+    ({"kind": "hnsw", "hnsw_m": 16}, "IDMap2,HNSW16", ["IndexIDMap2", "IndexHNSWFlat"]),
+    ({"kind": "ivfpq", "nlist": 8, "m_pq": 4, "nbits": 6}, "IVF8,PQ4x6np", ["IndexIVFPQ"]),
+    ({"kind": "ivfpq", "nlist": 8, "m_pq": 4, "nbits": 6, "refine": 3}, "IDMap2,IVF8,PQ4x6np,RFlat",
+     ["IndexIDMap2", "IndexRefineFlat", "IndexIVFPQ"]),
+])
+def test_faiss_object_is_built_from_the_factory_string(kw, factory, expected, tmp_path):
+    """The CaseIndex holds the object faiss.index_factory builds from its factory_string, with the parameters set:
+    IndexIDMap2 for the ids (IVF-PQ keeps them natively), IndexRefineFlat for refine, and it survives save/load."""
+    x = clustered(1000, 16, n_clusters=10)
+    index = CaseIndex(16, model_id=MODEL, use_gpu=False, **kw)
+    index.add(x, [{}] * len(x))
+    assert index.factory_string == factory
+    metric = faiss.METRIC_L2 if kw.get("metric") == "l2" else faiss.METRIC_INNER_PRODUCT
+    fresh = faiss.index_factory(16, factory, metric)
+    assert chain(index.faiss_index) == chain(fresh) == expected
+    assert index.faiss_index.metric_type == fresh.metric_type == metric and index.faiss_index.ntotal == 1000
+    if kw["kind"] == "hnsw":
+        hnsw = faiss.downcast_index(index.faiss_index.index).hnsw
+        assert hnsw.efConstruction == index.ef_construction and hnsw.nb_neighbors(1) == 16
+    if kw["kind"] == "ivfpq":
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index.faiss_index))
+        assert (ivf.nlist, ivf.pq.M, ivf.pq.nbits, ivf.do_polysemous_training) == (8, 4, 6, False)
+    if kw.get("refine"):
+        assert faiss.downcast_index(index.faiss_index.index).k_factor == 3
+    if chain(index.faiss_index)[0] == "IndexIDMap2":  # ids really live in faiss: reconstruct by id
+        np.testing.assert_allclose(index.faiss_index.reconstruct(7), x[7], atol=1e-6)
+    loaded = CaseIndex.load(index.save(tmp_path / "ix"))
+    assert loaded.factory_string == factory
+    assert [n.replace("IP", "").replace("L2", "") for n in chain(loaded.faiss_index)] == expected  # read_index
+
+
+def test_search_against_numpy_top_k_on_random_data():
+    """Gaussian (unclustered) data, explicit non-consecutive ids, some removals: flat equals numpy's top-k (ids and
+    scores), the approximate kinds reach a recall bound."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    q = rng.standard_normal((100, 16)).astype(np.float32)
+    ids = rng.permutation(3000).astype(np.int64) * 7919 + 10**9  # shuffled, sparse, large
+    removed = ids[::10]
+    live = np.ones(len(x), bool)
+    live[::10] = False
+    for metric in ("ip", "l2"):
+        xs, qs = (x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)) \
+            if metric == "ip" else (x, q)
+        scores, rows = brute_force(xs[live], qs, 10, metric)
+        truth = ids[live][rows]
+        found = {}
+        for name, kw in {"flat": {"kind": "flat"}, "hnsw": {"kind": "hnsw"},
+                         "ivfpq": {"kind": "ivfpq", "nlist": 16, "nprobe": 16, "nbits": 6},
+                         "refine": {"kind": "ivfpq", "nlist": 16, "nprobe": 16, "nbits": 6, "refine": 4}}.items():
+            index = CaseIndex(16, metric=metric, model_id=MODEL, use_gpu=False, **kw)
+            index.add(x, [{}] * len(x), ids=ids)
+            index.remove(removed)
+            s, found[name] = index.search_arrays(q, 10)
+            if name == "flat":
+                np.testing.assert_array_equal(found[name], truth)
+                np.testing.assert_allclose(s, scores, rtol=1e-4, atol=1e-4)
+        recalls = {name: recall_at(f, truth) for name, f in found.items()}
+        # measured (seed 11): hnsw 1.0 / 0.999, refine 0.99 / 0.999, ivfpq 0.71 / 0.79 (ip / l2)
+        assert recalls["hnsw"] >= 0.97 and recalls["refine"] >= 0.95 and recalls["ivfpq"] >= 0.6, recalls
+        assert not np.isin(np.concatenate(list(found.values())), removed).any()
+
+
+def test_refine_marks_removals_then_compacts():
+    """IndexRefine cannot delete: removed ids are filtered at search time, then dropped by a rebuild once they
+    outnumber the live vectors; ids, records and exact self-hits survive the rebuild."""
+    x = clustered(3000, 16, n_clusters=20, seed=4)
+    index = CaseIndex(16, kind="ivfpq", nlist=16, m_pq=8, refine=4, model_id=MODEL, use_gpu=False)
+    index.add(x, records_for(3000))
+    index.remove(np.arange(0, 600))
+    assert index.faiss_index.ntotal == 3000 and len(index) == 2400  # marked, still stored
+    _, found = index.search_arrays(x[:700], 5)
+    assert not np.isin(found, np.arange(600)).any() and (found[600:, 0] == np.arange(600, 700)).all()
+    index.remove(np.arange(600, 2000))  # 2000 marked > max(1000 live, 1000): rebuilt without them
+    assert index.faiss_index.ntotal == 1000 and len(index) == 1000
+    assert chain(index.faiss_index) == ["IndexIDMap2", "IndexRefineFlat", "IndexIVFPQ"]
+    scores, found = index.search_arrays(x[2000:2100], 3)
+    assert (found[:, 0] == np.arange(2000, 2100)).all()
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert index.record(2500)["uri"] == "case2500.png"
+
+
+def test_gpu_refine_replica_searches_like_the_cpu_index(monkeypatch):
+    """With a fake 'GPU' (faiss.clone_index): the IVF-PQ base is replicated, IndexRefine re-ranks on the CPU
+    vectors, positions map back to ids; removals compact the index before the replica is rebuilt."""
+    copies = []
+
+    def to_gpus(index, co=None):
+        copies.append(type(faiss.downcast_index(index)).__name__)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", type("Options", (), {}), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+    x = clustered(3000, 16, n_clusters=20, seed=9)
+    q = clustered(50, 16, n_clusters=20, seed=10)
+    kw = {"kind": "ivfpq", "nlist": 16, "m_pq": 8, "refine": 4, "model_id": MODEL}
+    gpu, cpu = CaseIndex(16, use_gpu=True, **kw), CaseIndex(16, use_gpu=False, **kw)
+    ids = np.arange(3000, dtype=np.int64) * 5 + 3
+    for index in (gpu, cpu):
+        index.add(x, [{}] * len(x), ids=ids)
+    for nprobe in (2, 16):
+        s_gpu, i_gpu = gpu.search_arrays(q, 10, nprobe=nprobe)
+        s_cpu, i_cpu = cpu.search_arrays(q, 10, nprobe=nprobe)
+        np.testing.assert_array_equal(i_gpu, i_cpu)
+        np.testing.assert_allclose(s_gpu, s_cpu, rtol=1e-5, atol=1e-5)
+    assert copies == ["IndexIVFPQ"]  # one replica of the base, reused
+    for index in (gpu, cpu):
+        index.remove(ids[:100])
+    _, i_gpu = gpu.search_arrays(x[:150], 3)
+    _, i_cpu = cpu.search_arrays(x[:150], 3)
+    np.testing.assert_array_equal(i_gpu, i_cpu)
+    assert not np.isin(i_gpu, ids[:100]).any() and len(copies) == 2
+    assert gpu.faiss_index.ntotal == 2900 and cpu.faiss_index.ntotal == 3000  # compacted for the GPU only
+
+
+def _save_format_1_refine(out, x, ids, refine):
+    """A refine index as medsim wrote it before format 2: IndexIVFPQ with native ids in index-*.faiss, the full
+    vectors as IndexIDMap2(IndexFlatIP) in refine-*.faiss, format_version 1."""
+    import hashlib
+
+    plain = CaseIndex(16, kind="ivfpq", nlist=16, m_pq=8, model_id=MODEL, use_gpu=False)
+    plain.add(x, records_for(len(x)), ids=ids)
+    plain.save(out)
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    exact.add_with_ids(x / np.linalg.norm(x, axis=1, keepdims=True), ids)
+    faiss.write_index(exact, str(out / "refine.tmp"))
+    data = (out / "refine.tmp").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    (out / "refine.tmp").rename(out / f"refine-{sha[:16]}.faiss")
+    meta = json.loads((out / META_FILE).read_text())
+    meta.pop("factory_string")
+    meta["params"]["refine"] = refine
+    meta.update(format_version=1, refine_file=f"refine-{sha[:16]}.faiss", refine_bytes=len(data),
+                refine_sha256=sha)
+    (out / META_FILE).write_text(json.dumps(meta))
+    return plain
+
+
+def test_format_1_refine_index_is_converted_on_load(tmp_path):
+    """Indexes saved before the factory-string version load: flat/hnsw/plain ivfpq files are the same faiss objects;
+    a format-1 refine index (two files) becomes IndexIDMap2(IndexRefineFlat) with the same results, and the next
+    save writes one file."""
+    x = clustered(2000, 16, n_clusters=20, seed=12)
+    ids = np.arange(2000, dtype=np.int64) * 3
+    plain = _save_format_1_refine(tmp_path / "v1", x, ids, refine=4)
+    loaded = CaseIndex.load(tmp_path / "v1")
+    assert loaded.refine == 4 and chain(loaded.faiss_index) == ["IndexIDMap2", "IndexRefineFlat", "IndexIVFPQ"]
+    assert len(loaded) == 2000 and loaded.record(3)["uri"] == "case1.png"
+    # the same PQ candidates (same trained base), re-ranked exactly
+    _, cand = plain.search_arrays(x[:20], 40)
+    scores, found = loaded.search_arrays(x[:20], 10)
+    assert (found[:, 0] == ids[:20]).all() and np.isin(found, cand).mean() == 1.0
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    loaded.save(tmp_path / "v1")
+    assert not list((tmp_path / "v1").glob("refine-*.faiss"))
+    again = CaseIndex.load(tmp_path / "v1")
+    np.testing.assert_array_equal(again.search_arrays(x[:20], 10)[1], found)
+    assert json.loads((tmp_path / "v1" / META_FILE).read_text())["format_version"] == 2
+
+
+def test_faiss_file_of_another_structure_is_refused(tmp_path):
+    """A case_index.json edited to another kind/refine than its faiss file holds fails with a clear error."""
+    index = CaseIndex(16, kind="flat", model_id=MODEL, use_gpu=False)
+    index.add(clustered(100, 16, n_clusters=4), records_for(100))
+    out = index.save(tmp_path / "ix")
+    meta = json.loads((out / META_FILE).read_text())
+    meta["kind"] = "hnsw"
+    (out / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CaseIndexError, match=r"holds IndexIDMap2\(IndexFlat\).*'IDMap2,HNSW32'"):
+        CaseIndex.load(out)
