@@ -1,7 +1,8 @@
 """MONAI/ignite engine parts for metric learning with subspace learners (MML, DSL) and single-learner baselines.
 
-- :class:`MetricLearningTrainer` — a MONAI ``SupervisedTrainer`` whose iteration routes each batch (drawn from
-  one cluster) through its learner's embedding subspace.
+- :class:`MetricLearningTrainer` — MONAI's ``SupervisedTrainer`` (its own iteration) wired for metric learning:
+  :func:`metric_prepare_batch`, the :class:`SubspaceRoutingLoss` (each batch, drawn from one cluster, trains its
+  learner's embedding subspace) and epoch/iteration handlers.
 - :class:`PrecisionInferer` — bf16 autocast (AMX on CPU) and channels_last for the trainer's and the evaluators'
   forward passes; outputs come back in float32, so losses and metrics are computed in fp32.
 - :class:`EmbeddingMetric` — an ignite metric for a MONAI ``SupervisedEvaluator``: NMI (key metric) or the full
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
-from monai.engines import SupervisedTrainer
+from monai.engines import IterationEvents, SupervisedTrainer
 from monai.inferers import Inferer
 from monai.utils import look_up_option
 
@@ -38,7 +39,7 @@ from medsim.engines.runs import load_checkpoint
 from medsim.engines.subspaces import (SubspaceState, cluster_counts, embed_loader, equal_slices, neuron_scores,
                                       split_learner)
 
-__all__ = ["MetricLearningTrainer", "PrecisionInferer", "EmbeddingMetric", "SubspaceHandler", "Checkpointer", "MetricsLogger",
+__all__ = ["MetricLearningTrainer", "SubspaceRoutingLoss", "metric_prepare_batch", "PrecisionInferer", "EmbeddingMetric", "SubspaceHandler", "Checkpointer", "MetricsLogger",
            "RNGState", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
@@ -128,14 +129,61 @@ class PrecisionInferer(Inferer):
         return f"PrecisionInferer(amp={self.amp}, dtype={self.dtype}, channels_last={self.channels_last})"
 
 
-class MetricLearningTrainer(SupervisedTrainer):
-    """``SupervisedTrainer`` for embedders: each batch (all from one cluster, see
-    :class:`~medsim.engines.sampling.ClusterBatchSampler`) trains the neurons of its cluster's learner; the loss
-    sees that subspace re-normalised (Sanakoyeu et al. 2019). Stops on a non-finite loss.
+def metric_prepare_batch(batchdata: Mapping[str, Any], device: str | torch.device | None = None,
+                         non_blocking: bool = False, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """MONAI ``prepare_batch`` for metric learning: ``(image, {"label", "index"})``.
 
-    Losses: ``loss(embedding, labels, logits)``; a loss with ``takes_outputs = True`` is called as
-    ``loss(outputs, labels)`` with the model's whole output dict; a loss with ``set_epoch(epoch, max_epochs)``
-    (epoch from 0) is told the epoch at each epoch start, for weight schedules.
+    The target carries the batch's item indices next to the labels, so the routing loss
+    (:class:`SubspaceRoutingLoss`) can look up the batch's cluster."""
+    x = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+    y = torch.as_tensor(batchdata["label"]).to(device=device, non_blocking=non_blocking)
+    index = batchdata.get("index")
+    return x, {"label": y, "index": None if index is None else torch.as_tensor(index)}
+
+
+class SubspaceRoutingLoss(torch.nn.Module):
+    """The loss of subspace learners (MML, DSL; Sanakoyeu et al. 2019) as a MONAI loss object.
+
+    Called as ``loss(outputs, target)`` with the network's output dict and :func:`metric_prepare_batch`'s target:
+    each batch is drawn from one cluster (:class:`~medsim.engines.sampling.ClusterBatchSampler`; its first item's
+    cluster in ``subspaces.assignment``), and ``routed`` sees only that cluster's learner's neurons, re-normalised.
+    With one learner (or in the fine-tune phase) the embedding passes unchanged.
+
+    ``routed`` is called as ``routed(embedding, labels, logits)``, or, when it has ``takes_outputs = True`` (losses of
+    attention models: ABE divergence, gated-attention fusion, loss-based attention), as ``routed(outputs, labels)``
+    with the whole output dict and the routed embedding under ``"embedding"``. A loss without a gradient (nothing to
+    learn from the batch) is returned as a leaf that requires one, so the step changes nothing.
+    """
+
+    def __init__(self, routed: Callable[..., torch.Tensor], subspaces: SubspaceState):
+        super().__init__()
+        self.routed, self.subspaces = routed, subspaces
+
+    def forward(self, outputs: Mapping[str, torch.Tensor], target: Mapping[str, Any]) -> torch.Tensor:
+        y, index = target["label"], target.get("index")
+        first = int(index[0]) if index is not None else 0
+        asg = self.subspaces.assignment
+        cluster = int(asg[first]) if len(asg) > first else 0
+        emb = outputs["embedding"]
+        neurons = self.subspaces.neurons_for_cluster(cluster, emb.shape[1])
+        if len(neurons) < emb.shape[1]:
+            emb = F.normalize(emb[:, neurons], dim=1)
+        if getattr(self.routed, "takes_outputs", False):
+            loss = self.routed({**outputs, "embedding": emb}, y)
+        else:
+            loss = self.routed(emb, y, outputs.get("logits"))
+        return loss if loss.requires_grad else loss.detach().requires_grad_()
+
+
+class MetricLearningTrainer(SupervisedTrainer):
+    """MONAI's ``SupervisedTrainer`` set up for embedders; its iteration is MONAI's own (inferer, AMP, gradient
+    accumulation, FORWARD/LOSS/BACKWARD events).
+
+    What makes it metric learning is wiring: ``prepare_batch`` = :func:`metric_prepare_batch`, the loss wrapped in a
+    :class:`SubspaceRoutingLoss` (each batch, drawn from one cluster, trains its cluster's learner), and handlers:
+    a non-finite loss stops training before the backward pass; at each epoch start the batch sampler, a loss with
+    ``set_epoch(epoch, max_epochs)`` (epoch from 0; weight schedules) and the augmentation are told the epoch; the
+    epoch's losses are collected in ``epoch_loss`` for the subspace handler's record.
 
     The forward pass goes through ``inferer`` (a :class:`PrecisionInferer` for bf16 autocast / channels_last);
     the loss sees float32 outputs.
@@ -149,63 +197,53 @@ class MetricLearningTrainer(SupervisedTrainer):
             ``GradScaler``) is not used.
     """
 
-    def __init__(self, *args: Any, subspaces: SubspaceState, batch_sampler: Any = None, transform: Any = None,
-                 seed: int = 0, amp: bool = False, amp_kwargs: Mapping[str, Any] | None = None,
-                 channels_last: bool = False, **kwargs: Any):
+    def __init__(self, device: str | torch.device, max_epochs: int, train_data_loader: Any, network: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, loss_function: Callable, *, subspaces: SubspaceState,
+                 batch_sampler: Any = None, transform: Any = None, seed: int = 0, amp: bool = False,
+                 amp_kwargs: Mapping[str, Any] | None = None, channels_last: bool = False, **kwargs: Any):
         kwargs.setdefault("decollate", False)
+        kwargs.setdefault("prepare_batch", metric_prepare_batch)
+        kwargs.setdefault("optim_set_to_none", True)
         if kwargs.get("inferer") is None:
             kwargs["inferer"] = PrecisionInferer(amp, dtype=dict(amp_kwargs or {}).get("dtype", "bfloat16"),
                                                  channels_last=channels_last)
         elif amp or channels_last:
             raise ValueError(f"give either an inferer ({kwargs['inferer']!r}) or amp={amp}/channels_last="
                              f"{channels_last}, not both: set amp/channels_last on the PrecisionInferer")
-        super().__init__(*args, **kwargs)
+        if not isinstance(loss_function, SubspaceRoutingLoss):
+            loss_function = SubspaceRoutingLoss(loss_function, subspaces)
+        super().__init__(device, max_epochs, train_data_loader, network, optimizer, loss_function, **kwargs)
         self.subspaces = subspaces
         self.batch_sampler = batch_sampler
         self.transform = transform
         self.seed = seed
         self.epoch_loss: list[float] = []
         self.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        self.add_event_handler(IterationEvents.LOSS_COMPLETED, self._check_finite)
+        self.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._collect_loss)
 
     def _epoch_started(self, engine: Engine) -> None:
         self.epoch_loss = []
         self.epoch_t0 = time.perf_counter()
         if self.batch_sampler is not None and hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(engine.state.epoch)
-        if hasattr(self.loss_function, "set_epoch"):  # loss-weight schedules (Eq. 3 of gated attention, ramp-ups)
-            self.loss_function.set_epoch(engine.state.epoch - 1, engine.state.max_epochs)
+        loss = self.loss_function.routed
+        if hasattr(loss, "set_epoch"):  # loss-weight schedules (Eq. 3 of gated attention, ramp-ups)
+            loss.set_epoch(engine.state.epoch - 1, engine.state.max_epochs)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             # augmentation depends on (seed, epoch) only, so a resumed run augments exactly as the original
             self.transform.set_random_state(seed=(self.seed * 100_003 + engine.state.epoch) % 2**32)
 
-    def _iteration(self, engine: Engine, batchdata: dict[str, Any]) -> dict[str, Any]:
-        device = engine.state.device
-        x = batchdata["image"].to(device)
-        y = torch.as_tensor(batchdata["label"]).to(device)
-        first = int(torch.as_tensor(batchdata["index"])[0]) if "index" in batchdata else 0
-        asg = self.subspaces.assignment
-        cluster = int(asg[first]) if len(asg) > first else 0
-        self.network.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.inferer(x, self.network)  # float32 outputs (a PrecisionInferer autocasts only the network)
-        emb = out["embedding"]
-        neurons = self.subspaces.neurons_for_cluster(cluster, emb.shape[1])
-        if len(neurons) < emb.shape[1]:
-            emb = F.normalize(emb[:, neurons], dim=1)
-        if getattr(self.loss_function, "takes_outputs", False):
-            # losses of attention models (ABE divergence, gated-attention fusion, loss-based attention) need more
-            # than the embedding: they get the whole output dict, with the routed embedding under "embedding"
-            loss = self.loss_function({**out, "embedding": emb}, y)
-        else:
-            loss = self.loss_function(emb, y, out.get("logits"))
+    def _check_finite(self, engine: Engine) -> None:
+        loss = engine.state.output["loss"].detach()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {engine.state.epoch}, iteration "
                                      f"{engine.state.iteration}: stopping (lower the learning rate?)")
-        if loss.requires_grad:
-            loss.backward()
-            self.optimizer.step()
-        self.epoch_loss.append(float(loss.detach()))
-        return {"image": x, "label": y, "pred": out, "loss": loss.detach()}
+
+    def _collect_loss(self, engine: Engine) -> None:
+        # the output keeps the value, not the graph (handlers read float(output["loss"]))
+        engine.state.output["loss"] = engine.state.output["loss"].detach()
+        self.epoch_loss.append(float(engine.state.output["loss"]))
 
 
 def _embedding_label_logits(o: Mapping[str, Any]) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
