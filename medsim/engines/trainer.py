@@ -39,8 +39,8 @@ from medsim.engines.runs import load_checkpoint
 from medsim.engines.subspaces import (SubspaceState, cluster_counts, embed_loader, equal_slices, neuron_scores,
                                       split_learner)
 
-__all__ = ["MetricLearningTrainer", "SubspaceRoutingLoss", "metric_prepare_batch", "PrecisionInferer", "EmbeddingMetric", "SubspaceHandler", "Checkpointer", "MetricsLogger",
-           "RNGState", "atomic_torch_save"]
+__all__ = ["MetricLearningTrainer", "SubspaceRoutingLoss", "metric_prepare_batch", "PrecisionInferer",
+           "EmbeddingMetric", "SubspaceHandler", "Checkpointer", "MetricsLogger", "RNGState", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
