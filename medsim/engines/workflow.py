@@ -233,6 +233,13 @@ def _bundle_files(bundle: Path, variant: str | None) -> list[str]:
     return files
 
 
+def _metadata_file(bundle: Path) -> Path:
+    """The bundle's ``configs/metadata.json``; a layered bundle without one uses its base bundle's."""
+    own = bundle / "configs" / "metadata.json"
+    base = _base_bundle(bundle) if not own.is_file() else None
+    return base / "configs" / "metadata.json" if base is not None else own
+
+
 def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, dataset_dir: str | None = None,
                  output_dir: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a bundle's training workflow (initialize → run → finalize) through MONAI's ``ConfigWorkflow``.
@@ -261,7 +268,7 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
     quiet.setLevel(logging.ERROR)  # medsim's CLI configures logging itself; skip the bundle's logging.conf
     try:
         wf = ConfigWorkflow(config_file=_bundle_files(bundle, variant),
-                            meta_file=str(bundle / "configs" / "metadata.json"), workflow_type="train",
+                            meta_file=str(_metadata_file(bundle)), workflow_type="train",
                             logging_file=False, **ov)
     finally:
         quiet.setLevel(level)
