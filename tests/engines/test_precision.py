@@ -112,3 +112,15 @@ def test_inferer_and_amp_flags_together_are_refused():
 def test_unknown_dtype_names_the_options():
     with pytest.raises(ValueError, match="bfloat16"):
         PrecisionInferer(amp=True, dtype="bf16")
+
+
+def test_the_bundle_switches_reach_trainer_and_validator(tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("bundles/isic_dsl/configs/train.json")
+    parser.update({"output_dir": str(tmp_path), "amp": True, "channels_last": True, "device": "$torch.device('cpu')"})
+    trainer = parser.get_parsed_content("train#trainer")
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    assert isinstance(trainer.inferer, PrecisionInferer) and evaluator.inferer is trainer.inferer
+    assert trainer.inferer.amp and trainer.inferer.dtype == torch.bfloat16 and trainer.inferer.channels_last
