@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+# the constants of the pipelines live with the preprocessing spec, where export and the runtime read them too
+from medsim.preprocessing import (CT_AXCODES, CT_PAD, CT_SPACING, HU_WINDOW, IMAGENET_MEAN, IMAGENET_STD,
+                                  RESIZE_MODE, RGB_SCALE)
+
 __all__ = ["rgb2d_transforms", "gray2d_transforms", "ct3d_transforms", "make_transforms", "IMAGENET_MEAN",
            "IMAGENET_STD", "KINDS"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = ("rgb2d", "gray2d", "ct3d")
 
 
@@ -75,13 +77,13 @@ def rgb2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = 
         *([_load_images(keys, PILReader(reverse_indexing=True))] if load else []),
         mt.EnsureTyped(keys, dtype="float32", track_meta=False),
         _ToRGBd("image"),
-        mt.ScaleIntensityRanged("image", 0.0, 255.0, 0.0, 1.0, clip=True),
+        mt.ScaleIntensityRanged("image", *RGB_SCALE["from"], *RGB_SCALE["to"], clip=RGB_SCALE["clip"]),
     ]
     if with_mask:
         xs += [_ChannelMaxd("mask"), mt.ThresholdIntensityd("mask", threshold=0.5, above=True, cval=0.0),
                mt.ThresholdIntensityd("mask", threshold=0.5, above=False, cval=1.0)]
     xs.append(mt.Resized(keys, spatial_size=tuple(spatial_size), mode=[
-        "area" if m == "bilinear" else "nearest" for m in modes]))
+        RESIZE_MODE if m == "bilinear" else "nearest" for m in modes]))
     if train:
         xs += [
             mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
@@ -107,7 +109,7 @@ def gray2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool =
         mt.EnsureTyped(keys, dtype="float32", track_meta=False),
         _ChannelMaxd("image"),
         mt.ScaleIntensityd("image", minv=0.0, maxv=1.0),
-        mt.Resized(keys, spatial_size=tuple(spatial_size), mode=["area" if m == "bilinear" else "nearest"
+        mt.Resized(keys, spatial_size=tuple(spatial_size), mode=[RESIZE_MODE if m == "bilinear" else "nearest"
                                                                  for m in modes]),
     ]
     if train:
@@ -121,7 +123,7 @@ def gray2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool =
 
 
 def ct3d_transforms(roi_size: Sequence[int] = (96, 96, 96), *, pixdim: Sequence[float] = (1.5, 1.5, 2.0),
-                    hu_window: tuple[float, float] = (-175.0, 250.0), train: bool = False, with_mask: bool = False):
+                    hu_window: tuple[float, float] = HU_WINDOW, train: bool = False, with_mask: bool = False):
     """3D CT (NIfTI or DICOM series) → float (1, *roi_size) in [0, 1]; label maps resampled with nearest."""
     import monai.transforms as mt
 
@@ -131,10 +133,12 @@ def ct3d_transforms(roi_size: Sequence[int] = (96, 96, 96), *, pixdim: Sequence[
     xs: list = [
         _load_images(keys, [DicomReader(display=False), "NibabelReader"]),
         mt.EnsureTyped(keys, dtype="float32"),
-        mt.Orientationd(keys, axcodes="RAS", labels=None),
-        mt.Spacingd(keys, pixdim=tuple(pixdim), mode=modes),
+        mt.Orientationd(keys, axcodes=CT_AXCODES, labels=None),
+        mt.Spacingd(keys, pixdim=tuple(pixdim), mode=modes, padding_mode=CT_SPACING["padding_mode"],
+                    align_corners=CT_SPACING["align_corners"], diagonal=CT_SPACING["diagonal"],
+                    scale_extent=CT_SPACING["scale_extent"]),
         mt.ScaleIntensityRanged("image", a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
-        mt.SpatialPadd(keys, spatial_size=tuple(roi_size)),
+        mt.SpatialPadd(keys, spatial_size=tuple(roi_size), method=CT_PAD["method"], mode=CT_PAD["mode"]),
     ]
     if train:
         xs += [

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from medsim.export.errors import ExportError, ExportParityError
-from medsim.export.manifest import describe_preprocessing, preprocessing_kind, utc_now, write_manifest
+from medsim.export.manifest import utc_now, write_manifest
+from medsim.preprocessing import describe
 from medsim.export.run import LoadedRun, load_run, preprocess_items, sha256_file, split_images
 
 __all__ = ["OUTPUT_ORDER", "INPUT_NAME", "MODEL_NAME", "ExportWrapper", "export_onnx", "export_module",
@@ -354,7 +355,7 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
         **({"attention_geometry": geometry.to_dict()} if geometry is not None else {}),
         "classes": list(run.classes),
         "n_classes": len(run.classes),
-        "preprocessing": describe_preprocessing(run.transform, preprocessing_kind(run.record)),
+        "preprocessing": describe(run.record["eval_preprocessing"]),
         "network": _network_summary(run),
         "source": {"checkpoint": run.checkpoint.name, "sha256": sha256_file(run.checkpoint)},
         "parity": parity,

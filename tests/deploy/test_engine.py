@@ -34,10 +34,12 @@ def derm_images(sample_root) -> list[Path]:
     return sorted((sample_root / "derm" / "images").glob("*.png"))
 
 
-def _manifest_for(transform, kind: str) -> dict:
-    from medsim.export.manifest import describe_preprocessing
+def _manifest_for(kind: str, **args) -> dict:
+    """A manifest whose preprocessing is described from the spec a run records (medsim.preprocessing.describe)."""
+    from medsim.preprocessing import describe
 
-    return {"preprocessing": describe_preprocessing(transform, kind), "input": {"name": "image"}}
+    return {"preprocessing": describe({"_target_": f"medsim.data.transforms.{kind}_transforms", **args}),
+            "input": {"name": "image"}}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_rgb2d_matches_monai_for_every_mode_and_resize_factor(odd_images, size):
     from medsim.data.transforms import rgb2d_transforms
 
     t = rgb2d_transforms(spatial_size=size)
-    m = _manifest_for(t, "rgb2d")
+    m = _manifest_for("rgb2d", spatial_size=list(size))
     for name, p in odd_images.items():
         ref = t({"image": str(p)})["image"].numpy()
         got, hw = preprocess_with_size(p, m)
@@ -109,7 +111,7 @@ def test_gray2d_matches_monai_on_dicom_and_png(sample_root, odd_images):
     files += [odd_images["i16.png"], odd_images["rgba.png"], odd_images["la.png"]]
     for size in [(32, 32), (24, 20)]:
         t = gray2d_transforms(spatial_size=size)
-        m = _manifest_for(t, "gray2d")
+        m = _manifest_for("gray2d", spatial_size=list(size))
         for f in files:
             ref = t({"image": str(f)})["image"].numpy()
             got = preprocess(f, m)

@@ -16,9 +16,12 @@ from medsim.deploy.volume import output_grid, pad_crop
 
 
 def _manifest(**kw) -> dict:
-    from medsim.export.manifest import describe_preprocessing
+    """The manifest of a ct3d export: preprocessing described from the spec (medsim.preprocessing.describe)."""
+    from medsim.preprocessing import describe
 
-    return {"preprocessing": describe_preprocessing(ct3d_transforms(**kw), "ct3d"), "input": {"name": "image"}}
+    spec = {"_target_": "medsim.data.transforms.ct3d_transforms",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}}
+    return {"preprocessing": describe(spec), "input": {"name": "image"}}
 
 
 def _monai(path, **kw) -> np.ndarray:

@@ -21,7 +21,7 @@ PKG = ROOT / "medsim"
 #: every layer may import; viz draws PNG/HTML with NumPy + PIL and is used by data (contact sheets) and deploy.
 #: runtime sits right above data: the model layer reads its attention geometry, export and deploy run its runners.
 LAYERS: list[set[str]] = [
-    {"medsim", "errors", "files", "threads"},
+    {"medsim", "errors", "files", "threads", "preprocessing"},
     {"viz"},
     {"data"},
     {"runtime"},
