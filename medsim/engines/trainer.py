@@ -459,8 +459,12 @@ class Checkpointer:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def _payload(self, engine: Engine) -> dict[str, Any]:
-        return {"engine": {"epoch": engine.state.epoch, "iteration": engine.state.iteration},
-                **{k: v.state_dict() for k, v in self.objects.items()}}
+        payload = {"engine": {"epoch": engine.state.epoch, "iteration": engine.state.iteration},
+                   **{k: v.state_dict() for k, v in self.objects.items()}}
+        record = self.save_dir / "run.json"  # the run record (network + eval preprocessing spec) travels along
+        if record.is_file():
+            payload["run_record"] = json.loads(record.read_text(encoding="utf-8"))
+        return payload
 
     def save(self, engine: Engine) -> None:
         payload = self._payload(engine)

@@ -116,6 +116,12 @@ def load_run(run_or_checkpoint: str | os.PathLike) -> LoadedRun:
         raise ExportError(str(e)) from e
     if "network" not in state:
         raise ExportError(f"{ckpt}: no 'network' state_dict in the checkpoint (keys: {sorted(state)[:8]})")
+    inside = state.get("run_record")  # checkpoints since issue 10 carry the run record they were trained with
+    if isinstance(inside, dict):
+        for key in ("network", "eval_preprocessing"):
+            if inside.get(key) != record[key]:
+                raise ExportError(f"{ckpt}: trained with another {key} than {run / 'run.json'} records "
+                                  f"({inside.get(key)} vs {record[key]}); export the run folder it came from")
     try:
         network.load_state_dict(state["network"])
     except RuntimeError as e:

@@ -222,3 +222,14 @@ def test_refused_export_and_index_build_change_nothing(run_copy, tmp_path, capsy
     assert code == 2 and "needs at least" in err
     assert snapshot(exp) == before_exp and snapshot(idx) == before_idx
     assert not [p for p in [*exp.rglob("*"), *idx.rglob("*")] if ".tmp" in p.name]
+
+
+def test_checkpoints_carry_the_run_record_and_export_checks_it(run_copy, tmp_path, capsys):
+    state = torch.load(run_copy / "best.pt", weights_only=True)
+    record = json.loads((run_copy / "run.json").read_text())
+    assert state["run_record"]["eval_preprocessing"] == record["eval_preprocessing"]  # the one preprocessing spec
+    assert state["run_record"]["network"] == record["network"]
+    other = dict(record, eval_preprocessing={**record["eval_preprocessing"], "spatial_size": [48, 48]})
+    (run_copy / "run.json").write_text(json.dumps(other))
+    code, _, err = run(["export", str(run_copy), "--out", str(tmp_path / "exp")], capsys)
+    assert code == 2 and "trained with another eval_preprocessing" in err, err
