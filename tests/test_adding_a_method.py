@@ -126,7 +126,7 @@ def test_a_new_method_is_three_files_and_no_core_edit(toy_method, sample_root, t
     assert evaluate_run(run)["R@1"] == pytest.approx(summary["R@1"])  # rebuilt from run.json, weights-only
     out = export_run(run, tmp_path / "export", opt_batch=2)
     manifest = out["manifest"]
-    assert manifest["network"]["class"] == "ToyEmbedder" and manifest["embedding_size"] == 16
+    assert manifest["network"]["class"] == "ToyEmbedder" and manifest["embedding_dim"] == 16
     assert manifest["attention_geometry"]  # derived from the toy's layers: localize places its cells
     images = sorted((sample_root / "derm" / "images").glob("*.png"))[:2]
     loc = localize_images(tmp_path / "export", images, tmp_path / "loc", progress=False)

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medsim.runtime.errors import BackendUnavailable, DeployError
+from medsim.runtime.manifest import manifest_embedding_dim
 from medsim.runtime.preprocess import ImageSource, load_manifest, preprocess_with_size
 from medsim.runtime.runners import (CPU_EP, CUDA_EP, ENGINE_NAME, OrtRunner, TrtRunner, import_ort, ort_session,
                                     run_batched, trt_missing)
@@ -238,9 +239,11 @@ class EmbeddingEngine:
 
     # ------------------------------------------------------------------------------------------------ misc
     @property
-    def embedding_size(self) -> int:
-        """D, from the manifest."""
-        return int(self.manifest.get("embedding_size", 0))
+    def embedding_dim(self) -> int:
+        """D, from the manifest (``embedding_dim``; exports before issue 10 wrote ``embedding_size``)."""
+        return manifest_embedding_dim(self.manifest)
+
+    embedding_size = embedding_dim  # the name older code used
 
     @property
     def classes(self) -> list[str]:

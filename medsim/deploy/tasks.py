@@ -20,6 +20,7 @@ import numpy as np
 from medsim.deploy import DeployError
 from medsim.deploy.engine import open_engine
 from medsim.errors import atomic_write_text
+from medsim.runtime.manifest import manifest_embedding_dim
 
 __all__ = ["read_cases", "build_index", "search_images", "localize_images", "recall_from_hits", "case_names",
            "local_case_paths", "LOCAL_CASES"]
@@ -121,7 +122,7 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
     if out.exists() and not out.is_dir():
         raise DeployError(f"{out}: is a file; --out names the index folder")
     cases = read_cases(data, split=split)
-    dim = int(load_manifest(model_dir).get("embedding_size") or 0)
+    dim = manifest_embedding_dim(load_manifest(model_dir))
     try:
         index = CaseIndex(dim, kind=kind, model_id=_model_id(model_dir), **index_kwargs)
     except ValueError as e:

@@ -350,7 +350,7 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
                   "layout": "(batch, C, x, y): MONAI channel-first, spatially transposed vs PIL (H, W)"},
         "outputs": [_describe_output(n, shapes[n]) for n in info["output_names"]],
         "output_names": info["output_names"],
-        "embedding_size": int(shapes["embedding"][1]),
+        "embedding_dim": int(shapes["embedding"][1]),
         "attention_resolution": [int(v) for v in shapes["attention"][2:]],
         **({"attention_geometry": geometry.to_dict()} if geometry is not None else {}),
         "classes": list(run.classes),

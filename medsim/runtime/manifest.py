@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from medsim.runtime.errors import DeployError
 
-__all__ = ["MANIFEST_NAME", "manifest_path", "read_manifest"]
+__all__ = ["MANIFEST_NAME", "manifest_path", "read_manifest", "manifest_embedding_dim"]
 
 MANIFEST_NAME = "manifest.json"
 
@@ -42,3 +42,9 @@ def read_manifest(path: str | os.PathLike, *, error: type[Exception] = DeployErr
         return json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise error(f"{f}: not valid JSON (line {e.lineno}: {e.msg}); re-run medsim export") from e
+
+
+def manifest_embedding_dim(manifest: Mapping[str, Any]) -> int:
+    """The embedding size D a manifest declares: ``embedding_dim`` (the name the bundle configs and models use),
+    or ``embedding_size`` in exports made before that name was unified; 0 when neither is there."""
+    return int(manifest.get("embedding_dim", manifest.get("embedding_size")) or 0)

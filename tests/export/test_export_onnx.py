@@ -102,7 +102,7 @@ def test_manifest_fields(exported, tiny_run, sample_root):
     assert m["input"]["shape"] == ["batch", 3, 32, 32]
     assert m["output_names"] == ["embedding", "attention"]
     assert [o["shape"] for o in m["outputs"]] == [["batch", 32], ["batch", 1, 2, 2]]
-    assert m["embedding_size"] == 32 and m["attention_resolution"] == [2, 2]
+    assert m["embedding_dim"] == 32 and m["attention_resolution"] == [2, 2]
     assert m["classes"] == ["round", "ring", "lobed", "streaks"] and m["n_classes"] == 4
     pre = m["preprocessing"]
     assert pre["kind"] == "rgb2d" and pre["spatial_size"] == [32, 32] and pre["resize_mode"] == "area"
