@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from medsim.errors import atomic_write_text
 
-__all__ = ["EvalReport", "split_key"]
+__all__ = ["EvalReport", "split_key", "write_eval_report"]
 
 _SPLITS = {"test": "test", "validation": "validation", "val": "validation", "train": "training",
            "training": "training"}
@@ -25,6 +25,20 @@ def split_key(split: str) -> str:
         return _SPLITS[split]
     except KeyError:
         raise MedsimError(f"unknown split '{split}'; choose test, validation or training") from None
+
+
+def write_eval_report(run_dir: str | os.PathLike, split: str, checkpoint: str | os.PathLike,
+                      metrics: Mapping[str, float], name: str | None = None) -> Path:
+    """Write ``run_dir/eval_<split>.json`` (``{"split", "checkpoint", **metrics}``) and ``eval_<split>.md`` (a
+    metrics table named ``name``, default ``"<run> (<split>)"``) — the one writer of evaluation reports, used by
+    training's final test, ``medsim evaluate`` and the bundle's ``evaluate.json``. Returns the JSON path."""
+    from medsim.metrics.retrieval import metrics_table
+
+    run, key = Path(run_dir), split_key(split)
+    out = atomic_write_text(run / f"eval_{key}.json",
+                            json.dumps({"split": key, "checkpoint": str(checkpoint), **metrics}, indent=2))
+    atomic_write_text(run / f"eval_{key}.md", metrics_table({name or f"{run.name} ({key})": metrics}) + "\n")
+    return out
 
 
 class EvalReport:
@@ -45,14 +59,8 @@ class EvalReport:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Any) -> None:
-        from medsim.metrics.retrieval import metrics_table
-
-        res = self.scalars(engine.state.metrics)
-        atomic_write_text(self.output_dir / f"eval_{self.split}.json",
-                          json.dumps({"split": self.split, "checkpoint": str(self.output_dir / self.checkpoint),
-                                      **res}, indent=2))
-        name = self.name or f"{self.output_dir.name} ({self.split})"
-        atomic_write_text(self.output_dir / f"eval_{self.split}.md", metrics_table({name: res}) + "\n")
+        write_eval_report(self.output_dir, self.split, self.output_dir / self.checkpoint,
+                          self.scalars(engine.state.metrics), self.name)
 
     @staticmethod
     def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -129,16 +129,14 @@ def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, tes
                     selected_by: str = "val_nmi") -> dict[str, float]:
     """After training: load ``best.pt`` (chosen on the validation metric ``selected_by``), evaluate on the test
     split, write ``eval_test.json`` / ``eval_test.md`` and print NMI and R@1 (and accuracy for classifiers)."""
-    from medsim.metrics.retrieval import metrics_table
+    from medsim.engines.reports import write_eval_report
 
     out = Path(output_dir)
     best = out / "best.pt"
     if best.is_file():
         _load_weights(network, best)
     res = evaluate_checkpoint(network, test_loader, device, seed=seed)
-    atomic_write_text(out / "eval_test.json", json.dumps({"split": "test", "checkpoint": str(best), **res},
-                                                         indent=2))
-    atomic_write_text(out / "eval_test.md", metrics_table({name: res}) + "\n")
+    write_eval_report(out, "test", best, res, name)
     extra = (f"  accuracy {res['accuracy']:.4f}  balanced accuracy {res['balanced_accuracy']:.4f}"
              if "accuracy" in res else "")
     print(f"test NMI {res['nmi']:.4f}  R@1 {res['R@1']:.4f}{extra}  (best checkpoint by {selected_by}; {out})")
@@ -440,13 +438,10 @@ def evaluate_network(network: torch.nn.Module, run_dir: str | os.PathLike, datal
     from monai.data import DataLoader
 
     from medsim.data.datasets import make_dataset
-    from medsim.metrics.retrieval import metrics_table
+    from medsim.engines.reports import split_key, write_eval_report
 
     run = Path(run_dir)
-    key = {"test": "test", "validation": "validation", "val": "validation", "train": "training",
-           "training": "training"}.get(split)
-    if key is None:
-        raise MedsimError(f"unknown split '{split}'; choose test, validation or training")
+    key = split_key(split)
     ckpt = run / checkpoint
     if not ckpt.is_file():
         raise MedsimError(f"{ckpt}: checkpoint not found")
@@ -456,9 +451,7 @@ def evaluate_network(network: torch.nn.Module, run_dir: str | os.PathLike, datal
     _load_weights(network, ckpt)
     loader = DataLoader(make_dataset(items, transform), batch_size=batch_size, num_workers=0)
     res = evaluate_checkpoint(network, loader, device, seed=seed)
-    atomic_write_text(run / f"eval_{key}.json", json.dumps({"split": key, "checkpoint": str(ckpt), **res},
-                                                           indent=2))
-    atomic_write_text(run / f"eval_{key}.md", metrics_table({f"{run.name} ({key})": res}) + "\n")
+    write_eval_report(run, key, ckpt, res)
     return res
 
 
