@@ -417,7 +417,7 @@ def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path |
     """Lesion masks, boxes and overlays from the model's attention for each IMAGE (a 2D image, or for 3D models a
     NIfTI volume or DICOM series folder). Outputs are named by each image's case token (c-<16 hex>), never by its
     file name; OUT/cases.local.json says which input each token is (--shareable: not written)."""
-    from medsim.deploy.tasks import _stem, localize_images
+    from medsim.deploy.tasks import file_stem, localize_images
 
     if masks is not None and mask_files:
         raise click.UsageError("give --masks DIR or --mask-file (one per image), not both")
@@ -427,7 +427,7 @@ def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path |
     if masks is not None:
         gts = []
         for img in images:
-            stem = _stem(img)
+            stem = file_stem(img)
             cands = [masks / f"{stem}{suf}" for suf in ("_segmentation.png", ".png", "_label.nii.gz", "_seg.nii.gz",
                                                          ".nii.gz")]
             gts.append(next((c for c in cands if c.is_file() and c.resolve() != img.resolve()), None))

@@ -355,7 +355,8 @@ def case_names(images: Sequence[str | os.PathLike]) -> list[str]:
     return [anon.case_token(str(Path(p).resolve())) for p in images]
 
 
-def _stem(path: Path) -> str:
+def file_stem(path: Path) -> str:
+    """A file name without its image suffix (``.nii.gz`` counted as one): ``ct.nii.gz`` → ``ct``."""
     name = path.name
     for suffix in (".nii.gz", ".nii"):
         if name.lower().endswith(suffix):
