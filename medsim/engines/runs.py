@@ -115,7 +115,7 @@ def check_plain_spec(value: Any, where: str) -> None:
                 raise MedsimError(f"{where}: key {k!r} is not a string")
             if k.startswith("_") and k != "_target_":
                 raise MedsimError(f"{where}: key '{k}' is not allowed in a run record (only _target_)")
-            if k == "_target_" and not (isinstance(v, str) and _TARGET_RE.match(v)):
+            if k == "_target_" and not (isinstance(v, str) and _TARGET_RE.fullmatch(v)):
                 raise MedsimError(f"{where}#_target_: {str(v)[:80]!r} is not a medsim network or transform "
                                   f"(allowed: {', '.join(m + '.*' for m in _TARGET_MODULES)})")
             check_plain_spec(v, f"{where}#{k}")
@@ -132,14 +132,28 @@ def _locate(target: str, where: str) -> Any:
     module_name, _, name = target.rpartition(".")
     if not module_name.startswith(_TARGET_MODULES):
         raise MedsimError(f"{where}: {target!r} is outside {', '.join(_TARGET_MODULES)}")
+    if any(part.startswith("_") for part in target.split(".")):
+        raise MedsimError(f"{where}: {target!r} is a private name; a run record names public medsim network "
+                          "classes and transform factories only")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise MedsimError(f"{where}: {target!r} is not a medsim network class or transform factory (no module "
                           f"{module_name} in this medsim)") from e
     obj = getattr(module, name, None)
-    if obj is None or not callable(obj) or not str(getattr(obj, "__module__", "")).startswith(_TARGET_MODULES):
-        raise MedsimError(f"{where}: {target!r} is not a medsim network class or transform factory")
+    # a network is an nn.Module class defined in medsim.nn; a transform is one of the preprocessing factories —
+    # nothing else (no helper function that takes a reader name or a path and does something with it)
+    from torch import nn
+
+    from medsim.preprocessing import FACTORY_KINDS
+
+    is_network = (isinstance(obj, type) and issubclass(obj, nn.Module)
+                  and str(getattr(obj, "__module__", "")).startswith("medsim.nn"))
+    is_factory = (module_name == "medsim.data.transforms" and name in FACTORY_KINDS
+                  and getattr(obj, "__module__", "") == "medsim.data.transforms")
+    if not (is_network or is_factory):
+        raise MedsimError(f"{where}: {target!r} is not a medsim network class or transform factory (allowed: "
+                          f"nn.Module classes of medsim.nn, medsim.data.transforms.{{{', '.join(FACTORY_KINDS)}}})")
     return obj
 
 
@@ -163,7 +177,8 @@ def build_spec(spec: Mapping[str, Any], where: str = "run.json") -> Any:
         raise
     except Exception as e:  # noqa: BLE001 - bad arguments recorded for the class
         raise MedsimError(f"{where}: cannot build {spec['_target_']} from the recorded arguments "
-                          f"({type(e).__name__}: {str(e)[:200]})") from e
+                          f"({type(e).__name__}: {str(e)[:200]}); the run was probably made by another medsim "
+                          "version: use that version, or re-train with this one") from e
 
 
 def resolved_spec(parser: Any, config_id: str) -> dict[str, Any]:
@@ -254,13 +269,14 @@ def load_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise MedsimError(f"{p}: not found — a `medsim train` run folder records its network there{hint}")
     try:
         rec = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MedsimError(f"{p}: cannot be read as JSON ({e})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MedsimError(f"{p}: cannot be read as JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(rec, dict) or not isinstance(rec.get("network"), dict) or \
             not isinstance(rec.get("eval_preprocessing"), dict):
         raise MedsimError(f"{p}: not a run record (needs 'network' and 'eval_preprocessing' objects)")
     if rec.get("format") != RUN_RECORD_FORMAT:
-        raise MedsimError(f"{p}: run record format {rec.get('format')!r}, this medsim reads {RUN_RECORD_FORMAT}")
+        raise MedsimError(f"{p}: run record format {rec.get('format')!r}, this medsim reads {RUN_RECORD_FORMAT}; "
+                          "use the medsim version that wrote it, or re-train with this one")
     for key in ("network", "eval_preprocessing"):
         check_plain_spec(rec[key], f"{p}#{key}")
     for key in ("image_size", "eval_batch_size", "classes"):

@@ -49,7 +49,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`medsim.errors.atomic_path` (never half a file, no temp file left behind).
 
     Only plain data is saved (tensors, numbers, strings, lists, dicts: :func:`medsim.engines.runs.plain_state`),
-    so the file loads with ``torch.load(weights_only=True)``."""
+    so the file loads weights-only (:func:`medsim.engines.runs.load_checkpoint`)."""
     from medsim.engines.runs import plain_state
     from medsim.errors import atomic_path
 
@@ -450,6 +450,7 @@ class Checkpointer:
     def __init__(self, save_dir: str | os.PathLike, objects: Mapping[str, Any], *, resume: bool = True,
                  subspaces: SubspaceState | None = None):
         self.save_dir = Path(save_dir)
+        self._record: dict[str, Any] | None = None
         self.objects = dict(objects)
         self.resume = resume
         self.subspaces = subspaces
@@ -461,9 +462,12 @@ class Checkpointer:
     def _payload(self, engine: Engine) -> dict[str, Any]:
         payload = {"engine": {"epoch": engine.state.epoch, "iteration": engine.state.iteration},
                    **{k: v.state_dict() for k, v in self.objects.items()}}
-        record = self.save_dir / "run.json"  # the run record (network + eval preprocessing spec) travels along
-        if record.is_file():
-            payload["run_record"] = json.loads(record.read_text(encoding="utf-8"))
+        if self._record is None and (self.save_dir / "run.json").is_file():
+            from medsim.engines.runs import load_run_record
+
+            self._record = load_run_record(self.save_dir)  # read once; checked like any run record
+        if self._record is not None:  # the run record (network + eval preprocessing spec) travels along
+            payload["run_record"] = self._record
         return payload
 
     def save(self, engine: Engine) -> None:
@@ -486,11 +490,11 @@ class Checkpointer:
             for k, obj in self.objects.items():
                 if k in ckpt:
                     obj.load_state_dict(ckpt[k])
-        except Exception as e:  # a checkpoint of another configuration
+            epoch, iteration = int(ckpt["engine"]["epoch"]), int(ckpt["engine"]["iteration"])
+        except Exception as e:  # a checkpoint of another configuration, or without its engine record
             raise MedsimError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:200]}); "
                               f"train into another --output directory, or delete it to start over") from e
-        engine.state.epoch = int(ckpt["engine"]["epoch"])
-        engine.state.iteration = int(ckpt["engine"]["iteration"])
+        engine.state.epoch, engine.state.iteration = epoch, iteration
         max_epochs = getattr(engine.state, "max_epochs", None)
         if max_epochs is not None and engine.state.epoch >= max_epochs:
             logger.warning("%s is already complete: last.pt is at epoch %d and max_epochs is %d, so nothing is "

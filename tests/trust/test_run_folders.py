@@ -59,6 +59,13 @@ def test_no_torch_load_with_weights_only_false_in_medsim():
     hits = [f"{p}:{i}" for p in (ROOT / "medsim").rglob("*.py")
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "weights_only=False" in line]
     assert hits == []
+    import re
+
+    loads = [f"{p}:{i}" for p in (ROOT / "medsim").rglob("*.py")
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"weights_only\s*=\s*False|pickle\.loads?\(|torch\.load\(", line)
+             and p.name != "runs.py"]
+    assert loads == []  # the one torch.load is medsim.engines.runs.load_checkpoint (weights_only=True)
 
 
 def test_checkpoints_are_plain_and_load_weights_only(tiny_run):
@@ -233,3 +240,27 @@ def test_checkpoints_carry_the_run_record_and_export_checks_it(run_copy, tmp_pat
     (run_copy / "run.json").write_text(json.dumps(other))
     code, _, err = run(["export", str(run_copy), "--out", str(tmp_path / "exp")], capsys)
     assert code == 2 and "trained with another eval_preprocessing" in err, err
+
+
+def test_run_json_names_only_network_classes_and_transform_factories(run_copy, tmp_path, capsys):
+    """A public or private helper function of medsim.data.transforms / medsim.nn is not a network or a factory:
+    _load_images would hand a reader name to MONAI, which imports and calls it."""
+    rec = json.loads((run_copy / "run.json").read_text())
+    for target, extra in [("medsim.data.transforms._load_images", {"keys": ["image"], "reader": "os.getpid"}),
+                          ("medsim.data.transforms.make_transforms", {"kind": "rgb2d"}),
+                          ("medsim.nn.tiling.tile_predictions", {}),
+                          ("medsim.nn.Embedder\n", {})]:
+        (run_copy / "run.json").write_text(json.dumps(dict(rec, eval_preprocessing={"_target_": target, **extra})))
+        code, _, err = run(["evaluate", str(run_copy)], capsys)
+        assert code == 2 and "run.json" in err and ("not a medsim network" in err or "private name" in err), err
+    (run_copy / "last.pt").write_bytes((run_copy / "best.pt").read_bytes())
+    state = torch.load(run_copy / "last.pt", weights_only=True)
+    del state["engine"]
+    torch.save(state, run_copy / "last.pt")
+    (run_copy / "run.json").write_text(json.dumps(rec))
+    from medsim.engines.trainer import Checkpointer
+    from medsim.errors import MedsimError
+    from types import SimpleNamespace
+
+    with pytest.raises(MedsimError, match=r"last\.pt: cannot resume from this checkpoint \(KeyError"):
+        Checkpointer(run_copy, {}).load(SimpleNamespace(state=SimpleNamespace(epoch=0, iteration=0)))
