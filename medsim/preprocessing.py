@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RGB_SCALE", "RESIZE_MODE", "HU_WINDOW", "CT_AXCODES", "CT_SPACING",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RGB_SCALE", "RESIZE_MODE", "SPATIAL_SIZE_2D", "CT_ROI_SIZE",
+           "CT_PIXDIM", "HU_WINDOW", "CT_AXCODES", "CT_SPACING",
            "CT_PAD", "AXIS_NOTE", "FACTORY_KINDS", "describe", "kind_of"]
 
 #: ImageNet channel statistics used to normalise RGB inputs (after scaling to [0, 1])
@@ -23,6 +24,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RGB_SCALE = {"from": [0.0, 255.0], "to": [0.0, 1.0], "clip": True}
 #: image resize (MONAI ``Resized`` mode); masks use nearest
 RESIZE_MODE = "area"
+#: the factories' default sizes (2D ``spatial_size``; CT ``roi_size`` and ``pixdim`` in mm)
+SPATIAL_SIZE_2D = (224, 224)
+CT_ROI_SIZE = (96, 96, 96)
+CT_PIXDIM = (1.5, 1.5, 2.0)
 #: default CT window (HU) → [0, 1]
 HU_WINDOW = (-175.0, 250.0)
 CT_AXCODES = "RAS"
@@ -84,7 +89,7 @@ def describe(spec: Mapping[str, Any]) -> dict[str, Any]:
         desc["mean"] = list(IMAGENET_MEAN) if normalize else None
         desc["std"] = list(IMAGENET_STD) if normalize else None
         desc["scale"] = dict(RGB_SCALE)
-        desc["spatial_size"] = [int(v) for v in args.get("spatial_size", (224, 224))]
+        desc["spatial_size"] = [int(v) for v in args.get("spatial_size", SPATIAL_SIZE_2D)]
         desc["resize_mode"] = RESIZE_MODE
         if normalize:
             desc["channel_wise"] = True
@@ -92,18 +97,18 @@ def describe(spec: Mapping[str, Any]) -> dict[str, Any]:
         desc["steps"] = [*load, "EnsureTyped", "ChannelMaxd", "ScaleIntensityd", "Resized"]
         desc["mean"] = desc["std"] = None
         desc["scale"] = {"from": "min..max of each image", "to": [0.0, 1.0], "clip": False}
-        desc["spatial_size"] = [int(v) for v in args.get("spatial_size", (224, 224))]
+        desc["spatial_size"] = [int(v) for v in args.get("spatial_size", SPATIAL_SIZE_2D)]
         desc["resize_mode"] = RESIZE_MODE
     else:
         desc["steps"] = [*load, "EnsureTyped", "Orientationd", "Spacingd", "ScaleIntensityRanged", "SpatialPadd",
                          "CenterSpatialCropd", "EnsureTyped"]
         desc["mean"] = desc["std"] = None
         desc["axcodes"] = CT_AXCODES
-        desc["pixdim"] = _floats(args.get("pixdim", (1.5, 1.5, 2.0)))
+        desc["pixdim"] = _floats(args.get("pixdim", CT_PIXDIM))
         desc["spacing"] = dict(CT_SPACING)
         desc["scale"] = {"from": _floats(args.get("hu_window", HU_WINDOW)), "to": [0.0, 1.0], "clip": True}
         desc["pad"] = dict(CT_PAD)
-        desc["spatial_size"] = [int(v) for v in args.get("roi_size", (96, 96, 96))]
+        desc["spatial_size"] = [int(v) for v in args.get("roi_size", CT_ROI_SIZE)]
         desc["recipe"] = _CT_RECIPE
     desc["channel_order"] = "RGB" if kind == "rgb2d" else "single channel"
     desc["axis_order"] = AXIS_NOTE

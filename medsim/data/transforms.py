@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Sequence
 
 # the constants of the pipelines live with the preprocessing spec, where export and the runtime read them too
-from medsim.preprocessing import (CT_AXCODES, CT_PAD, CT_SPACING, HU_WINDOW, IMAGENET_MEAN, IMAGENET_STD,
-                                  RESIZE_MODE, RGB_SCALE)
+from medsim.preprocessing import (CT_AXCODES, CT_PAD, CT_PIXDIM, CT_ROI_SIZE, CT_SPACING, HU_WINDOW,
+                                  IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODE, RGB_SCALE, SPATIAL_SIZE_2D)
 
 __all__ = ["rgb2d_transforms", "gray2d_transforms", "ct3d_transforms", "make_transforms", "IMAGENET_MEAN",
            "IMAGENET_STD", "KINDS"]
@@ -60,7 +60,8 @@ def _readers():
     return [DicomReader(display=True), PILReader(reverse_indexing=True), "NibabelReader"]
 
 
-def rgb2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = False, with_mask: bool = False,
+def rgb2d_transforms(spatial_size: Sequence[int] = SPATIAL_SIZE_2D, *, train: bool = False,
+                     with_mask: bool = False,
                      normalize: bool = True, load: bool = True):
     """2D RGB (dermoscopy, histology tiles) → float (3, H, W). Masks → binary (1, H, W).
 
@@ -99,7 +100,8 @@ def rgb2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = 
     return mt.Compose(xs)
 
 
-def gray2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool = False, with_mask: bool = False):
+def gray2d_transforms(spatial_size: Sequence[int] = SPATIAL_SIZE_2D, *, train: bool = False,
+                      with_mask: bool = False):
     """2D grayscale X-ray → float (1, H, W) in [0, 1] (DICOM: VOI window and MONOCHROME1 applied)."""
     import monai.transforms as mt
 
@@ -122,7 +124,7 @@ def gray2d_transforms(spatial_size: Sequence[int] = (224, 224), *, train: bool =
     return mt.Compose(xs)
 
 
-def ct3d_transforms(roi_size: Sequence[int] = (96, 96, 96), *, pixdim: Sequence[float] = (1.5, 1.5, 2.0),
+def ct3d_transforms(roi_size: Sequence[int] = CT_ROI_SIZE, *, pixdim: Sequence[float] = CT_PIXDIM,
                     hu_window: tuple[float, float] = HU_WINDOW, train: bool = False, with_mask: bool = False):
     """3D CT (NIfTI or DICOM series) → float (1, *roi_size) in [0, 1]; label maps resampled with nearest."""
     import monai.transforms as mt

@@ -35,6 +35,7 @@ import numpy as np
 from medsim.data.dicom import apply_window  # torch-free: reused, not copied
 from medsim.errors import DataError
 from medsim.files import check_pixel_count, file_format, open_image  # one format sniffer and pixel limit
+from medsim.preprocessing import RGB_SCALE
 from medsim.runtime.errors import DeployError, UnsupportedPreprocessing
 from medsim.runtime.manifest import MANIFEST_NAME, manifest_path, read_manifest
 from medsim.runtime.transforms import (area_resize, channel_max, normalize_intensity, scale_minmax, scale_range,
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 #: would silently get wrong, so it is refused
 KNOWN_STEPS = {
     "rgb2d": {"LoadImaged", "EnsureTyped", "ToRGBd", "ScaleIntensityRanged", "Resized", "NormalizeIntensityd"},
-    "gray2d": {"LoadImaged", "EnsureTyped", "ChannelMaxd", "ScaleIntensityd", "Resized", "NormalizeIntensityd"},
+    "gray2d": {"LoadImaged", "EnsureTyped", "ChannelMaxd", "ScaleIntensityd", "Resized"},
     "ct3d": {"LoadImaged", "EnsureTyped", "Orientationd", "Spacingd", "ScaleIntensityRanged", "SpatialPadd",
              "CenterSpatialCropd"},
 }
@@ -244,7 +245,10 @@ def _check_recipe(prep: dict[str, Any]) -> str:
         raise UnsupportedPreprocessing(f"manifest preprocessing kind '{kind}' is unknown to medsim.deploy "
                                        f"(supported: {', '.join(KNOWN_STEPS)}); preprocess the input yourself "
                                        "and use EmbeddingEngine.run")
-    steps = [str(s) for s in prep.get("steps", [])]
+    if not prep.get("steps"):  # guessing the steps would e.g. normalise a gray image by its own statistics
+        raise UnsupportedPreprocessing(f"manifest {kind} preprocessing lists no 'steps'; re-export the run with "
+                                       "`medsim export RUN --out DIR` (medsim writes them from the run's spec)")
+    steps = [str(s) for s in prep["steps"]]
     unknown = [s for s in steps if s not in KNOWN_STEPS[kind]]
     if unknown:
         raise UnsupportedPreprocessing(f"manifest {kind} preprocessing has step(s) {unknown} that medsim.deploy "
@@ -269,7 +273,7 @@ def preprocess_with_size(source: ImageSource, manifest: dict[str, Any] | str | o
         from medsim.runtime.volume import preprocess_volume  # lazy: SciPy / nibabel only for 3D models
 
         return preprocess_volume(source, prep)
-    steps = [str(s) for s in prep.get("steps", [])] or sorted(KNOWN_STEPS[kind])
+    steps = [str(s) for s in prep["steps"]]
     img = read_image(source, kind)
     if kind == "rgb2d" and isinstance(source, np.ndarray) and np.issubdtype(source.dtype, np.floating) \
             and source.size and float(np.max(source)) <= 1.0:
@@ -279,7 +283,7 @@ def preprocess_with_size(source: ImageSource, manifest: dict[str, Any] | str | o
     if kind == "rgb2d":
         img = to_rgb(img)
         if "ScaleIntensityRanged" in steps:
-            img = scale_range(img, prep.get("scale") or {"from": [0, 255], "to": [0, 1], "clip": True})
+            img = scale_range(img, prep.get("scale") or RGB_SCALE)
     else:
         img = channel_max(img)
         if "ScaleIntensityd" in steps:

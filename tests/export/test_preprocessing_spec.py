@@ -60,3 +60,19 @@ def test_only_eval_pipelines_of_medsim_factories_are_described():
 def test_the_export_manifest_carries_the_runs_spec(loaded, exported):
     prep = exported["manifest"]["preprocessing"]
     assert prep["spec"] == loaded.record["eval_preprocessing"] and prep == describe(loaded.record["eval_preprocessing"])
+
+
+def test_the_runtime_refuses_a_description_without_steps_instead_of_guessing(sample_root):
+    """Guessing the steps would normalise a gray image by its own mean/std (output in [-1.4, 1.4], not [0, 1])."""
+    import numpy as np
+
+    from medsim.runtime.errors import UnsupportedPreprocessing
+    from medsim.runtime.preprocess import preprocess
+
+    image = next((sample_root / "derm" / "images").glob("*.png"))
+    desc = describe(SPECS[2])
+    x = preprocess(image, {"preprocessing": desc, "input": {"name": "image"}})
+    assert 0.0 <= float(np.min(x)) and float(np.max(x)) <= 1.0
+    del desc["steps"]
+    with pytest.raises(UnsupportedPreprocessing, match="no 'steps'; re-export"):
+        preprocess(image, {"preprocessing": desc, "input": {"name": "image"}})
