@@ -275,6 +275,10 @@ def open_engine(model_dir: str | os.PathLike, backend: str = "auto", precision: 
         raise DeployError(f"precision must be 'fp32' or 'int8', got '{precision}'")
     if precision == "fp32":
         return EmbeddingEngine(model_dir, backend=backend, **kwargs)
+    if backend == "tensorrt":  # the TensorRT path runs the manifest's plan, not the onnxruntime INT8 model
+        raise DeployError(f"{model_dir}: --precision int8 runs the onnxruntime INT8 model (CPU); for TensorRT INT8 "
+                          "build the plan with `medsim export RUN --out DIR --trt --precision int8` and use "
+                          "--precision fp32 --backend tensorrt")
     section = load_manifest(model_dir).get("int8")
     if not section:
         raise DeployError(f"{model_dir}: the export has no INT8 model; make one with "

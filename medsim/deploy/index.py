@@ -33,7 +33,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from medsim import __version__ as _medsim_version
-from medsim.deploy import DeployError
+from medsim.runtime.errors import DeployError
 from medsim.errors import atomic_write_text
 
 __all__ = ["CaseIndex", "CaseIndexError", "ModelMismatchError", "Hit", "KINDS", "METRICS", "META_FILE",

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medsim.deploy import DeployError
+from medsim.runtime.errors import DeployError
 from medsim.runtime.geometry import AttentionGeometry, resample_attention
 
 __all__ = ["Localizer", "Localization", "bilinear_resize", "otsu_threshold", "dice", "iou", "pointing_game",

@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medsim.deploy import DeployError
 from medsim.deploy.engine import open_engine
 from medsim.errors import atomic_write_text
+from medsim.runtime.errors import DeployError
 from medsim.runtime.manifest import manifest_embedding_dim
 
 __all__ = ["read_cases", "build_index", "search_images", "localize_images", "recall_from_hits", "case_names",

@@ -418,3 +418,12 @@ def test_export_engine_check_runs_the_deployed_trt_runner(model_dir, derm_images
     plan.write_bytes(b"OTHER GPU")
     with pytest.raises(TensorRTBuildError, match="cannot deserialize"):
         export_trt.run_engine(plan, x, batch=4)
+
+
+def test_int8_precision_is_not_silently_swapped_for_a_tensorrt_plan(model_dir):
+    """--precision int8 is the onnxruntime INT8 model; asking for it on the TensorRT backend (which would run
+    whatever plan the manifest lists) is refused with the command that builds a TensorRT INT8 plan."""
+    from medsim.deploy.engine import open_engine
+
+    with pytest.raises(DeployError, match=r"--trt --precision int8"):
+        open_engine(model_dir, backend="tensorrt", precision="int8")
