@@ -84,6 +84,10 @@ def test_bf16_training_stays_close_to_fp32():
     bf16, *_ = _train_one_epoch(amp=True)
     for a, b in zip(fp32.parameters(), bf16.parameters()):
         assert torch.allclose(a, b, atol=0.05), (a - b).abs().max()
+    torch.manual_seed(0)
+    init = ConvEmbedder()  # the same start: both runs really trained, and bf16 really computed differently
+    assert any(not torch.equal(a, i) for a, i in zip(bf16.parameters(), init.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(fp32.parameters(), bf16.parameters()))
 
 
 def test_channels_last_converts_weights_and_inputs():
