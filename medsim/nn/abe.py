@@ -53,6 +53,8 @@ class ABEEmbedder(EmbedderBase):
         widen_factor: backbone width multiplier.
         attention_hidden: channels of the shared attention trunk C (default: S's channel count).
         attention_layers: 3×3 conv blocks in C (>= 0; 0 feeds S's output straight to the 1×1 convs).
+        return_features: also return ``features``, S's output (B, C, *s) that the masks and G read
+            (:class:`~medsim.nn.base.EmbedderBase`).
 
     Shapes: x (B, in_channels, *S) -> ``embedding`` (B, D) unit-norm, ``attention`` (B, 1, *s) (mean over
     learners and channels of the masks), ``learner_attention`` (B, M, *s) (each learner's mask averaged over
@@ -64,8 +66,8 @@ class ABEEmbedder(EmbedderBase):
 
     def __init__(self, backbone: str = "resnet18", *, spatial_dims: int = 2, in_channels: int = 3,
                  cut: str = "layer3", embedding_dim: int = 128, n_learners: int = 4, widen_factor: float = 1.0,
-                 attention_hidden: int | None = None, attention_layers: int = 2):
-        super().__init__()
+                 attention_hidden: int | None = None, attention_layers: int = 2, return_features: bool = False):
+        super().__init__(return_features=return_features)
         if n_learners < 1:
             raise ValueError(f"n_learners must be >= 1, got n_learners={n_learners}")
         if embedding_dim % n_learners:
@@ -123,7 +125,7 @@ class ABEEmbedder(EmbedderBase):
         masks = self.learner_masks(feats)
         learners = self.embed_learners(feats, masks)
         learner_attention = masks.mean(2)  # (B, M, *s)
-        return {"embedding": learners.flatten(1) / self.n_learners ** 0.5,
-                "attention": learner_attention.mean(1, keepdim=True),
-                "learner_attention": learner_attention,
-                "learner_embeddings": learners}
+        return self.add_features({"embedding": learners.flatten(1) / self.n_learners ** 0.5,
+                                  "attention": learner_attention.mean(1, keepdim=True),
+                                  "learner_attention": learner_attention,
+                                  "learner_embeddings": learners}, feats)

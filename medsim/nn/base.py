@@ -7,7 +7,7 @@ Export, retrieval, localization and MONAI Label read every model the same way::
     out["attention"]                      # (B, 1, *s) in [0, 1] at feature resolution
     model.attention_geometry(input_size)  # where those cells sit on the input (medsim.nn.geometry)
     out.get("logits")                     # (B, n_classes) when the model classifies
-    out.get("features")                   # (B, F, *s) dense features, for pixel-wise methods
+    out.get("features")                   # (B, F, *s_trunk) the trunk's dense features, when return_features
     model.trunk                           # the feature extractor (B, C, *spatial) -> (B, F, *s)
     model.embedding_dim                   # D
 
@@ -34,7 +34,7 @@ class EmbedderOutput(TypedDict, total=False):
     embedding: torch.Tensor  # (B, D), L2-normalised
     attention: torch.Tensor  # (B, 1, *s) in [0, 1]; its placement on the input: model.attention_geometry(size)
     logits: torch.Tensor  # (B, n_classes), optional
-    features: torch.Tensor  # (B, F, *s) dense features, optional
+    features: torch.Tensor  # (B, F, *s_trunk) the trunk's output, only when model.return_features is on
 
 
 def check_batch(x: torch.Tensor, spatial_dims: int, in_channels: int | None = None) -> None:
@@ -59,6 +59,14 @@ class EmbedderBase(nn.Module):
     extractor as a submodule named by ``trunk_key`` (the name stays as it was when the model was first released,
     so its ``state_dict`` keys — and every checkpoint and export — are unchanged; :attr:`trunk` reads it under one
     name), and implement :meth:`compute` and :meth:`attention_geometry`.
+
+    Dense features (for pixel-wise methods): with :attr:`return_features` on (the ``return_features`` argument
+    of every model, or set on a built model), ``forward`` also returns ``features``, the trunk's output
+    (B, F, *s_trunk) — the very tensor the model's attention / pooling head reads, same dtype and device, in the
+    autograd graph. ``compute`` hands it to :meth:`add_features`. Off by default: the outputs, the
+    ``state_dict`` (a plain attribute, no buffer) and ONNX exports are then exactly those of a model without it.
+    *s_trunk is the ``attention`` grid *s for every model except :class:`~medsim.nn.LossAttentionNet`, whose
+    attention sits on the coarser patch grid.
     """
 
     #: name of the trunk submodule in the state_dict (``backbone`` / ``spatial`` / ``trunk`` by model)
@@ -66,6 +74,12 @@ class EmbedderBase(nn.Module):
     spatial_dims: int = 2
     in_channels: int
     embedding_dim: int
+    #: add the trunk's dense ``features`` (B, F, *s_trunk) to the output (see the class docstring)
+    return_features: bool = False
+
+    def __init__(self, *, return_features: bool = False):
+        super().__init__()
+        self.return_features = bool(return_features)
 
     @property
     def trunk(self) -> nn.Module:
@@ -84,11 +98,23 @@ class EmbedderBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> EmbedderOutput:
         self.check_input(x)
-        return self.compute(x)
+        out = self.compute(x)
+        if self.return_features and "features" not in out:
+            raise NotImplementedError(f"{type(self).__name__}.compute does not report its dense features: pass the "
+                                      f"trunk's output to self.add_features(out, features), or use "
+                                      f"return_features=False")
+        return out
 
     def compute(self, x: torch.Tensor) -> EmbedderOutput:  # pragma: no cover - abstract
         """The model on a checked batch (see :class:`EmbedderOutput`)."""
         raise NotImplementedError
+
+    def add_features(self, out: EmbedderOutput, features: torch.Tensor) -> EmbedderOutput:
+        """``out`` with ``features`` (the trunk's output (B, F, *s_trunk), as the head read it: not a copy) added
+        when :attr:`return_features` is on, else ``out`` unchanged. Returns ``out`` (changed in place)."""
+        if self.return_features:
+            out["features"] = features
+        return out
 
     def attention_geometry(self, input_size: Sequence[int]) -> AttentionGeometry:  # pragma: no cover - abstract
         """Where the ``attention`` cells sit on an input of spatial ``input_size`` (x, y[, z])."""

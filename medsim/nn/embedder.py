@@ -2,7 +2,8 @@
 
 Every medsim model returns the same structure (export, retrieval, localization and MONAI Label rely on it)::
 
-    {"embedding": (B, D) L2-normalised, "attention": (B, 1, *S_feat) in [0, 1], "logits": (B, n_classes)?}
+    {"embedding": (B, D) L2-normalised, "attention": (B, 1, *S_feat) in [0, 1], "logits": (B, n_classes)?,
+     "features": (B, F, *S_feat) the backbone's output, with return_features=True}
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Embedder(EmbedderBase):
             the embedding is then the penultimate layer).
         widen_factor: backbone width multiplier.
         normalize: L2-normalise the embedding.
+        return_features: also return ``features``, the backbone's output (B, F, *S/16 for layer3) that the
+            attention reads (:class:`~medsim.nn.base.EmbedderBase`).
 
     Shapes: x (B, in_channels, *S) -> embedding (B, D), attention (B, 1, *S/16 for layer3), logits (B, n_classes).
     The trunk is registered as ``backbone`` (its state_dict keys); :attr:`trunk` reads it.
@@ -45,8 +48,9 @@ class Embedder(EmbedderBase):
 
     def __init__(self, backbone: str = "resnet18", *, spatial_dims: int = 2, in_channels: int = 3,
                  cut: str = "layer3", embedding_dim: int = 128, attention: str = "dsl", n_classes: int | None = None,
-                 widen_factor: float = 1.0, normalize: bool = True, attention_kwargs: dict | None = None):
-        super().__init__()
+                 widen_factor: float = 1.0, normalize: bool = True, attention_kwargs: dict | None = None,
+                 return_features: bool = False):
+        super().__init__(return_features=return_features)
         self.backbone, channels = make_backbone(backbone, spatial_dims=spatial_dims, in_channels=in_channels,
                                                 cut=cut, widen_factor=widen_factor)
         self.attention = create_attention(attention, channels, spatial_dims=spatial_dims, **(attention_kwargs or {}))
@@ -58,13 +62,14 @@ class Embedder(EmbedderBase):
         self.normalize = normalize
 
     def compute(self, x: torch.Tensor) -> EmbedderOutput:
-        feats, att = self.attention(self.backbone(x))
+        trunk = self.backbone(x)
+        feats, att = self.attention(trunk)
         pooled = feats.flatten(2).mean(-1)
         raw = self.embed(pooled)
         out: EmbedderOutput = {"embedding": F.normalize(raw, dim=1) if self.normalize else raw, "attention": att}
         if self.classifier is not None:
             out["logits"] = self.classifier(raw)
-        return out
+        return self.add_features(out, trunk)
 
     def attention_geometry(self, input_size: Sequence[int]) -> AttentionGeometry:
         """Where the ``attention`` cells sit on an input of spatial ``input_size`` (x, y[, z]): traced through the

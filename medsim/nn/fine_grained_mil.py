@@ -71,6 +71,8 @@ class FineGrainedMIL(EmbedderBase):
             unless you add a metric term.
         widen_factor / local_widen_factor: trunk width multipliers.
         connectivity: 8 or 4 for the components.
+        return_features: also return ``features``, the global trunk's output (B, C', h, w) on the input resized
+            to ``global_size`` — what the attention module reads (:class:`~medsim.nn.base.EmbedderBase`).
 
     Shapes: x (B, C, X, Y) -> ``embedding`` (B, D) unit-norm, ``attention`` (B, 1, h, w) in [0, 1] (Ω min–max
     scaled), ``omega`` (B, 1, h, w) raw Ω, ``logits`` / ``global_logits`` (B, n_classes), ``instance_boxes``
@@ -83,8 +85,9 @@ class FineGrainedMIL(EmbedderBase):
                  global_size: Sequence[int] | int = (96, 96), local_size: Sequence[int] | int = (64, 64),
                  n_instances: int = 2, attention: str = "gated", attention_kwargs: dict | None = None,
                  threshold: str | float = "mean", instance_pool: str = "mean", embedding_dim: int | None = None,
-                 widen_factor: float = 1.0, local_widen_factor: float | None = None, connectivity: int = 8):
-        super().__init__()
+                 widen_factor: float = 1.0, local_widen_factor: float | None = None, connectivity: int = 8,
+                 return_features: bool = False):
+        super().__init__(return_features=return_features)
         if spatial_dims != 2:
             raise ValueError(f"FineGrainedMIL crops 2-D instances; got spatial_dims={spatial_dims}")
         if n_classes is None or int(n_classes) < 2:
@@ -125,14 +128,23 @@ class FineGrainedMIL(EmbedderBase):
         return trace_geometry(input_size, Resize(self.global_size), self.trunk, self.attention)
 
     # -- parts
-    def global_branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, C, X, Y) -> (attended features (B, C', h, w), normalised Ω (B, 1, h, w), raw Ω)."""
+    def global_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, X, Y) -> the global trunk's features (B, C', h, w) of x resized to ``global_size``."""
         g = x
         if tuple(x.shape[2:]) != self.global_size:
             g = F.interpolate(x, size=self.global_size, mode="bilinear", align_corners=False)
-        feats, _ = self.attention(self.trunk(g))
+        return self.trunk(g)
+
+    def attend(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global trunk features (B, C', h, w) -> (attended features (B, C', h, w), normalised Ω (B, 1, h, w),
+        raw Ω)."""
+        feats, _ = self.attention(features)
         omega = channel_mean_map(feats)  # Eq. 2, whatever the module
         return feats, minmax_normalize(omega), omega
+
+    def global_branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, C, X, Y) -> (attended features (B, C', h, w), normalised Ω (B, 1, h, w), raw Ω)."""
+        return self.attend(self.global_features(x))
 
     @torch.no_grad()
     def instance_boxes(self, attention: torch.Tensor, input_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +177,8 @@ class FineGrainedMIL(EmbedderBase):
         return f.flatten(1)
 
     def compute(self, x: torch.Tensor) -> EmbedderOutput:
-        feats, att, omega = self.global_branch(x)
+        trunk = self.global_features(x)
+        feats, att, omega = self.attend(trunk)
         g = feats.flatten(2).mean(-1)
         out = {"attention": att, "omega": omega, "global_logits": self.global_classifier(g)}
         if self.local_trunk is None:
@@ -179,7 +192,7 @@ class FineGrainedMIL(EmbedderBase):
             out["logits"] = self.fusion_classifier(fused)
             out["instance_boxes"], out["instance_valid"] = boxes, valid
         out["embedding"] = F.normalize(self.embed(fused) if self.embed is not None else fused, dim=1)
-        return out
+        return self.add_features(out, trunk)
 
 
 def size_pair(v: Sequence[int] | int, name: str) -> tuple[int, int]:

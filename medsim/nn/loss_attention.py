@@ -183,6 +183,8 @@ class LossAttentionNet(EmbedderBase):
             use the pooled features themselves).
         mil_hidden: hidden size L of the attention / gated MIL poolings (Ilse et al.: 128).
         primary_channels, primary_dim, capsule_channels, capsule_dim: capsule sizes (paper 32, 16, 64, 128).
+        return_features: also return ``features``, the trunk's output (B, C, H/s, W/s) that the patch conv reads
+            — at trunk resolution, finer than the ``attention`` patch grid (:class:`~medsim.nn.base.EmbedderBase`).
 
     Shapes: x (B, in_channels, H, W) -> ``logits`` (B, K), ``patch_logits`` (B, M, K), ``patch_weights`` (B, M),
     ``attention`` (B, 1, gh, gw) with M = gh·gw, ``embedding`` (B, D). ``attention`` is the patch weights on the
@@ -197,8 +199,8 @@ class LossAttentionNet(EmbedderBase):
                  pooling: str = "loss", xi: float = 0.1, patch_channels: int = 512, patch_kernel: int = 9,
                  patch_stride: int = 4, embedding_dim: int | None = None, mil_hidden: int = 128,
                  primary_channels: int = 32, primary_dim: int = 16, capsule_channels: int = 64,
-                 capsule_dim: int = 128):
-        super().__init__()
+                 capsule_dim: int = 128, return_features: bool = False):
+        super().__init__(return_features=return_features)
         if n_classes < 1:
             raise ValueError(f"n_classes must be >= 1, got n_classes={n_classes}")
         if not 0.0 <= xi <= 1.0:
@@ -244,7 +246,7 @@ class LossAttentionNet(EmbedderBase):
         raw = self.embed(pooled) if self.embed is not None else pooled
         out["embedding"] = F.normalize(raw, dim=1)
         out["attention"] = (w / w.amax(1, keepdim=True).clamp_min(_EPS)).reshape(-1, 1, gh, gw)
-        return out
+        return self.add_features(out, f)
 
     def _patches(self, f: torch.Tensor) -> dict:
         h = self.patch_features(f)  # (B, C, gh, gw)
