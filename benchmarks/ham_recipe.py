@@ -39,7 +39,7 @@ def common_overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     return {"max_epochs": args.epochs, "max_items": args.max_items, "image_size": args.image_size,
             "backbone": args.backbone, "widen_factor": args.widen_factor, "split_seed": 0,
-            "train#handlers#5#_disabled_": True, **extra}
+            "train#output_handlers#1#_disabled_": True, **extra}
 
 
 def rerender(args: argparse.Namespace, report: Callable[[dict], str]) -> bool:

@@ -41,7 +41,7 @@ def sample_root(tmp_path_factory) -> Path:
 BUNDLE = ROOT / "bundles" / "isic_dsl"
 TINY = {"max_epochs": 1, "image_size": 32, "backbone": "resnet10", "widen_factor": 0.25, "embedding_dim": 32,
         "batch_size": 16, "eval_batch_size": 32, "min_neurons": 4,
-        "train#handlers#4#_disabled_": True, "train#handlers#5#_disabled_": True}  # no TensorBoard, no progress bar
+        "train#output_handlers#0#_disabled_": True, "train#output_handlers#1#_disabled_": True}  # no TensorBoard, no progress bar
 
 
 @pytest.fixture(scope="session")

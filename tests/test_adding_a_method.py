@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import os
 import sys
 from pathlib import Path
@@ -88,11 +89,12 @@ def toy_method(tmp_path, monkeypatch):
     code.mkdir()
     for name, source in (("medsim.nn.toy", NETWORK), ("medsim.losses.toy", LOSS)):
         _register(name, source, code, monkeypatch)
-    bundle = tmp_path / "bundles" / "toy"
-    (bundle / "configs").mkdir(parents=True)
-    (bundle / "configs" / "train.json").write_text(json.dumps({
-        "base_bundle": os.path.relpath(ROOT / "bundles" / "isic_dsl", bundle),
-        "output_dir": "runs/toy", "mode": "mml", "k": 1, "finetune_epochs": 0, "embedding_dim": 16,
+    bundle = tmp_path / "bundles" / "isic_dsl"  # a checkout's bundle; the method adds one variant file to it
+    shutil.copytree(ROOT / "bundles" / "isic_dsl", bundle)
+    (bundle / "configs" / "toy.json").write_text(json.dumps({
+        "output_dir": "runs/toy", "embedding_dim": 16,
+        "method": {"name": "toy", "loss": {"_target_": "medsim.engines.BatchLoss", "loss": "@loss"},
+                   "assignment": None, "handlers": [], "state": {}},
         "network_def": {"_target_": "medsim.nn.toy.ToyEmbedder", "in_channels": 3, "embedding_dim": "@embedding_dim"},
         "loss": {"_target_": "medsim.losses.toy.PairHingeLoss", "margin": 0.5}}))
     return bundle
@@ -117,9 +119,12 @@ def test_a_new_method_is_three_files_and_no_core_edit(toy_method, sample_root, t
     from medsim.export.pipeline import export_run
 
     run = tmp_path / "run"
-    summary = train_bundle(toy_method, dataset_dir=str(sample_root / "derm"), output_dir=str(run),
+    from medsim.engines.workflow import bundle_variants
+
+    assert "toy" in bundle_variants(toy_method)  # found in the folder: nothing lists variants
+    summary = train_bundle(toy_method, variant="toy", dataset_dir=str(sample_root / "derm"), output_dir=str(run),
                            overrides={"max_epochs": 2, "image_size": 32, "batch_size": 16,
-                                      "train#handlers#4#_disabled_": True, "train#handlers#5#_disabled_": True})
+                                      "train#output_handlers#0#_disabled_": True, "train#output_handlers#1#_disabled_": True})
     assert 0 <= summary["nmi"] <= 1 and 0 <= summary["R@1"] <= 1
     record = json.loads((run / "run.json").read_text())
     assert record["network"] == {"_target_": "medsim.nn.toy.ToyEmbedder", "in_channels": 3, "embedding_dim": 16}

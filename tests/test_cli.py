@@ -105,7 +105,7 @@ def test_train_evaluate_cli(sample_root, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, out, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(sample_root / "derm"), "--output",
                           str(run_dir), "-o", "max_epochs=1", "-o", "image_size=32", "-o", "backbone=resnet10",
-                          "-o", "widen_factor=0.25", "-o", "train#handlers#5#_disabled_=true"], capsys)
+                          "-o", "widen_factor=0.25", "-o", "train#output_handlers#1#_disabled_=true"], capsys)
     assert code == 0, err
     assert "NMI" in out and "R@1" in out and (run_dir / "best.pt").is_file()
     code, out, err = run(["evaluate", str(run_dir), "--split", "validation"], capsys)
@@ -175,7 +175,7 @@ def test_folder_layout_without_group_column_trains_split_per_image(tmp_path, cap
     run_dir = tmp_path / "run"
     args = ["train", "bundles/isic_dsl", "--dataset-dir", str(data), "--output", str(run_dir),
             "-o", "train#trainer#max_epochs=1", "-o", "image_size=32", "-o", "backbone=resnet10",
-            "-o", "widen_factor=0.25", "-o", "batch_size=8", "-o", "train#handlers#5#_disabled_=true"]
+            "-o", "widen_factor=0.25", "-o", "batch_size=8", "-o", "train#output_handlers#1#_disabled_=true"]
     code, out, err = run(args, capsys)
     assert code == 0, err
     assert "NMI" in out and (run_dir / "best.pt").is_file()
@@ -247,7 +247,7 @@ def test_train_output_shows_progress_not_noise_and_says_when_a_run_is_complete(s
     cmd = [sys.executable, "-m", "medsim.cli", "train", str(root / "bundles" / "isic_dsl"), "--dataset-dir",
            str(sample_root / "derm"), "--output", str(tmp_path / "run"), "-o", "train#trainer#max_epochs=1",
            "-o", "image_size=32", "-o", "backbone=resnet10", "-o", "widen_factor=0.25",
-           "-o", "train#handlers#5#_disabled_=true"]
+           "-o", "train#output_handlers#1#_disabled_=true"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     lines = first.stderr.replace("\r", "\n").splitlines()
@@ -257,7 +257,7 @@ def test_train_output_shows_progress_not_noise_and_says_when_a_run_is_complete(s
     assert "nothing trained" not in first.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "WARNING medsim.engines.trainer" in again.stderr and "already complete" in again.stderr
+    assert "WARNING medsim.engines.handlers" in again.stderr and "already complete" in again.stderr
     assert "nothing trained" in again.stdout and "--output NEW_DIR" in again.stdout
     assert "epoch 1/1" not in again.stderr
 

@@ -20,13 +20,15 @@ class ClusterBatchSampler(Sampler[list[int]]):
 
     Args:
         labels: (N,) class of each item.
-        assignment: callable returning the current (N,) cluster of each item (re-clustering changes it).
+        assignment: callable returning the current (N,) cluster of each item (DSL/MML re-clustering changes it);
+            None (a single learner, every bundle that is not DSL/MML): one cluster, i.e. class-balanced batches of
+            ``m_per_class`` images per class over the whole training set.
         batch_size: images per batch.
         m_per_class: images of each drawn class (≥ 2 gives positives for margin/triplet losses).
         seed: base seed; call :meth:`set_epoch` each epoch (the trainer does).
     """
 
-    def __init__(self, labels: Sequence[int], assignment: Callable[[], np.ndarray], batch_size: int = 32,
+    def __init__(self, labels: Sequence[int], assignment: Callable[[], np.ndarray] | None = None, batch_size: int = 32,
                  m_per_class: int = 4, seed: int = 0):
         if batch_size < 2 or m_per_class < 1:
             raise ValueError(f"need batch_size >= 2 and m_per_class >= 1, got {batch_size}, {m_per_class}")
@@ -56,6 +58,8 @@ class ClusterBatchSampler(Sampler[list[int]]):
         return {int(c): int(q) for c, q in zip(ids, quota)}
 
     def _clusters(self) -> np.ndarray:
+        if self.assignment is None:
+            return np.zeros(self.labels.shape, dtype=np.int64)
         clusters = np.asarray(self.assignment())
         return clusters if clusters.shape == self.labels.shape else np.zeros(self.labels.shape, dtype=np.int64)
 

@@ -41,11 +41,9 @@ class SubspaceState:
     assignment: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (N_train,) cluster id
     phase: str = "explore"  # "explore" (learners train on their clusters) | "finetune" (whole embedding, all data)
     best_nmi: float = -1.0
-    best_selected: float = float("-inf")  # best value of the model-selection metric (val NMI unless configured)
     bad_epochs: int = 0
     nmi_at_last_split: float | None = None
     splitting: bool = True
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -59,19 +57,17 @@ class SubspaceState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"learners": self.learners, "assignment": torch.as_tensor(self.assignment), "phase": self.phase,
-                "best_nmi": self.best_nmi, "best_selected": self.best_selected, "bad_epochs": self.bad_epochs, "nmi_at_last_split": self.nmi_at_last_split,
-                "splitting": self.splitting, "history": self.history}
+                "best_nmi": self.best_nmi, "bad_epochs": self.bad_epochs, "nmi_at_last_split": self.nmi_at_last_split,
+                "splitting": self.splitting}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learners = [list(map(int, ln)) for ln in state["learners"]]
         self.assignment = np.asarray(state["assignment"], dtype=np.int64)
         self.phase = state["phase"]
         self.best_nmi = float(state["best_nmi"])
-        self.best_selected = float(state.get("best_selected", state["best_nmi"]))  # older checkpoints: NMI
         self.bad_epochs = int(state["bad_epochs"])
         self.nmi_at_last_split = state["nmi_at_last_split"]
         self.splitting = bool(state["splitting"])
-        self.history = list(state["history"])
 
 
 def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Callable, device: torch.device | str,

@@ -187,55 +187,63 @@ def parse_overrides(pairs: Sequence[str], *, allow_expressions: bool = False) ->
     return out
 
 
-def _base_bundle(bundle: Path) -> Path | None:
-    """The bundle that ``configs/train.json``'s ``base_bundle`` (a path relative to the bundle) names, if any.
+def _metadata_file(bundle: Path) -> Path:
+    """The bundle's ``configs/metadata.json``."""
+    return bundle / "configs" / "metadata.json"
 
-    A layered bundle (e.g. ``isic_abe`` on ``isic_dsl``) holds only what differs — network, loss, output_dir —
-    the way MONAI model-zoo bundles layer ``inference_trt.json`` on ``inference.json``. With MONAI's own runner
-    give both files: ``--config_file "['bundles/isic_dsl/configs/train.json','bundles/isic_abe/configs/train.json']"``.
+
+def _train_files(bundle: Path) -> list[Path]:
+    """The config files of a bundle's training, in MONAI's layering order (later files override earlier ids).
+
+    A bundle's ``metadata.json`` may list them as ``"config_files": {"train": [...]}`` (paths relative to
+    ``configs/``), e.g. ``isic_abe``: ``["../../isic_dsl/configs/train.json", "train.json"]`` — exactly the list MONAI's
+    runner is given (``python -m monai.bundle run --config_file "['bundles/isic_dsl/configs/train.json',
+    'bundles/isic_abe/configs/train.json']"``); without it, ``configs/train.json`` alone.
     """
-    f = bundle / "configs" / "train.json"
-    try:
-        rel = json.loads(f.read_text(encoding="utf-8")).get("base_bundle")
-    except json.JSONDecodeError as e:
-        raise MedsimError(f"{f}: not valid JSON (line {e.lineno}: {e.msg})") from e
-    if not rel:
-        return None
-    base = (bundle / str(rel)).resolve()
-    if not (base / "configs" / "train.json").is_file():
-        raise MedsimError(f"{f}: base_bundle '{rel}' resolves to {base}, which has no configs/train.json")
-    if _base_bundle(base) is not None:
-        raise MedsimError(f"{f}: base bundle {base} is itself layered; one level of base_bundle is supported")
-    return base
-
-
-def _bundle_files(bundle: Path, variant: str | None) -> list[str]:
     cfg = bundle / "configs"
     if not (cfg / "train.json").is_file():
         raise MedsimError(f"{bundle}: not a bundle (no configs/train.json)")
-    files = [str(cfg / "train.json")]
-    base = _base_bundle(bundle)
-    if base is not None:  # a bundle layered on another: the base's train.json, then this one's (top-level ids win)
-        files.insert(0, str(base / "configs" / "train.json"))
+    meta = _metadata_file(bundle)
+    listed = None
+    if meta.is_file():
+        try:
+            listed = (json.loads(meta.read_text(encoding="utf-8")).get("config_files") or {}).get("train")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise MedsimError(f"{meta}: not a metadata object with an optional config_files#train list ({e})") from e
+    if listed is None:
+        return [cfg / "train.json"]
+    if not isinstance(listed, list) or not listed or not all(isinstance(f, str) for f in listed):
+        raise MedsimError(f"{meta}: config_files#train must be a list of file names relative to {cfg}")
+    files = [(cfg / f).resolve() for f in listed]
+    for f in files:
+        if not f.is_file():
+            raise MedsimError(f"{meta}: config_files#train names {f}, which does not exist")
+    return files
+
+
+#: config files of a bundle that are not training variants
+NOT_VARIANTS = ("train", "metadata", "evaluate", "inference", "logging")
+
+
+def bundle_variants(bundle: str | os.PathLike) -> list[str]:
+    """The variants of a bundle: every ``configs/*.json`` layered on its training config (``classifier``, ``mml``,
+    ``nodiv`` ...), found in the folder rather than listed anywhere."""
+    return sorted(p.stem for p in (Path(bundle) / "configs").glob("*.json") if p.stem not in NOT_VARIANTS)
+
+
+def _bundle_files(bundle: Path, variant: str | None) -> list[str]:
+    files = [str(f) for f in _train_files(bundle)]
     if variant:
-        v = cfg / f"{variant}.json"
-        if not v.is_file():
+        v = bundle / "configs" / f"{variant}.json"
+        if variant in NOT_VARIANTS or not v.is_file():
             import difflib
 
-            options = sorted(p.stem for p in cfg.glob("*.json") if p.stem not in ("train", "metadata", "evaluate",
-                                                                                   "inference"))
+            options = bundle_variants(bundle)
             close = difflib.get_close_matches(variant, options, n=1)
             raise MedsimError(f"{bundle}: no variant '{variant}' (available: {', '.join(options)})"
                               + (f"; did you mean '{close[0]}'?" if close else ""))
         files.append(str(v))
     return files
-
-
-def _metadata_file(bundle: Path) -> Path:
-    """The bundle's ``configs/metadata.json``; a layered bundle without one uses its base bundle's."""
-    own = bundle / "configs" / "metadata.json"
-    base = _base_bundle(bundle) if not own.is_file() else None
-    return base / "configs" / "metadata.json" if base is not None else own
 
 
 def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, dataset_dir: str | None = None,

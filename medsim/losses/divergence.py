@@ -51,7 +51,8 @@ def divergence_loss(learner_embeddings: torch.Tensor, m_div: float = 1.0) -> tor
 class ABELoss(OutputsLoss):
     """Eq. 8 of ABE: one metric loss per learner, summed, plus λ_div · :func:`divergence_loss`.
 
-    Called by :class:`medsim.engines.MetricLearningTrainer` as ``loss(outputs, labels)`` (``takes_outputs``) with
+    Called through :class:`medsim.engines.BatchLoss` (or DSL's routing loss) as ``loss(outputs, labels)``
+    (``takes_outputs``) with
     the model's output dict; it reads ``outputs["learner_embeddings"]`` (B, M, d) of
     :class:`medsim.nn.abe.ABEEmbedder`. The paper trains each learner with its own contrastive loss (Eq. 10);
     here each learner gets its own copy of ``metric`` (so a margin loss learns a β per class and learner).

@@ -48,7 +48,8 @@ def lambda_schedule(epoch: int, max_epochs: int | None = None, *, step_epochs: f
 class FineGrainedLoss(OutputsLoss):
     """Eq. 3: λ · CE(``global_logits``) + (1 − λ) · CE(``logits``), λ set per epoch by :meth:`set_epoch`.
 
-    Called by :class:`medsim.engines.MetricLearningTrainer` as ``loss(outputs, labels)`` (``takes_outputs``)
+    Called through :class:`medsim.engines.BatchLoss` (or DSL's routing loss) as ``loss(outputs, labels)``
+    (``takes_outputs``)
     with the output dict of :class:`medsim.nn.gated_attention.FineGrainedMIL`; the trainer calls
     ``set_epoch(epoch_from_0, max_epochs)`` at each epoch start. Before any ``set_epoch`` λ = ``initial``.
 

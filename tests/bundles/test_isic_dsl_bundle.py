@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "isic_dsl"
 TINY = {"max_epochs": 2, "image_size": 32, "backbone": "resnet10", "widen_factor": 0.25, "embedding_dim": 32,
-        "batch_size": 16, "eval_batch_size": 32, "train#handlers#5#_disabled_": True, "min_neurons": 4}
+        "batch_size": 16, "eval_batch_size": 32, "train#output_handlers#1#_disabled_": True, "min_neurons": 4}
 
 
 def _workflow(out: Path, dataset: Path, variant: str | None = None, **overrides):

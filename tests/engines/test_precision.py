@@ -7,7 +7,9 @@ import torch
 from monai.engines import SupervisedEvaluator
 from torch import nn
 
-from medsim.engines import MetricLearningTrainer, PrecisionInferer, SubspaceState
+from monai.engines import SupervisedTrainer
+
+from medsim.engines import BatchLoss, PrecisionInferer, TrainingHooks, metric_prepare_batch
 
 
 class ConvEmbedder(nn.Module):
@@ -53,10 +55,10 @@ def _train_one_epoch(inferer=None, **kw):
         seen["loss_in"].append(emb.dtype)
         return ((emb[:, None] - emb[None]) ** 2).sum(-1)[y[:, None] != y[None]].neg().mean()
 
-    trainer = MetricLearningTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=_batches(),
-                                    network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-                                    loss_function=loss, subspaces=SubspaceState(learners=[list(range(8))]),
-                                    inferer=inferer, **kw)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=_batches(),
+                                network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                                loss_function=BatchLoss(loss), prepare_batch=metric_prepare_batch, decollate=False,
+                                inferer=inferer or PrecisionInferer(**kw), train_handlers=[TrainingHooks()])
     trainer.run()
     return net, trainer, seen
 
@@ -64,7 +66,7 @@ def _train_one_epoch(inferer=None, **kw):
 @pytest.mark.parametrize("how", ["kwargs", "inferer"])
 def test_amp_runs_the_training_step_under_bf16_autocast_and_the_loss_in_fp32(how):
     if how == "kwargs":
-        net, trainer, seen = _train_one_epoch(amp=True, amp_kwargs={"dtype": "bfloat16"})
+        net, trainer, seen = _train_one_epoch(amp=True, dtype="bfloat16")
     else:
         net, trainer, seen = _train_one_epoch(PrecisionInferer(amp=True, dtype="bfloat16"))
     assert seen["conv_out"] == [torch.bfloat16] * 2
@@ -106,11 +108,6 @@ def test_evaluator_with_the_same_inferer_runs_in_bf16_and_returns_fp32():
     assert seen["conv_out"] == [torch.bfloat16] and seen["conv_in_cl"] == [True]
     pred = evaluator.state.output["pred"]
     assert pred["embedding"].dtype == torch.float32 and pred["attention"].dtype == torch.float32
-
-
-def test_inferer_and_amp_flags_together_are_refused():
-    with pytest.raises(ValueError, match="not both"):
-        _train_one_epoch(PrecisionInferer(), amp=True)
 
 
 def test_unknown_dtype_names_the_options():

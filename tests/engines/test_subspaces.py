@@ -11,7 +11,8 @@ from torch import nn
 
 from medsim.engines.sampling import ClusterBatchSampler
 from medsim.engines.subspaces import SubspaceState, equal_slices, neuron_scores, split_learner
-from medsim.engines.trainer import SubspaceHandler
+from medsim.engines.handlers import EpochRecorder
+from medsim.engines.trainer import SubspaceHandler as _SubspaceHandler
 
 
 class ToyEmbedder(nn.Module):
@@ -107,12 +108,25 @@ def test_equal_slices():
 
 
 def test_state_roundtrip():
-    st = SubspaceState(learners=[[0, 1], [2, 3]], assignment=np.array([0, 1, 1]), phase="finetune", best_nmi=0.4,
-                       history=[{"epoch": 1}])
+    st = SubspaceState(learners=[[0, 1], [2, 3]], assignment=np.array([0, 1, 1]), phase="finetune", best_nmi=0.4)
     other = SubspaceState(learners=[])
     other.load_state_dict(st.state_dict())
     assert other.learners == st.learners and other.assignment.tolist() == [0, 1, 1]
-    assert other.phase == "finetune" and other.history == [{"epoch": 1}]
+    assert other.phase == "finetune" and other.best_nmi == 0.4
+
+
+def SubspaceHandler(validator, *args, subspaces=None, **kw):  # noqa: N802 - the handler, with its recorder
+    """A SubspaceHandler whose epoch end first runs the EpochRecorder's (the bundle's handler order)."""
+    rec = EpochRecorder(validator)
+    h = _SubspaceHandler(validator, *args, subspaces=subspaces, record=rec, **kw)
+    handler_end = h.epoch_completed
+
+    def epoch_completed(engine):
+        rec.epoch_completed(engine)
+        handler_end(engine)
+
+    h.epoch_completed = epoch_completed
+    return h
 
 
 def _engine(net, st, epoch, max_epochs=20):
@@ -125,7 +139,7 @@ def test_dsl_handler_splits_on_plateau_and_stops_when_splits_stop_helping():
     net = ToyEmbedder(dim=16)
     st = SubspaceState(learners=[])
     validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
-    h = SubspaceHandler(validator, _loader(), _relevant_loss(list(range(8))), mode="dsl", patience=2,
+    h = SubspaceHandler(validator, _loader(), _relevant_loss(list(range(8))), subspaces=st, mode="dsl", patience=2,
                         min_neurons=2, max_k=4, finetune_epochs=0)
     h.started(_engine(net, st, 0))
     assert st.k == 1 and st.assignment.tolist() == [0] * 40
@@ -135,7 +149,7 @@ def test_dsl_handler_splits_on_plateau_and_stops_when_splits_stop_helping():
     before = net.embed.weight.detach().clone()
     h.epoch_completed(_engine(net, st, 3))  # plateau 2 = patience: split
     assert st.k == 2
-    assert "split: val NMI has not improved for 2 epochs" in st.history[-1]["events"][0]
+    assert "split: val NMI has not improved for 2 epochs" in h.record.history[-1]["events"][0]
     assert sorted(st.assignment.tolist()) != [0] * 40 and set(st.assignment.tolist()) == {0, 1}
     reset = st.learners[-1]
     assert torch.all(net.embed.weight[reset] == 0.123)  # re-initialised
@@ -145,7 +159,7 @@ def test_dsl_handler_splits_on_plateau_and_stops_when_splits_stop_helping():
     h.epoch_completed(_engine(net, st, 4))
     h.epoch_completed(_engine(net, st, 5))
     assert st.k == 2 and not st.splitting and st.phase == "finetune"
-    assert "no better than before the last split" in st.history[-1]["events"][0]
+    assert "no better than before the last split" in h.record.history[-1]["events"][0]
     assert st.neurons_for_cluster(1, 16) == list(range(16))
 
 
@@ -159,7 +173,7 @@ def test_split_grace_and_optimizer_reset():
     opt.step()  # Adam now holds non-zero exp_avg / exp_avg_sq for every row
     st = SubspaceState(learners=[])
     validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
-    h = SubspaceHandler(validator, _loader(), _relevant_loss(list(range(8))), mode="dsl", patience=2,
+    h = SubspaceHandler(validator, _loader(), _relevant_loss(list(range(8))), subspaces=st, mode="dsl", patience=2,
                         min_neurons=2, max_k=4, finetune_epochs=0, grace=2, reset_optimizer=True)
 
     def eng(epoch):
@@ -179,29 +193,29 @@ def test_split_grace_and_optimizer_reset():
     for epoch in (4, 5, 6, 7):  # grace 2 + patience 2: judged only after the 4th epoch without improvement
         assert st.splitting
         h.epoch_completed(eng(epoch))
-    assert not st.splitting and "no better than before the last split" in st.history[-1]["events"][0]
+    assert not st.splitting and "no better than before the last split" in h.record.history[-1]["events"][0]
     with pytest.raises(ValueError, match="grace must be >= 0"):
-        SubspaceHandler(validator, _loader(), _relevant_loss([0]), grace=-1)
+        SubspaceHandler(validator, _loader(), _relevant_loss([0]), subspaces=st, grace=-1)
 
 
 def test_mml_handler_reclusters_every_n_epochs_and_finetunes_at_the_end():
     net = ToyEmbedder(dim=16)
     st = SubspaceState(learners=[])
     validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
-    h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), mode="mml", k=4, recluster_every=2,
+    h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), subspaces=st, mode="mml", k=4, recluster_every=2,
                         finetune_epochs=2)
     h.started(_engine(net, st, 0, max_epochs=6))
     assert st.learners == equal_slices(16, 4) and set(st.assignment.tolist()) == {0, 1, 2, 3}
     h.epoch_completed(_engine(net, st, 1, 6))
-    assert st.history[-1]["events"] == []
+    assert h.record.history[-1]["events"] == []
     h.epoch_completed(_engine(net, st, 2, 6))
-    assert st.history[-1]["events"][0].startswith("re-clustered into 4")
+    assert h.record.history[-1]["events"][0].startswith("re-clustered into 4")
     h.epoch_completed(_engine(net, st, 3, 6))
     h.epoch_completed(_engine(net, st, 4, 6))
     assert st.phase == "finetune" and st.k == 4
-    assert st.history[-1]["cluster_sizes"] != [40]  # epoch 4 itself still trained the learners
+    assert h.record.history[-1]["cluster_sizes"] != [40]  # epoch 4 itself still trained the learners
     h.epoch_completed(_engine(net, st, 5, 6))
-    assert st.history[-1]["cluster_sizes"] == [40] and st.history[-1]["phase"] == "finetune"
+    assert h.record.history[-1]["cluster_sizes"] == [40] and h.record.history[-1]["phase"] == "finetune"
 
 
 def test_cluster_batches_single_cluster_constant_length_reproducible():
@@ -222,7 +236,7 @@ def test_cluster_batches_single_cluster_constant_length_reproducible():
 
 
 def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
-    from medsim.engines.trainer import Checkpointer
+    from medsim.engines.handlers import Checkpointer
     from medsim.errors import MedsimError
 
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
@@ -234,26 +248,25 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
 
 def test_model_selection_follows_the_configured_metric():
     """best.pt marks ("improved") follow select_metric, not NMI, when a bundle says so; the value survives a
-    checkpoint round trip; a metric the evaluator does not report is a clear error."""
-    net = ToyEmbedder(dim=16)
-    st = SubspaceState(learners=[])
+    checkpoint round trip; a metric the evaluator does not report is a clear error. The recorder also keeps the
+    epoch's mean loss."""
     metrics = {"val_nmi": 0.5, "val_balanced_accuracy": 0.3}
     validator = SimpleNamespace(state=SimpleNamespace(metrics=metrics))
-    h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), mode="mml", k=1, finetune_epochs=0,
-                        select_metric="val_balanced_accuracy")
-    h.started(_engine(net, st, 0, 4))
-    improved = []
+    rec = EpochRecorder(validator, select_metric="val_balanced_accuracy")
     for epoch, (nmi, bacc) in enumerate([(0.5, 0.3), (0.9, 0.2), (0.1, 0.4), (0.2, 0.35)], start=1):
         metrics.update(val_nmi=nmi, val_balanced_accuracy=bacc)
-        h.epoch_completed(_engine(net, st, epoch, 4))
-        improved.append(st.history[-1]["improved"])
-    assert improved == [True, False, True, False] and st.best_selected == 0.4 and st.best_nmi == 0.9
-    fresh = SubspaceState(learners=[])
-    fresh.load_state_dict(st.state_dict())
-    assert fresh.best_selected == 0.4
-    bad = SubspaceHandler(validator, _loader(), _relevant_loss([0]), mode="mml", k=1, select_metric="val_auc")
+        engine = SimpleNamespace(state=SimpleNamespace(epoch=epoch, output={"loss": torch.tensor(float(epoch))}))
+        rec.epoch_started(engine)
+        rec.iteration_completed(engine)
+        rec.epoch_completed(engine)
+    assert [r["improved"] for r in rec.history] == [True, False, True, False] and rec.best_selected == 0.4
+    assert [r["loss"] for r in rec.history] == [1.0, 2.0, 3.0, 4.0] and rec.current["val_nmi"] == 0.2
+    fresh = EpochRecorder(validator)
+    fresh.load_state_dict(rec.state_dict())
+    assert fresh.best_selected == 0.4 and fresh.history == rec.history
+    bad = EpochRecorder(validator, select_metric="val_auc")
     with pytest.raises(KeyError, match="select_metric 'val_auc' is not among the validation metrics"):
-        bad.epoch_completed(_engine(net, st, 5, 6))
+        bad.epoch_completed(SimpleNamespace(state=SimpleNamespace(epoch=5)))
 
 
 def test_embedding_metric_adds_classification_metrics_for_logits():
@@ -282,12 +295,12 @@ def test_no_final_fine_tune_announced_without_epochs_left(mode):
     validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
     for max_epochs, expected in ((1, None), (2, "last 1 epoch)")):
         st = SubspaceState(learners=[])
-        h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), mode=mode, k=4, recluster_every=5,
+        h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), subspaces=st, mode=mode, k=4, recluster_every=5,
                             finetune_epochs=2, min_neurons=2)
         net = ToyEmbedder(dim=16)
         h.started(_engine(net, st, 0, max_epochs))
         h.epoch_completed(_engine(net, st, 1, max_epochs))
-        fine = [e for e in st.history[-1]["events"] if "final fine-tune" in e]
+        fine = [e for e in h.record.history[-1]["events"] if "final fine-tune" in e]
         if expected is None:
             assert fine == [] and st.phase == "explore"
         else:
@@ -299,7 +312,7 @@ def test_resuming_a_complete_run_says_it_is_complete(tmp_path, caplog):
     with epochs left logs its resume at INFO."""
     import logging
 
-    from medsim.engines.trainer import Checkpointer
+    from medsim.engines.handlers import Checkpointer
 
     ck = Checkpointer(tmp_path, {"network": ToyEmbedder()})
     ck.save(SimpleNamespace(state=SimpleNamespace(epoch=3, iteration=30)))

@@ -70,7 +70,7 @@ def test_split_train_export_index_search_localize_keep_names_out(named_data, tmp
     code, out, err = run(["train", "bundles/isic_dsl", "--dataset-dir", str(named_data), "--output", str(run_dir),
                           "-o", "max_epochs=1", "-o", "image_size=32", "-o", "backbone=resnet10",
                           "-o", "widen_factor=0.25", "-o", "embedding_dim=32", "-o", "batch_size=16",
-                          "-o", "train#handlers#4#_disabled_=true", "-o", "train#handlers#5#_disabled_=true"],
+                          "-o", "train#output_handlers#0#_disabled_=true", "-o", "train#output_handlers#1#_disabled_=true"],
                          capsys)
     assert code == 0, err
     assert not leaks(run_dir) and not any(s in out + err for s in SECRETS), leaks(run_dir)

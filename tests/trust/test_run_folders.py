@@ -17,7 +17,7 @@ from medsim.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CLI = ["-o", "max_epochs=1", "-o", "image_size=32", "-o", "backbone=resnet10", "-o", "widen_factor=0.25",
             "-o", "embedding_dim=32", "-o", "batch_size=16", "-o", "min_neurons=4",
-            "-o", "train#handlers#4#_disabled_=true", "-o", "train#handlers#5#_disabled_=true"]
+            "-o", "train#output_handlers#0#_disabled_=true", "-o", "train#output_handlers#1#_disabled_=true"]
 
 
 def run(argv, capsys):
@@ -171,7 +171,7 @@ def test_train_into_an_unusable_output_folder_exits_2(tmp_path, capsys):
 
 
 def test_full_disk_leaves_no_temp_file_and_names_the_target(tmp_path, monkeypatch):
-    from medsim.engines.trainer import atomic_torch_save
+    from medsim.engines.handlers import atomic_torch_save
     from medsim.errors import atomic_write_text
 
     target = tmp_path / "last.pt"
@@ -258,7 +258,7 @@ def test_run_json_names_only_network_classes_and_transform_factories(run_copy, t
     del state["engine"]
     torch.save(state, run_copy / "last.pt")
     (run_copy / "run.json").write_text(json.dumps(rec))
-    from medsim.engines.trainer import Checkpointer
+    from medsim.engines.handlers import Checkpointer
     from medsim.errors import MedsimError
     from types import SimpleNamespace
 
