@@ -25,9 +25,11 @@ logger = logging.getLogger(__name__)
 
 def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os.PathLike, *,
                      by: str = "lesion_id", fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
-                     lenient: bool = False, layout: str = "auto", max_items: int | None = None) -> dict[str, Any]:
+                     lenient: bool = False, layout: str = "auto", max_items: int | None = None,
+                     **source_options: Any) -> dict[str, Any]:
     """Check ``dataset_dir`` (the embedded sample's dermoscopy set when empty), split it by ``by`` and save the
     split to ``output_dir/split.json``; a run directory that already has one reuses it (reproducible resumes).
+    ``source_options`` go to the reader (e.g. ``label_column="binary_label"`` for a CSV datalist: NIH CXR).
 
     Returns ``{"training", "validation", "test": [items with "index"], "classes": [...], "kind": str}``.
     ``max_items`` keeps a stratified random subset (for quick runs and benchmarks), drawn before splitting.
@@ -47,7 +49,8 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
         _check_same_request(split_file, meta, source=str(Path(dataset_dir).resolve()), by=by, max_items=max_items)
         logger.debug("reusing split %s", split_file)  # evaluated more than once per run by MONAI's workflow
     else:
-        src, _ = load_checked(dataset_dir, layout=layout, lenient=lenient, report_path=out / "skipped.json")
+        src, _ = load_checked(dataset_dir, layout=layout, lenient=lenient, report_path=out / "skipped.json",
+                              **{k: v for k, v in source_options.items() if v is not None})
         items = src.items
         if max_items is not None and len(items) > max_items:
             items = _stratified_subset(items, max_items, seed)
@@ -63,17 +66,27 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
     return datalists_from_split(doc)
 
 
+#: case metadata a split keeps and the datalists pass on (hashed patient/study tokens, view, laterality,
+#: follow-up: what MedAug's positive-pair criteria read); a key is passed on only when every case has it, so
+#: batches collate
+CASE_METADATA = ("patient", "study", "view", "laterality", "follow_up")
+
+
 def datalists_from_split(split: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
     """A split document (or its file) as the datalists a bundle trains on: ``{"training", "validation", "test":
-    [{"image", "label", "index", "mask"?}], "classes", "kind"}`` (plain data: nothing in it is evaluated)."""
+    [{"image", "label", "index", "mask"?, *CASE_METADATA?}], "classes", "kind"}`` (plain data: nothing in it is
+    evaluated)."""
     from medsim.data.splits import load_split
 
     doc = split if isinstance(split, dict) else load_split(split)
     meta = doc.get("meta") or {}
     result: dict[str, Any] = {"classes": meta.get("classes", []), "kind": meta.get("kind", "")}
+    cases = [it for key in ("training", "validation", "test") for it in doc.get(key, [])]
+    keep = [k for k in CASE_METADATA if cases and all(isinstance(it.get(k), (str, int)) for it in cases)]
     for key in ("training", "validation", "test"):
         result[key] = [{"image": it["image"], "label": it["label"], "index": i,
-                        **({"mask": it["mask"]} if "mask" in it else {})} for i, it in enumerate(doc.get(key, []))]
+                        **({"mask": it["mask"]} if "mask" in it else {}), **{k: str(it[k]) for k in keep}}
+                       for i, it in enumerate(doc.get(key, []))]
     return result
 
 
