@@ -156,6 +156,7 @@ class MoCoV2(JointEmbedding):
         """Write ``keys`` (B, P) over the oldest queue entries (ring buffer)."""
         k = self.queue.shape[0]
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % k
+        keys = keys.detach().to(self.queue.dtype)  # under bf16 autocast the keys come in bf16
         self.queue[idx] = keys[-k:] if keys.shape[0] > k else keys
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % k)
 
