@@ -1,0 +1,113 @@
+"""Transfer (issue 11): the supervised HAM10000 models fine-tuned from SSL weights vs from random init, same budget.
+
+For each model — isic_dsl's DSL (default), its margin (MML K=1) and classifier variants, and derm_lossattn — and each
+start — random init and ``-o pretrained=<SSL run>`` (the SSL run's trunk; heads fresh) — one training run on the
+shared HAM10000 recipe (same 3000-image subset and lesion-grouped split as the SSL pretraining, whose test lesions it
+never saw). Reports test NMI, R@1, MAP@R, balanced accuracy (models with logits) and, for derm_lossattn, the
+localization Dice / pointing of its exported attention on the HAM lesion masks (``medsim localize``'s scoring).
+
+    python benchmarks/ssl_transfer.py --dataset-dir ../shared/data/ham10000 --pretrained runs/ssl/byol \
+        --out benchmarks/results/ssl_transfer
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ham_recipe import common_overrides, recipe_parser  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {  # name -> (bundle, variant, extra overrides)
+    "DSL": ("isic_dsl", None, {}),
+    "margin (MML K=1)": ("isic_dsl", "margin", {}),
+    "classifier": ("isic_dsl", "classifier", {}),
+    "loss attention": ("derm_lossattn", None, {}),
+}
+KEYS = ("nmi", "R@1", "map_at_r", "balanced_accuracy")
+
+
+def localization(run: Path, work: Path) -> dict[str, float]:
+    """Dice / IoU / pointing of the run's exported attention on its test images' lesion masks."""
+    from medsim.data.splits import load_split
+    from medsim.deploy.tasks import localize_images
+    from medsim.export.pipeline import export_run
+
+    export = work / "export"
+    export_run(run, export, opt_batch=8)
+    items = [it for it in load_split(run / "split.json")["test"] if "mask" in it]
+    res = localize_images(export, [it["image"] for it in items], work / "loc", masks=[it["mask"] for it in items],
+                          progress=False)
+    return {k: float(res[k]) for k in ("dice", "iou", "pointing") if k in res}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = recipe_parser(__doc__, name="ssl_transfer", work="runs/ssl_transfer", epochs=8)
+    ap.add_argument("--pretrained", required=True, help="the SSL run folder whose trunk the models start from")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from medsim.engines.workflow import train_bundle
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    common = common_overrides(args, seed=args.seed, **{"train#output_handlers#0#_disabled_": True})
+    runs: list[dict[str, Any]] = []
+    t_all = time.time()
+    for name in args.models:
+        bundle, variant, extra = MODELS[name]
+        for start in ("random", "ssl"):
+            out = work / f"{name.split()[0].lower()}_{start}"
+            ov = {**common, **extra, **({"pretrained": str(Path(args.pretrained).resolve())} if start == "ssl" else {})}
+            t0 = time.time()
+            res = train_bundle(ROOT / "bundles" / bundle, variant=variant, dataset_dir=args.dataset_dir,
+                               output_dir=str(out), overrides=ov)
+            row = {"model": name, "start": start, "wall_s": round(time.time() - t0, 1),
+                   "test": {k: float(res[k]) for k in KEYS if k in res}}
+            if bundle == "derm_lossattn":
+                row["test"].update(localization(out, work / f"{out.name}_loc"))
+            runs.append(row)
+            print(f"[{time.time() - t_all:6.0f}s] {name:<18} {start:<6} " + " ".join(
+                f"{k} {v:.4f}" for k, v in row["test"].items()), flush=True)
+    doc = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "config": vars(args), "total_s": round(time.time() - t_all, 1), "runs": runs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(report(doc))
+    print(report(doc))
+    return 0
+
+
+def report(doc: dict) -> str:
+    c = doc["config"]
+    cols = [("nmi", "NMI"), ("R@1", "R@1"), ("map_at_r", "MAP@R"), ("balanced_accuracy", "bal. acc"),
+            ("dice", "Dice"), ("pointing", "pointing")]
+    lines = ["# Transfer from SSL pretraining on HAM10000", "", f"Command: `{doc['command']}`", "",
+             f"Recipe: {c['max_items']}-image class-stratified, lesion-grouped HAM10000 subset (split seed 0), "
+             f"{c['image_size']} px, {c['backbone']} ×{c['widen_factor']}, {c['epochs']} epochs, seed {c['seed']}; "
+             f"`ssl` = trunk from `{Path(c['pretrained']).name}` (`-o pretrained=...`), heads fresh. Test metrics of "
+             f"the checkpoint the bundle selects. Total {doc['total_s'] / 60:.1f} min. All numbers in %.", "",
+             "| model | start | " + " | ".join(h for _, h in cols) + " | wall (s) |", "|---|---|" + "---|" * (len(cols) + 1)]
+    for r in doc["runs"]:
+        lines.append(f"| {r['model']} | {r['start']} | " + " | ".join(
+            f"{100 * r['test'][k]:.2f}" if k in r["test"] else "-" for k, _ in cols) + f" | {r['wall_s']:.0f} |")
+    lines += ["", "Gain of the SSL start (percentage points):", "",
+              "| model | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+    by = {(r["model"], r["start"]): r["test"] for r in doc["runs"]}
+    for model in dict.fromkeys(r["model"] for r in doc["runs"]):
+        a, b = by.get((model, "random")), by.get((model, "ssl"))
+        if a and b:
+            lines.append(f"| {model} | " + " | ".join(
+                f"{100 * (b[k] - a[k]):+.2f}" if k in a and k in b else "-" for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
