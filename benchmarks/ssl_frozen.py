@@ -146,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         results[run.name] = evaluate_run(run, k=args.k)
         print(run.name, json.dumps({k: round(v, 4) for k, v in results[run.name].items()}), flush=True)
+    import shlex
+
     doc = {"title": args.title,
-           "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "command": "python benchmarks/ssl_frozen.py " + " ".join(
+               shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != args.title and
+               a != "--title"),
            "protocol": (f"Frozen encoders, eval preprocessing; each run's own split (train → test). kNN: k={args.k}, "
                         "cosine, majority vote. Linear probe: standardised features, logistic regression C=1, "
                         "class-balanced. NMI / R@1 / MAP@R on the test split alone. All numbers in %."),
