@@ -47,12 +47,43 @@ def localization(run: Path, work: Path) -> dict[str, float]:
     return {k: float(res[k]) for k in ("dice", "iou", "pointing") if k in res}
 
 
+def collect(work_dirs: list[Path]) -> list[dict[str, Any]]:
+    """Rows of finished runs (``<work>/<model>_<start>/eval_test.json``, written by this script's runs), e.g. of
+    several seeds trained into several ``--work`` folders or of a run cut short."""
+    prefix = {name.split()[0].lower(): name for name in MODELS}
+    rows = []
+    for work in work_dirs:
+        for run in sorted(p for p in Path(work).iterdir() if (p / "eval_test.json").is_file()):
+            model, start = run.name.rsplit("_", 1)
+            res = json.loads((run / "eval_test.json").read_text())
+            config = json.loads((run / "config.json").read_text())
+            row = {"model": prefix[model], "start": start, "seed": config.get("seed"), "wall_s": float("nan"),
+                   "test": {k: float(res[k]) for k in KEYS if k in res}}
+            loc = Path(work) / f"{run.name}_loc" / "loc" / "localization.json"
+            if loc.is_file():
+                summary = json.loads(loc.read_text())
+                row["test"].update({k: float(summary[k]) for k in ("dice", "iou", "pointing") if k in summary})
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = recipe_parser(__doc__, name="ssl_transfer", work="runs/ssl_transfer", epochs=8)
     ap.add_argument("--pretrained", required=True, help="the SSL run folder whose trunk the models start from")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--collect", nargs="+", default=None,
+                    help="only write the report from the finished runs in these --work folders")
     args = ap.parse_args(argv)
+    if args.collect:
+        doc = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+               "config": vars(args), "total_s": float("nan"), "runs": collect([Path(w) for w in args.collect])}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+        out.with_suffix(".md").write_text(report(doc))
+        print(report(doc))
+        return 0
     from medsim.engines.workflow import train_bundle
 
     work = Path(args.work)
@@ -68,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             res = train_bundle(ROOT / "bundles" / bundle, variant=variant, dataset_dir=args.dataset_dir,
                                output_dir=str(out), overrides=ov)
-            row = {"model": name, "start": start, "wall_s": round(time.time() - t0, 1),
+            row = {"model": name, "start": start, "seed": args.seed, "wall_s": round(time.time() - t0, 1),
                    "test": {k: float(res[k]) for k in KEYS if k in res}}
             if bundle == "derm_lossattn":
                 row["test"].update(localization(out, work / f"{out.name}_loc"))
@@ -86,27 +117,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(doc: dict) -> str:
+    import numpy as np
+
     c = doc["config"]
     cols = [("nmi", "NMI"), ("R@1", "R@1"), ("map_at_r", "MAP@R"), ("balanced_accuracy", "bal. acc"),
             ("dice", "Dice"), ("pointing", "pointing")]
+    runs = doc["runs"]
     lines = ["# Transfer from SSL pretraining on HAM10000", "", f"Command: `{doc['command']}`", "",
              f"Recipe: {c['max_items']}-image class-stratified, lesion-grouped HAM10000 subset (split seed 0), "
-             f"{c['image_size']} px, {c['backbone']} ×{c['widen_factor']}, {c['epochs']} epochs, seed {c['seed']}; "
+             f"{c['image_size']} px, {c['backbone']} ×{c['widen_factor']}, {c['epochs']} epochs; "
              f"`ssl` = trunk from `{Path(c['pretrained']).name}` (`-o pretrained=...`), heads fresh. Test metrics of "
-             f"the checkpoint the bundle selects. Total {doc['total_s'] / 60:.1f} min. All numbers in %.", "",
-             "| model | start | " + " | ".join(h for _, h in cols) + " | wall (s) |", "|---|---|" + "---|" * (len(cols) + 1)]
-    for r in doc["runs"]:
-        lines.append(f"| {r['model']} | {r['start']} | " + " | ".join(
-            f"{100 * r['test'][k]:.2f}" if k in r["test"] else "-" for k, _ in cols) + f" | {r['wall_s']:.0f} |")
-    lines += ["", "Gain of the SSL start (percentage points):", "",
-              "| model | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
-    by = {(r["model"], r["start"]): r["test"] for r in doc["runs"]}
-    for model in dict.fromkeys(r["model"] for r in doc["runs"]):
-        a, b = by.get((model, "random")), by.get((model, "ssl"))
-        if a and b:
-            lines.append(f"| {model} | " + " | ".join(
+             f"the checkpoint the bundle selects, mean ± std over the seeds listed. All numbers in %.", "",
+             "| model | start | seeds | " + " | ".join(h for _, h in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["start"]), []).append(r)
+
+    def cell(rs: list[dict], k: str) -> str:
+        vals = [100 * r["test"][k] for r in rs if k in r["test"]]
+        if not vals:
+            return "-"
+        return f"{np.mean(vals):.2f}" + (f" ± {np.std(vals):.2f}" if len(vals) > 1 else "")
+
+    for (model, start), rs in groups.items():
+        seeds = ",".join(str(r.get("seed", c.get("seed"))) for r in rs)
+        lines.append(f"| {model} | {start} | {seeds} | " + " | ".join(cell(rs, k) for k, _ in cols) + " |")
+    lines += ["", "Gain of the SSL start, per seed (percentage points):", "",
+              "| model | seed | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    by = {(r["model"], r["start"], r.get("seed", c.get("seed"))): r["test"] for r in runs}
+    for (model, start, seed), b in by.items():
+        a = by.get((model, "random", seed))
+        if start == "ssl" and a:
+            lines.append(f"| {model} | {seed} | " + " | ".join(
                 f"{100 * (b[k] - a[k]):+.2f}" if k in a and k in b else "-" for k, _ in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + doc.get("notes", [])) + "\n"
 
 
 if __name__ == "__main__":
