@@ -28,6 +28,10 @@ MODELS = {  # name -> (bundle, variant, extra overrides)
     "DSL": ("isic_dsl", None, {}),
     "margin (MML K=1)": ("isic_dsl", "margin", {}),
     "classifier": ("isic_dsl", "classifier", {}),
+    "contrastive": ("isic_dsl", "contrastive", {}),
+    "triplet": ("isic_dsl", "triplet", {}),
+    "MML K=2": ("isic_dsl", "mml", {"k": 2}),
+    "MML K=4": ("isic_dsl", "mml", {"k": 4}),
     "loss attention": ("derm_lossattn", None, {}),
 }
 KEYS = ("nmi", "R@1", "map_at_r", "balanced_accuracy")
@@ -47,10 +51,17 @@ def localization(run: Path, work: Path) -> dict[str, float]:
     return {k: float(res[k]) for k in ("dice", "iou", "pointing") if k in res}
 
 
+def _slug(name: str) -> str:
+    """Run-folder prefix of a model: ``DSL`` -> ``dsl``, ``MML K=2`` -> ``mml-k2``, ``loss attention`` -> ``loss``."""
+    if name.startswith("MML K=") and "margin" not in name:
+        return "mml-k" + name.split("=")[1]
+    return name.split()[0].lower()
+
+
 def collect(work_dirs: list[Path]) -> list[dict[str, Any]]:
     """Rows of finished runs (``<work>/<model>_<start>/eval_test.json``, written by this script's runs), e.g. of
     several seeds trained into several ``--work`` folders or of a run cut short."""
-    prefix = {name.split()[0].lower(): name for name in MODELS}
+    prefix = {_slug(name): name for name in MODELS}
     rows = []
     for work in work_dirs:
         for run in sorted(p for p in Path(work).iterdir() if (p / "eval_test.json").is_file()):
@@ -70,7 +81,8 @@ def collect(work_dirs: list[Path]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = recipe_parser(__doc__, name="ssl_transfer", work="runs/ssl_transfer", epochs=8)
     ap.add_argument("--pretrained", required=True, help="the SSL run folder whose trunk the models start from")
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=["DSL", "margin (MML K=1)", "classifier", "loss attention"],
+                    choices=list(MODELS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--collect", nargs="+", default=None,
                     help="only write the report from the finished runs in these --work folders")
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         bundle, variant, extra = MODELS[name]
         for start in ("random", "ssl"):
-            out = work / f"{name.split()[0].lower()}_{start}"
+            out = work / f"{_slug(name)}_{start}"
             ov = {**common, **extra, **({"pretrained": str(Path(args.pretrained).resolve())} if start == "ssl" else {})}
             t0 = time.time()
             res = train_bundle(ROOT / "bundles" / bundle, variant=variant, dataset_dir=args.dataset_dir,
