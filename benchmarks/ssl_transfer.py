@@ -72,7 +72,7 @@ def collect(work_dirs: list[Path]) -> list[dict[str, Any]]:
                    "test": {k: float(res[k]) for k in KEYS if k in res}}
             loc = Path(work) / f"{run.name}_loc" / "loc" / "localization.json"
             if loc.is_file():
-                summary = json.loads(loc.read_text())
+                summary = json.loads(loc.read_text()).get("summary", {})
                 row["test"].update({k: float(summary[k]) for k in ("dice", "iou", "pointing") if k in summary})
             rows.append(row)
     return rows
