@@ -30,8 +30,8 @@ from monai.utils import look_up_option
 
 from medsim.engines.batches import BatchLoss
 from medsim.engines.handlers import EpochRecorder
-from medsim.engines.subspaces import (SubspaceState, cluster_counts, embed_loader, equal_slices, neuron_scores,
-                                      split_learner)
+from medsim.engines.subspaces import (SubspaceState, cluster_counts, embed_loader, equal_slices, match_clusters,
+                                      neuron_scores, split_learner)
 
 __all__ = ["SubspaceRoutingLoss", "PrecisionInferer", "EmbeddingMetric", "SubspaceHandler"]
 
@@ -234,6 +234,8 @@ class SubspaceHandler:
         if st.k > 1:
             labels, _ = kmeans(emb, st.k, seed=self.seed + epoch)
             asg[index] = labels
+            if st.assignment.shape == asg.shape and st.assignment.max(initial=0) > 0:
+                asg = match_clusters(st.assignment, asg, st.k)  # learners keep their data across re-clusterings
         st.assignment = asg
         return cluster_counts(asg, st.k)
 
@@ -271,6 +273,8 @@ class SubspaceHandler:
             if left > 0 and (stopped or left <= self.finetune_epochs):
                 if st.phase != "finetune" and (self.mode == "dsl" or self.k > 1):
                     st.phase = "finetune"
+                    # one cluster again: batches mix all the data (the sampler reads this assignment)
+                    st.assignment = np.zeros_like(st.assignment)
                     why = "splitting stopped" if stopped else f"last {left} epoch{'s' if left > 1 else ''}"
                     events.append(f"final fine-tune of the whole embedding on all data ({why})")
         rec["events"] = events

@@ -327,3 +327,41 @@ def test_resuming_a_complete_run_says_it_is_complete(tmp_path, caplog):
         ck.load(SimpleNamespace(state=SimpleNamespace(epoch=0, iteration=0, max_epochs=5)))
         assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
             (logging.INFO, f"resumed from {tmp_path / 'last.pt'} at epoch 3")]
+
+
+def test_match_clusters_keeps_each_learner_on_its_data():
+    """Issue 12: k-means numbers clusters arbitrarily; matching (Hungarian on overlaps) gives a relabelled but
+    otherwise equal clustering back its old numbers, and after a split the new cluster gets the new learner."""
+    from medsim.engines.subspaces import match_clusters
+
+    rng = np.random.default_rng(0)
+    old = rng.integers(0, 4, 200)
+    perm = np.array([2, 0, 3, 1])
+    assert np.array_equal(match_clusters(old, perm[old], 4), old)  # a pure relabelling is undone
+    noisy = perm[old].copy()
+    flip = rng.random(200) < 0.1
+    noisy[flip] = rng.integers(0, 4, flip.sum())
+    kept = (match_clusters(old, noisy, 4) == old).mean()
+    assert kept >= 0.85 and (noisy == old).mean() < 0.5  # without matching most items would change learner
+    two = np.repeat([0, 1], 50)  # K=2 -> 3 after a split: cluster "2" of the old 1 is the new learner
+    new = np.concatenate([np.full(50, 2), np.full(25, 0), np.full(25, 1)])
+    got = match_clusters(two, new, 3)
+    assert got[:50].tolist() == [0] * 50 and set(got[50:75]) == {1} and set(got[75:]) == {2}
+
+
+def test_the_final_fine_tune_mixes_all_data_again():
+    """Issue 12: entering the fine-tune phase resets the assignment to one cluster, so the batch sampler stops
+    drawing every batch from a single cluster."""
+    validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
+    st = SubspaceState(learners=[])
+    h = SubspaceHandler(validator, _loader(), _relevant_loss([0]), subspaces=st, mode="mml", k=4, recluster_every=1,
+                        finetune_epochs=1, min_neurons=2)
+    net = ToyEmbedder(dim=16)
+    h.started(_engine(net, st, 0, 3))
+    h.epoch_completed(_engine(net, st, 1, 3))
+    assert len(set(st.assignment.tolist())) > 1 and st.phase == "explore"
+    h.epoch_completed(_engine(net, st, 2, 3))
+    assert st.phase == "finetune" and set(st.assignment.tolist()) == {0}
+    labels = np.arange(len(st.assignment)) % 3
+    sampler = ClusterBatchSampler(labels, lambda: st.assignment, batch_size=8, m_per_class=2)
+    assert len(sampler) == len(labels) // 8  # one cluster: the whole set, no per-cluster quotas
