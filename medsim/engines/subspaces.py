@@ -72,10 +72,14 @@ class SubspaceState:
 
 def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Callable, device: torch.device | str,
                   *, max_batches: int | None = None) -> torch.Tensor:
-    """s(e_i) = mean over a pass of |∂L/∂e_i · e_i| for each embedding neuron i (D,), min–max scaled to [0, 1].
+    """s(e_i) = |mean over a pass of ∂L/∂e_i · e_i| for each embedding neuron i (D,), min–max scaled to [0, 1].
 
-    The loss is taken on the full (normalised) embedding; no optimiser step is made and parameter gradients are
-    cleared afterwards. Follows Molchanov et al. (ICLR 2017), as DSL does.
+    The first-order Taylor estimate of the loss change when neuron i is removed (Molchanov et al., ICLR 2017),
+    averaged over the samples *before* the absolute value, as the DSL authors' code does (it then L2-normalises
+    and min–max scales; L2 first does not change a min–max scaling). Averaging |·| per sample instead (medsim
+    before issue 12) tracks E[e_i²] for losses that ignore the embedding's length (Σ_i e_i g_i = 0 per sample),
+    so one offset neuron wins. The loss is taken on the full (normalised) embedding; no optimiser step is made and
+    parameter gradients are cleared afterwards.
     """
     was_training = network.training
     network.eval()
@@ -91,14 +95,14 @@ def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Cal
         if not loss.requires_grad:
             continue
         loss.backward()
-        contrib = (raw.grad * raw).detach().abs().sum(0)  # |∂L/∂e_i · e_i| per sample, summed
+        contrib = (raw.grad * raw).detach().sum(0)  # ∂L/∂e_i · e_i, summed over the samples (signed)
         total = contrib if total is None else total + contrib
         n += raw.shape[0]
     network.zero_grad(set_to_none=True)
     network.train(was_training)
     if total is None or n == 0:
         raise RuntimeError("no batch produced a loss with gradients: cannot score neurons")
-    s = total / n
+    s = (total / n).abs()
     return (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
 
 

@@ -67,8 +67,8 @@ def test_neuron_score_formula_against_a_loop():
     total = torch.zeros(16)
     for b in loader:
         e = net.embed(b["image"]).detach()
-        total += (3 * (e - 0.3) ** 2 * e).abs().sum(0)  # |dL/de_i * e_i|, summed over samples
-    raw = total / 40
+        total += (3 * (e - 0.3) ** 2 * e).sum(0)  # dL/de_i * e_i, summed over samples (signed)
+    raw = (total / 40).abs()  # |mean|, as the DSL authors' code (issue 12)
     np.testing.assert_allclose(s.numpy(), ((raw - raw.min()) / (raw.max() - raw.min())).numpy(), atol=1e-5)
 
 
@@ -365,3 +365,25 @@ def test_the_final_fine_tune_mixes_all_data_again():
     labels = np.arange(len(st.assignment)) % 3
     sampler = ClusterBatchSampler(labels, lambda: st.assignment, batch_size=8, m_per_class=2)
     assert len(sampler) == len(labels) // 8  # one cluster: the whole set, no per-cluster quotas
+
+
+def test_neuron_scores_average_before_the_absolute_value():
+    """Issue 12: a neuron whose per-sample contributions cancel (here: e_0 = 5 everywhere, gradient +1/-1 in turn)
+    scores 0; the per-sample |.| of before ranked it first (5 vs 1) although removing it changes nothing."""
+
+    class Fixed(torch.nn.Module):
+        embedding_dim = 2
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return {"embedding": x * self.w}
+
+    x = torch.tensor([[5.0, 1.0]] * 4)
+    loader = [{"image": x, "label": torch.tensor([0, 1, 0, 1])}]
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss = lambda e, y, logits=None: (e[:, 0] * sign).sum() + e[:, 1].sum()  # noqa: E731
+    s = neuron_scores(Fixed(), loader, loss, "cpu")
+    assert s.tolist() == [0.0, 1.0]
