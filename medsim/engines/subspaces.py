@@ -44,6 +44,7 @@ class SubspaceState:
     bad_epochs: int = 0
     nmi_at_last_split: float | None = None
     splitting: bool = True
+    failed_splits: int = 0  # plateaus at which the exploring learner could not be split (DSL retries)
 
     @property
     def k(self) -> int:
@@ -58,7 +59,7 @@ class SubspaceState:
     def state_dict(self) -> dict[str, Any]:
         return {"learners": self.learners, "assignment": torch.as_tensor(self.assignment), "phase": self.phase,
                 "best_nmi": self.best_nmi, "bad_epochs": self.bad_epochs, "nmi_at_last_split": self.nmi_at_last_split,
-                "splitting": self.splitting}
+                "splitting": self.splitting, "failed_splits": self.failed_splits}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.learners = [list(map(int, ln)) for ln in state["learners"]]
@@ -68,6 +69,7 @@ class SubspaceState:
         self.bad_epochs = int(state["bad_epochs"])
         self.nmi_at_last_split = state["nmi_at_last_split"]
         self.splitting = bool(state["splitting"])
+        self.failed_splits = int(state.get("failed_splits", 0))  # checkpoints from before issue 12: none
 
 
 def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Callable, device: torch.device | str,

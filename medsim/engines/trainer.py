@@ -192,6 +192,9 @@ class SubspaceHandler:
         finetune_epochs: the last epochs train the whole embedding on all data.
         min_delta: smallest NMI gain that counts as an improvement (DSL's plateau rule; model selection is the
             recorder's).
+        max_failed_splits: plateaus at which a split may fail (no two parts at the threshold) before splitting
+            stops for good; after a failed attempt the plateau count restarts (issue 12: one failure used to stop
+            DSL for the rest of the run).
     """
 
     def __init__(self, validator: Engine, cluster_loader: Any, loss_function: Callable, *, subspaces: SubspaceState,
@@ -200,7 +203,7 @@ class SubspaceHandler:
                  recluster_every: int = 2, finetune_epochs: int = 2, min_delta: float = 1e-3,
                  score_loader: Any = None, score_batches: int | None = None, seed: int = 0,
                  quantile: float | None = None, grace: int = 0,
-                 reset_optimizer: bool = False):
+                 reset_optimizer: bool = False, max_failed_splits: int = 3):
         if mode not in ("dsl", "mml"):
             raise ValueError(f"mode must be 'dsl' or 'mml', got mode={mode!r}")
         self.validator, self.cluster_loader, self.loss_function = validator, cluster_loader, loss_function
@@ -214,6 +217,9 @@ class SubspaceHandler:
         if grace < 0:
             raise ValueError(f"grace must be >= 0 epochs, got {grace}")
         self.grace, self.reset_optimizer = int(grace), bool(reset_optimizer)
+        if max_failed_splits < 1:
+            raise ValueError(f"max_failed_splits must be >= 1, got {max_failed_splits}")
+        self.max_failed_splits = int(max_failed_splits)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -297,9 +303,15 @@ class SubspaceHandler:
                               quantile=self.quantile)
         rule = f"threshold {self.threshold}" if self.quantile is None else f"score quantile {self.quantile}"
         if parts is None:
-            st.splitting = False
-            return (f"stop splitting: {plateau}, but the exploring learner's {len(st.learners[-1])} neurons "
-                    f"cannot form two parts of >= {self.min_neurons} at {rule}")
+            st.failed_splits += 1
+            why = (f"{plateau}, but the exploring learner's {len(st.learners[-1])} neurons cannot form two parts "
+                   f"of >= {self.min_neurons} at {rule}")
+            if st.failed_splits >= self.max_failed_splits:
+                st.splitting = False
+                return f"stop splitting: {why} ({st.failed_splits} failed attempts)"
+            st.bad_epochs = 0  # the scores change as training goes on: try again at the next plateau
+            return (f"no split: {why}; retry at the next plateau (attempt {st.failed_splits} of "
+                    f"{self.max_failed_splits})")
         keep, reset = parts
         index = torch.as_tensor(reset, device=engine.network.embed.weight.device)
         engine.network.reset_neurons(index)

@@ -387,3 +387,25 @@ def test_neuron_scores_average_before_the_absolute_value():
     loss = lambda e, y, logits=None: (e[:, 0] * sign).sum() + e[:, 1].sum()  # noqa: E731
     s = neuron_scores(Fixed(), loader, loss, "cpu")
     assert s.tolist() == [0.0, 1.0]
+
+
+def test_a_failed_split_is_retried_at_the_next_plateau():
+    """Issue 12: when the exploring learner cannot be split (threshold too high for its scores), DSL waits for the
+    next plateau and tries again, up to max_failed_splits, instead of stopping for good after one failure."""
+    torch.manual_seed(0)
+    validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
+    st = SubspaceState(learners=[])
+    h = SubspaceHandler(validator, _loader(), _relevant_loss(list(range(8))), subspaces=st, mode="dsl", patience=1,
+                        min_neurons=9, max_k=4, finetune_epochs=0, max_failed_splits=2)  # 16 neurons: never 2 x 9
+    net = ToyEmbedder(dim=16)
+    h.started(_engine(net, st, 0))
+    h.epoch_completed(_engine(net, st, 1))  # first value: improvement
+    h.epoch_completed(_engine(net, st, 2))  # plateau: split fails, retry later
+    assert st.splitting and st.failed_splits == 1 and "retry at the next plateau" in h.record.history[-1]["events"][0]
+    h.epoch_completed(_engine(net, st, 3))  # plateau again: second failure stops splitting
+    assert not st.splitting and "2 failed attempts" in h.record.history[-1]["events"][0]
+    other = SubspaceState(learners=[])
+    other.load_state_dict(st.state_dict())
+    assert other.failed_splits == 2
+    with pytest.raises(ValueError, match="max_failed_splits"):
+        SubspaceHandler(validator, _loader(), _relevant_loss([0]), subspaces=st, max_failed_splits=0)
