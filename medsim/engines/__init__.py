@@ -7,9 +7,10 @@ from medsim.engines.handlers import (Checkpointer, EpochRecorder, MetricsLogger,
                                      atomic_torch_save)
 from medsim.engines.sampling import ClusterBatchSampler
 from medsim.engines.subspaces import SubspaceState, equal_slices, neuron_scores, split_learner
-from medsim.engines.trainer import EmbeddingMetric, PrecisionInferer, SubspaceHandler, SubspaceRoutingLoss
+from medsim.engines.trainer import (AttentionSpread, EmbeddingMetric, PrecisionInferer, SubspaceHandler,
+                                    SubspaceRoutingLoss)
 
 __all__ = ["BatchLoss", "metric_prepare_batch", "views_prepare_batch", "Checkpointer", "EpochRecorder",
            "MetricsLogger", "RNGState", "TrainingHooks", "atomic_torch_save", "ClusterBatchSampler", "SubspaceState",
-           "equal_slices", "neuron_scores", "split_learner", "EmbeddingMetric", "PrecisionInferer", "SubspaceHandler",
-           "SubspaceRoutingLoss"]
+           "equal_slices", "neuron_scores", "split_learner", "EmbeddingMetric", "AttentionSpread",
+           "PrecisionInferer", "SubspaceHandler", "SubspaceRoutingLoss"]

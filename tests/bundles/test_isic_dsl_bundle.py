@@ -77,6 +77,7 @@ def test_variants_run(sample_root, tmp_path, variant):
     wf.finalize()
     rec = _records(tmp_path / variant)[0]
     assert rec["K"] == (2 if variant == "mml" else 1)
+    assert 0 <= rec["val_attention_spread"] <= 1  # issue 12: logged every epoch
     if variant == "mml":
         assert rec["learner_neurons"] == [16, 16] and len(rec["cluster_sizes"]) == 2
     assert json.loads((tmp_path / variant / "eval_test.json").read_text())["nmi"] >= 0

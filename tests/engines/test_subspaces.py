@@ -409,3 +409,22 @@ def test_a_failed_split_is_retried_at_the_next_plateau():
     assert other.failed_splits == 2
     with pytest.raises(ValueError, match="max_failed_splits"):
         SubspaceHandler(validator, _loader(), _relevant_loss([0]), subspaces=st, max_failed_splits=0)
+
+
+def test_attention_spread_is_zero_for_image_independent_maps():
+    """Issue 12: the validation metric that shows whether the attention map depends on the image."""
+    from medsim.engines import AttentionSpread
+
+    m = AttentionSpread()
+    m.reset()
+    same = torch.rand(1, 1, 4, 4).expand(6, 1, 4, 4)
+    m.update(same[:3])
+    m.update(same[3:])
+    assert m.compute() == pytest.approx(0.0, abs=1e-7)
+    m.reset()
+    maps = torch.rand(8, 1, 4, 4)
+    m.update(maps)
+    assert m.compute() == pytest.approx(float(maps.flatten(1).std(0, unbiased=False).mean()), rel=1e-6)
+    m.reset()
+    m.update(None)
+    assert np.isnan(m.compute())
