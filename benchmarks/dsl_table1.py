@@ -16,14 +16,13 @@ import json
 import logging
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from medsim.data.splits import copy_split  # noqa: E402
-from ham_recipe import common_overrides, recipe_parser  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
+from ham_recipe import command_line, common_overrides, recipe_parser, write_results  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
 
 METHODS = {  # name -> (bundle variant, overrides)
     "classifier": ("classifier", {}),
@@ -76,17 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.perf_counter() - t_all:7.0f}s] {name:<18} seed {seed}: NMI {res['nmi']:.4f} "
                   f"R@1 {res['R@1']:.4f} ({wall:.0f} s)", flush=True)
     split_meta = json.loads(Path(shared_split).read_text())["meta"]
-    doc = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+    doc = {"command": command_line(argv),
            "config": vars(args), "machine": {"python": platform.python_version(), "cpu": platform.processor(),
                                               "cores": __import__("os").cpu_count()},
            "split": {"by": split_meta["by"], "counts": split_meta["counts"], "classes": split_meta["classes"]},
            "total_s": round(time.perf_counter() - t_all, 1), "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    out.with_suffix(".md").write_text(report(doc))
-    print(report(doc))
-    return 0
+    return write_results(args.out, doc, report)
 
 
 def _ms(values: list[float]) -> str:

@@ -42,6 +42,24 @@ def common_overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
             "train#output_handlers#1#_disabled_": True, **extra}
 
 
+def command_line(argv: list[str] | None) -> str:
+    """The command that ran this benchmark (``python <script> <args>``), for the results' "Command:" line."""
+    import sys
+
+    return "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_results(out: str | Path, doc: dict, report: Callable[[dict], str]) -> int:
+    """Write ``<out>.json`` (the whole document) and ``<out>.md`` (``report(doc)``), print the report; returns 0."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    text = report(doc)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
 def rerender(args: argparse.Namespace, report: Callable[[dict], str]) -> bool:
     """With ``--report-from``: write ``<out>.md`` from that results JSON and return True (nothing to train)."""
     if not getattr(args, "report_from", None):

@@ -25,6 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ham_recipe import write_results  # noqa: E402
+
 
 def embed_split(network: torch.nn.Module, items: list[dict], transform: Any, batch_size: int = 128
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +93,8 @@ def frozen_metrics(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, tes
 
 
 def evaluate_run(run: Path, *, random_init: bool = False, k: int = 20) -> dict[str, Any]:
-    from medsim.engines.runs import build_spec, load_run_record
-    from medsim.engines.workflow import _load_weights, datalists_from_split
+    from medsim.engines.runs import build_spec, load_run_record, load_weights
+    from medsim.engines.workflow import datalists_from_split
 
     record = load_run_record(run)
     network = build_spec(record["network"], f"{run}/run.json#network")
@@ -99,7 +103,7 @@ def evaluate_run(run: Path, *, random_init: bool = False, k: int = 20) -> dict[s
         torch.manual_seed(0)
         network = build_spec(record["network"], f"{run}/run.json#network")
     else:
-        _load_weights(network, run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt")
+        load_weights(network, run / "best.pt" if (run / "best.pt").is_file() else run / "last.pt")
     lists = datalists_from_split(run / "split.json")
     t0 = time.time()
     with torch.no_grad():
@@ -156,12 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         "cosine, majority vote. Linear probe: standardised features, logistic regression C=1, "
                         "class-balanced. NMI / R@1 / MAP@R on the test split alone. All numbers in %."),
            "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    out.with_suffix(".md").write_text(report(doc))
-    print(report(doc))
-    return 0
+    return write_results(args.out, doc, report)
 
 
 if __name__ == "__main__":

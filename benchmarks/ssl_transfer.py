@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ham_recipe import common_overrides, recipe_parser  # noqa: E402
+from ham_recipe import command_line, common_overrides, recipe_parser, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # name -> (bundle, variant, extra overrides)
@@ -88,14 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only write the report from the finished runs in these --work folders")
     args = ap.parse_args(argv)
     if args.collect:
-        doc = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        doc = {"command": command_line(argv),
                "config": vars(args), "total_s": float("nan"), "runs": collect([Path(w) for w in args.collect])}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-        out.with_suffix(".md").write_text(report(doc))
-        print(report(doc))
-        return 0
+        return write_results(args.out, doc, report)
     from medsim.engines.workflow import train_bundle
 
     work = Path(args.work)
@@ -118,14 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(row)
             print(f"[{time.time() - t_all:6.0f}s] {name:<18} {start:<6} " + " ".join(
                 f"{k} {v:.4f}" for k, v in row["test"].items()), flush=True)
-    doc = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+    doc = {"command": command_line(argv),
            "config": vars(args), "total_s": round(time.time() - t_all, 1), "runs": runs}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    out.with_suffix(".md").write_text(report(doc))
-    print(report(doc))
-    return 0
+    return write_results(args.out, doc, report)
 
 
 def report(doc: dict) -> str:

@@ -59,19 +59,13 @@ def load_pretrained(network: torch.nn.Module, source: str | os.PathLike | None) 
     """
     if source is None or str(source) == "":
         return network
-    from medsim.engines.runs import build_spec, load_checkpoint, load_run_record
+    from medsim.engines.runs import build_spec, load_run_record, load_weights
 
     run, ckpt = _checkpoint(Path(source))
     record = load_run_record(run)
     spec = record["network"]
     donor = build_spec(spec, f"{run / 'run.json'}#network")
-    state = load_checkpoint(ckpt)
-    if not isinstance(state.get("network"), dict):
-        raise MedsimError(f"{ckpt}: no 'network' state_dict in the checkpoint")
-    try:
-        donor.load_state_dict(state["network"])
-    except RuntimeError as e:
-        raise MedsimError(f"{ckpt}: weights do not fit {run / 'run.json'}'s network ({str(e).splitlines()[0]})") from e
+    load_weights(donor, ckpt, fits=f"{run / 'run.json'}'s network")
     if not hasattr(network, "trunk") or not hasattr(donor, "trunk"):
         raise MedsimError(f"pretrained={source}: both networks need a trunk (an EmbedderBase); got "
                           f"{type(network).__name__} and {type(donor).__name__}")

@@ -97,6 +97,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- run record
+def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, *, fits: str = "the run's network"
+                 ) -> None:
+    """Load ``checkpoint``'s ``network`` state_dict into ``network``, weights-only (nothing in the file runs).
+
+    Raises:
+        MedsimError: the file is not a weights-only checkpoint, has no ``network`` state_dict, or its weights do
+            not fit ``network`` (the message names the file and ``fits``, the network it was meant for).
+    """
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state.get("network"), dict):
+        raise MedsimError(f"{checkpoint}: no 'network' state_dict in the checkpoint (keys: {sorted(state)[:8]})")
+    try:
+        network.load_state_dict(state["network"])
+    except RuntimeError as e:
+        raise MedsimError(f"{checkpoint}: weights do not fit {fits} ({str(e).splitlines()[0]})") from e
+
+
 def check_plain_spec(value: Any, where: str) -> None:
     """Check that ``value`` is plain JSON data naming only medsim networks/transforms: no ``$``/``%``/``@``
     strings, no MONAI special keys other than ``_target_``, every ``_target_`` inside medsim.nn or

@@ -158,15 +158,9 @@ def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, tes
 
 def _load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
     """Load ``checkpoint``'s ``network`` state_dict (weights only: nothing in the file runs) into ``network``."""
-    from medsim.engines.runs import load_checkpoint
+    from medsim.engines.runs import load_weights
 
-    state = load_checkpoint(checkpoint)
-    if not isinstance(state.get("network"), dict):
-        raise MedsimError(f"{checkpoint}: no 'network' state_dict in the checkpoint (keys: {sorted(state)[:8]})")
-    try:
-        network.load_state_dict(state["network"])
-    except RuntimeError as e:
-        raise MedsimError(f"{checkpoint}: weights do not fit the run's network ({str(e).splitlines()[0]})") from e
+    load_weights(network, checkpoint)
 
 
 def _has_expression(value: Any) -> bool:

@@ -56,7 +56,7 @@ def test_every_method_trains_from_its_variant(variant, sample_root, tmp_path):
     assert set(ckpt["network"]) == {k[len("encoder."):] for k in ckpt["ssl"] if k.startswith("encoder.")}
 
 
-def test_the_encoder_learns_and_the_heads_stay_out_of_the_export(ssl_run):
+def test_the_heads_stay_out_of_the_network_checkpoint(ssl_run):
     from medsim.engines.runs import load_checkpoint
 
     out, _ = ssl_run
