@@ -76,11 +76,11 @@ def read_cxr_metadata(csv_path: str | os.PathLike, *, image_dir: str | os.PathLi
             line per problem: file, row number, column and reason; patient ids are not echoed).
     """
     from medsim.data.phi import project_anonymizer
-    from medsim.data.sources import _read_csv
+    from medsim.data.sources import read_csv_rows
 
     path = Path(csv_path)
     anon = anonymizer if anonymizer is not None else project_anonymizer()
-    header, rows = _read_csv(path)
+    header, rows = read_csv_rows(path)
     lower = {h.lower(): h for h in header}
     for col in _COLUMNS:
         if col not in lower:

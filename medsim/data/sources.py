@@ -41,7 +41,7 @@ from medsim.data.phi import Anonymizer
 from medsim.errors import BadItem, DataError
 from medsim.files import FORMAT_NAMES, file_format, visible_files
 
-__all__ = ["Source", "LAYOUTS", "IMAGE_SUFFIXES", "open_source", "detect_layout", "HAM10000_CLASSES",
+__all__ = ["Source", "read_csv_rows", "LAYOUTS", "IMAGE_SUFFIXES", "open_source", "detect_layout", "HAM10000_CLASSES",
            "ISIC2019_CLASSES"]
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class _Rows:
         self.bad.append(BadItem(file or str(self.path), reason, row=row, field=field_))
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of a CSV table (UTF-8, BOM allowed); a missing file or bad encoding is a DataError."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -200,7 +201,7 @@ def read_ham10000(root: Path, anon: Anonymizer, *, lenient: bool = False,
     optional ``masks/<image_id>_segmentation.png``. ``group`` = lesion_id. The label vocabulary is HAM10000's
     seven classes, or ``classes.txt`` beside the table when the dataset ships one."""
     table = root / metadata
-    header, data = _read_csv(table)
+    header, data = read_csv_rows(table)
     rows = _Rows(table)
     for col in ("image_id", "dx", "lesion_id"):
         _find_column(header, col, table, required=True, explicit=col)
@@ -237,7 +238,7 @@ def read_isic2019(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Sou
     """ISIC 2019: ``ISIC_2019_Training_GroundTruth.csv`` (image + one-hot MEL…UNK) with images in
     ``ISIC_2019_Training_Input/`` (or ``images/``); ``ISIC_2019_Training_Metadata.csv`` gives lesion_id."""
     table = root / "ISIC_2019_Training_GroundTruth.csv"
-    header, data = _read_csv(table)
+    header, data = read_csv_rows(table)
     rows = _Rows(table)
     _find_column(header, "image", table, required=True, explicit="image")
     classes = [c for c in ISIC2019_CLASSES if c in header]
@@ -246,7 +247,7 @@ def read_isic2019(root: Path, anon: Anonymizer, *, lenient: bool = False) -> Sou
     lesion: dict[str, str] = {}
     meta = root / "ISIC_2019_Training_Metadata.csv"
     if meta.is_file():
-        _, mrows = _read_csv(meta)
+        _, mrows = read_csv_rows(meta)
         lesion = {r.get("image", ""): r.get("lesion_id", "") for r in mrows if r.get("lesion_id")}
     bases = [root / "ISIC_2019_Training_Input", root / "images", root]
     items = []
@@ -298,7 +299,7 @@ def read_csv_datalist(table: Path, anon: Anonymizer, *, lenient: bool = False, i
 
     ``classes`` fixes the label vocabulary (labels outside it are errors); otherwise the sorted distinct labels.
     """
-    header, data = _read_csv(table)
+    header, data = read_csv_rows(table)
     rows = _Rows(table)
     cols = {"image": _find_column(header, "image", table, required=True, explicit=image_column),
             "label": _find_column(header, "label", table, explicit=label_column)}
