@@ -2,12 +2,12 @@
 
 - **MML** (divide and conquer, Sanakoyeu et al., CVPR 2019): the D-dim embedding is cut into K equal slices; every
   few epochs the training data are clustered (k-means on the full embedding) into K groups and cluster c trains
-  slice c only; a final phase fine-tunes the whole embedding on all data.
+  slice c only; a final phase fine-tunes the whole embedding on batches that mix all the data again.
 - **DSL** (Dynamic Subspace Learners, MIDL 2022): start with K = 1 learner owning all neurons. When validation NMI
   has not improved for ``patience`` epochs, score the neurons of the exploring learner by
-  s(e_i) = |∂L/∂e_i · e_i| (averaged over a pass, min–max scaled, Molchanov et al. 2017); the neurons above
-  ``threshold`` become a learner of their own, the rest are re-initialised and keep exploring; K += 1 and the data
-  are re-clustered into K groups. Splitting stops at ``max_k``, when too few neurons are left, or when a split did
+  s(e_i) = |mean over samples of ∂L/∂e_i · e_i| (Molchanov et al. 2017; the learner's own loss on class-mixed
+  training batches, min–max scaled); the neurons above ``threshold`` become a learner of their own, the rest are
+  re-initialised and keep exploring; K += 1 and the data are re-clustered into K groups. Splitting stops at ``max_k``, when too few neurons are left, or when a split did
   not improve validation NMI; then the whole embedding is fine-tuned.
 """
 
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SubspaceState", "equal_slices", "neuron_scores", "split_learner", "cluster_counts", "match_clusters"]
+__all__ = ["SubspaceState", "equal_slices", "neuron_scores", "split_learner", "cluster_counts", "match_clusters",
+           "learner_normalized", "cluster_features", "CLUSTER_FEATURES"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,24 @@ class SubspaceState:
 
 
 def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Callable, device: torch.device | str,
-                  *, max_batches: int | None = None) -> torch.Tensor:
+                  *, max_batches: int | None = None, neurons: Sequence[int] | None = None) -> torch.Tensor:
     """s(e_i) = |mean over a pass of ∂L/∂e_i · e_i| for each embedding neuron i (D,), min–max scaled to [0, 1].
 
     The first-order Taylor estimate of the loss change when neuron i is removed (Molchanov et al., ICLR 2017),
     averaged over the samples *before* the absolute value, as the DSL authors' code does (it then L2-normalises
     and min–max scales; L2 first does not change a min–max scaling). Averaging |·| per sample instead (medsim
     before issue 12) tracks E[e_i²] for losses that ignore the embedding's length (Σ_i e_i g_i = 0 per sample),
-    so one offset neuron wins. The loss is taken on the full (normalised) embedding; no optimiser step is made and
-    parameter gradients are cleared afterwards.
+    so one offset neuron wins.
+
+    Args:
+        loader: batches with ``image`` and ``label``; they must mix classes (a class-sorted pass gives batches of one
+            class, i.e. no pairs and zero gradient) — the DSL bundle scores on class-balanced batches of the
+            training items (:class:`~medsim.engines.sampling.ClusterBatchSampler` with one cluster).
+        neurons: the learner being scored: the loss is that learner's own, on its slice of the embedding
+            re-normalised (as :class:`~medsim.engines.trainer.SubspaceRoutingLoss` trains it); scores of the other
+            neurons are 0 before scaling. None: the loss on the whole embedding.
+
+    No optimiser step is made and parameter gradients are cleared afterwards.
     """
     was_training = network.training
     network.eval()
@@ -93,11 +103,14 @@ def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Cal
         out = network(x)
         raw = out["embedding"]
         raw.retain_grad()
-        loss = loss_fn(raw, y, out.get("logits"))
+        emb = raw if neurons is None else F.normalize(raw[:, list(neurons)], dim=1)
+        loss = loss_fn(emb, y, out.get("logits"))
         if not loss.requires_grad:
             continue
         loss.backward()
-        contrib = (raw.grad * raw).detach().sum(0)  # ∂L/∂e_i · e_i, summed over the samples (signed)
+        if raw.grad is None:
+            continue
+        contrib = (raw.grad * raw).detach().float().sum(0)  # ∂L/∂e_i · e_i, summed over the samples (signed)
         total = contrib if total is None else total + contrib
         n += raw.shape[0]
     network.zero_grad(set_to_none=True)
@@ -105,7 +118,11 @@ def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Cal
     if total is None or n == 0:
         raise RuntimeError("no batch produced a loss with gradients: cannot score neurons")
     s = (total / n).abs()
-    return (s - s.min()) / (s.max() - s.min()).clamp_min(1e-12)
+    scored = torch.arange(len(s)) if neurons is None else torch.as_tensor(list(neurons))
+    lo, hi = s[scored].min(), s[scored].max()
+    out = torch.zeros_like(s)
+    out[scored] = (s[scored] - lo) / (hi - lo).clamp_min(1e-12)
+    return out
 
 
 def split_learner(state: SubspaceState, scores: torch.Tensor, *, threshold: float = 0.5,
@@ -177,21 +194,32 @@ def cluster_counts(assignment: np.ndarray, k: int) -> list[int]:
 def loader_outputs(network: torch.nn.Module, loader: Iterable[dict], device: torch.device | str,
                    keys: Sequence[str] = ("embedding",)) -> dict[str, np.ndarray]:
     """The network's outputs ``keys`` over a loader (eval mode, no gradients) plus ``label`` (N,) and ``index``
-    (N,) item indices; ``embedding`` is L2-normalised; keys a network does not return are left out."""
+    (N,) item indices; ``embedding`` is L2-normalised; ``penultimate`` is the input of the network's ``embed``
+    layer (the pooled, attended features, (N, F)); keys a network does not return are left out."""
     was_training = network.training
     network.eval()
     got: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        for batch in loader:
-            out = network(batch["image"].to(device))
-            for k in keys:
-                if k in out:
-                    v = out[k].float()
-                    got.setdefault(k, []).append((F.normalize(v, dim=1) if k == "embedding" else v).cpu())
-            got.setdefault("label", []).append(torch.as_tensor(batch["label"]).cpu())
-            got.setdefault("index", []).append(torch.as_tensor(batch["index"]).cpu() if "index" in batch else
-                                               torch.arange(len(batch["label"])))
-    network.train(was_training)
+    pooled: list[torch.Tensor] = []
+    embed = getattr(network, "embed", None)
+    hook = (embed.register_forward_pre_hook(lambda _m, args: pooled.append(args[0].detach().float().cpu()))
+            if "penultimate" in keys and isinstance(embed, torch.nn.Module) else None)
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                out = network(batch["image"].to(device))
+                for k in keys:
+                    if k in out:
+                        v = out[k].float()
+                        got.setdefault(k, []).append((F.normalize(v, dim=1) if k == "embedding" else v).cpu())
+                if pooled:
+                    got.setdefault("penultimate", []).append(pooled.pop())
+                got.setdefault("label", []).append(torch.as_tensor(batch["label"]).cpu())
+                got.setdefault("index", []).append(torch.as_tensor(batch["index"]).cpu() if "index" in batch else
+                                                   torch.arange(len(batch["label"])))
+    finally:
+        if hook is not None:
+            hook.remove()
+        network.train(was_training)
     return {k: torch.cat(v).numpy() for k, v in got.items()}
 
 
@@ -200,3 +228,44 @@ def embed_loader(network: torch.nn.Module, loader: Iterable[dict], device: torch
     """(embeddings (N, D), labels (N,), item indices (N,)) of a loader, in eval mode without gradients."""
     out = loader_outputs(network, loader, device)
     return out["embedding"], out["label"], out["index"]
+
+
+def learner_normalized(embedding: np.ndarray, learners: Sequence[Sequence[int]]) -> np.ndarray:
+    """Each learner's slice of ``embedding`` (N, D) L2-normalised and weighted 1/√K, concatenated in the learners'
+    order (N, Σ|learner|): every learner counts equally in a distance, whatever the raw scale of its neurons.
+
+    After a DSL split the re-initialised neurons start with larger raw outputs than the trained ones (HAM10000:
+    norm 0.98 vs 0.42), so one L2 norm over all D neurons lets the untrained learner dominate k-means.
+    """
+    parts = [embedding[:, list(ln)] for ln in learners]
+    k = len(parts)
+    return np.concatenate([p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12) / np.sqrt(k)
+                           for p in parts], axis=1).astype(np.float32)
+
+
+#: what DSL/MML re-clustering runs k-means on (see :func:`cluster_features`)
+CLUSTER_FEATURES = ("embedding", "learner", "penultimate")
+
+
+def cluster_features(network: torch.nn.Module, loader: Iterable[dict], device: torch.device | str, kind: str,
+                     learners: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The features k-means re-clusters the training items on, and their item indices (N,).
+
+    ``kind``: ``"embedding"`` — the L2-normalised embedding (medsim before issue 12); ``"learner"`` — the embedding
+    normalised per learner (:func:`learner_normalized`); ``"penultimate"`` — the pooled backbone features before the
+    embedding layer, as the divide-and-conquer reference code clusters (``use_penultimate=True``), L2-normalised.
+    """
+    if kind not in CLUSTER_FEATURES:
+        raise ValueError(f"cluster features must be one of {CLUSTER_FEATURES}, got {kind!r}")
+    keys = ("embedding", "penultimate") if kind == "penultimate" else ("embedding",)
+    out = loader_outputs(network, loader, device, keys)
+    if kind == "penultimate":
+        if "penultimate" not in out:
+            raise ValueError("cluster features 'penultimate' need a network with an `embed` layer")
+        feats = out["penultimate"]
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    elif kind == "learner":
+        feats = learner_normalized(out["embedding"], learners)
+    else:
+        feats = out["embedding"]
+    return np.ascontiguousarray(feats, dtype=np.float32), out["index"]

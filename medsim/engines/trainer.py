@@ -30,8 +30,9 @@ from monai.utils import look_up_option
 
 from medsim.engines.batches import BatchLoss
 from medsim.engines.handlers import EpochRecorder
-from medsim.engines.subspaces import (SubspaceState, cluster_counts, embed_loader, equal_slices, match_clusters,
-                                      neuron_scores, split_learner)
+from medsim.engines.sampling import ClusterBatchSampler
+from medsim.engines.subspaces import (CLUSTER_FEATURES, SubspaceState, cluster_counts, cluster_features, equal_slices,
+                                      match_clusters, neuron_scores, split_learner)
 
 __all__ = ["SubspaceRoutingLoss", "PrecisionInferer", "EmbeddingMetric", "AttentionSpread", "SubspaceHandler"]
 
@@ -211,8 +212,15 @@ class SubspaceHandler:
         mode: ``"dsl"`` (K grows from 1) or ``"mml"`` (fixed ``k``; ``k=1`` is plain single-learner training).
         validator: the evaluator whose ``val_nmi`` drives DSL (and, by default, model selection).
         cluster_loader: deterministic (no augmentation) loader over the training items, yielding ``index``.
-        score_loader: loader for neuron scoring (defaults to ``cluster_loader``).
-        loss_function: the training loss (for neuron scores).
+        score_loader: loader for neuron scoring; its batches must mix classes. Default: class-balanced batches
+            (``score_batch_size`` images, ``score_m_per_class`` per class) of ``cluster_loader``'s dataset, one
+            cluster — the training sampler's batches without augmentation. ``score_batches`` caps the batches
+            scored (default: one pass, N // score_batch_size).
+        loss_function: the training loss (for neuron scores: the exploring learner's own loss on its slice).
+        cluster_features: what k-means re-clusters on — ``"learner"`` (the embedding normalised per learner, so
+            the re-initialised neurons of a fresh split do not dominate), ``"penultimate"`` (the pooled features
+            before the embedding layer, as the divide-and-conquer code) or ``"embedding"`` (one L2 norm over all
+            D; medsim before issue 12); see :func:`~medsim.engines.subspaces.cluster_features`.
         k: number of learners for MML.
         max_k, patience, threshold, min_neurons: DSL's split rule; ``quantile`` (optional) replaces the fixed
             threshold by a quantile of the exploring learner's scores (see :func:`split_learner`); ``grace``: extra
@@ -220,7 +228,7 @@ class SubspaceHandler:
             clustering first cost validation NMI); ``reset_optimizer``: zero the optimiser's running moments
             (Adam's exp_avg / exp_avg_sq) of the re-initialised rows, so they do not inherit the old neurons'.
         recluster_every: epochs between re-clusterings (exploration phase).
-        finetune_epochs: the last epochs train the whole embedding on all data.
+        finetune_epochs: the last epochs train the whole embedding on batches that mix all the training data.
         min_delta: smallest NMI gain that counts as an improvement (DSL's plateau rule; model selection is the
             recorder's).
         max_failed_splits: plateaus at which a split may fail (no two parts at the threshold) before splitting
@@ -234,11 +242,13 @@ class SubspaceHandler:
                  recluster_every: int = 2, finetune_epochs: int = 2, min_delta: float = 1e-3,
                  score_loader: Any = None, score_batches: int | None = None, seed: int = 0,
                  quantile: float | None = None, grace: int = 0,
-                 reset_optimizer: bool = False, max_failed_splits: int = 3):
+                 reset_optimizer: bool = False, max_failed_splits: int = 3, cluster_features: str = "learner",
+                 score_batch_size: int = 32, score_m_per_class: int = 4):
         if mode not in ("dsl", "mml"):
             raise ValueError(f"mode must be 'dsl' or 'mml', got mode={mode!r}")
         self.validator, self.cluster_loader, self.loss_function = validator, cluster_loader, loss_function
-        self.score_loader = score_loader or cluster_loader
+        self.score_loader = score_loader or self._class_mixed_loader(cluster_loader, score_batch_size,
+                                                                     score_m_per_class, seed)
         self.mode, self.k, self.max_k, self.patience = mode, k, max_k, patience
         self.threshold, self.min_neurons, self.recluster_every = threshold, min_neurons, recluster_every
         self.finetune_epochs, self.min_delta, self.score_batches, self.seed = finetune_epochs, min_delta, \
@@ -251,6 +261,22 @@ class SubspaceHandler:
         if max_failed_splits < 1:
             raise ValueError(f"max_failed_splits must be >= 1, got {max_failed_splits}")
         self.max_failed_splits = int(max_failed_splits)
+        self.cluster_features = look_up_option(cluster_features, CLUSTER_FEATURES)
+
+    @staticmethod
+    def _class_mixed_loader(cluster_loader: Any, batch_size: int, m_per_class: int, seed: int) -> Any:
+        """Class-balanced batches over ``cluster_loader``'s dataset (MONAI datasets keep their items in ``data``);
+        ``cluster_loader`` itself when the items' labels cannot be read."""
+        from monai.data import DataLoader
+
+        dataset = getattr(cluster_loader, "dataset", None)
+        items = getattr(dataset, "data", None)
+        try:
+            labels = [int(d["label"]) for d in items]
+        except (TypeError, KeyError, ValueError):
+            return cluster_loader
+        sampler = ClusterBatchSampler(labels, None, batch_size=batch_size, m_per_class=m_per_class, seed=seed)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=getattr(cluster_loader, "num_workers", 0))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -265,11 +291,12 @@ class SubspaceHandler:
         if st.k == 1 and dataset is not None:  # one cluster: nothing to embed (single learners, DSL before a split)
             st.assignment = np.zeros(len(dataset), dtype=np.int64)
             return cluster_counts(st.assignment, 1)
-        emb, _, index = embed_loader(engine.network, self.cluster_loader, engine.state.device)
+        feats, index = cluster_features(engine.network, self.cluster_loader, engine.state.device,
+                                        self.cluster_features, st.learners)
         n = int(index.max()) + 1
         asg = np.zeros(n, dtype=np.int64)
         if st.k > 1:
-            labels, _ = kmeans(emb, st.k, seed=self.seed + epoch)
+            labels, _ = kmeans(feats, st.k, seed=self.seed + epoch)
             asg[index] = labels
             if st.assignment.shape == asg.shape and st.assignment.max(initial=0) > 0:
                 asg = match_clusters(st.assignment, asg, st.k)  # learners keep their data across re-clusterings
@@ -328,8 +355,11 @@ class SubspaceHandler:
         if st.k >= self.max_k:
             st.splitting = False
             return f"stop splitting: {plateau} and K reached max_k={self.max_k}"
+        sampler = getattr(self.score_loader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         scores = neuron_scores(engine.network, self.score_loader, self.loss_function, engine.state.device,
-                               max_batches=self.score_batches)
+                               max_batches=self.score_batches, neurons=st.learners[-1])
         parts = split_learner(st, scores, threshold=self.threshold, min_neurons=self.min_neurons,
                               quantile=self.quantile)
         rule = f"threshold {self.threshold}" if self.quantile is None else f"score quantile {self.quantile}"

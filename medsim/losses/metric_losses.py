@@ -4,7 +4,7 @@ config (``_target_`` + keyword arguments), e.g. ``bundles/isic_dsl/configs/train
 
 ==================  ==================================================================================
 ``metric_loss``     PML ``MarginLoss`` (learnable β per class) + ``DistanceWeightedMiner`` (Wu et al. 2017,
-(isic_dsl)          "Sampling matters"; used by divide-and-conquer MML and DSL)
+(isic_dsl)          "Sampling matters", as PML implements it; the divide-and-conquer code has its own sampler)
 ``triplet.json``    PML ``TripletMarginLoss`` + semi-hard ``TripletMarginMiner``
 ``contrastive.json``  PML ``ContrastiveLoss`` (pos margin 0, neg margin 0.5 on Euclidean distances)
 isic_abe            ABE's Eq. 10 (Kim et al. 2018): PML ``ContrastiveLoss`` on *squared* Euclidean distances,

@@ -428,3 +428,100 @@ def test_attention_spread_is_zero_for_image_independent_maps():
     m.reset()
     m.update(None)
     assert np.isnan(m.compute())
+
+
+def test_cluster_batches_have_the_batch_size_whatever_the_cluster_holds():
+    """Issue 12: a cluster holding two classes used to give batches of 2 × m images (one class: m images and zero
+    loss); batches now always hold batch_size images (classes drawn with replacement), a class smaller than m is
+    drawn with replacement, and a class with one image in a cluster (no positive pair) is not drawn there."""
+    labels = np.array([0] * 20 + [1] * 3 + [2] + [3] * 30 + [4] * 30)
+    asg = np.array([0] * 24 + [1] * 60)  # cluster 0: classes 0 (20), 1 (3 < m), 2 (a single image)
+    s = ClusterBatchSampler(labels, lambda: asg, batch_size=16, m_per_class=4, seed=3)
+    batches = list(s)
+    assert all(len(b) == 16 for b in batches)
+    in0 = [b for b in batches if asg[b[0]] == 0]
+    assert in0 and all(set(asg[b]) == {0} for b in in0)
+    drawn = np.concatenate([labels[b] for b in in0])
+    assert 2 not in drawn and {0, 1} <= set(drawn.tolist())
+    assert all(np.bincount(labels[b]).max() % 4 == 0 for b in batches)  # m images per drawn class
+    only = ClusterBatchSampler(np.arange(6), None, batch_size=8, m_per_class=2)  # every class a single image
+    assert all(len(b) == 8 for b in only)
+
+
+@pytest.mark.parametrize("share, expected", [("proportional", {0: 9, 1: 1}), ("equal", {0: 5, 1: 5}),
+                                             (3, {0: 3, 1: 3})])
+def test_batches_per_cluster_is_configurable(share, expected):
+    """Issue 12: by default a small cluster's learner got batches in proportion to its size (here 1 of 10);
+    ``equal`` gives every learner the same number of updates, an int fixes the count per cluster."""
+    labels = np.arange(160) % 4
+    asg = np.array([0] * 150 + [1] * 10)
+    s = ClusterBatchSampler(labels, lambda: asg, batch_size=16, m_per_class=4, batches_per_cluster=share)
+    got = np.bincount([asg[b[0]] for b in s], minlength=2)
+    assert dict(enumerate(got.tolist())) == expected and len(s) == sum(expected.values())
+    with pytest.raises(ValueError, match="batches_per_cluster"):
+        ClusterBatchSampler(labels, batches_per_cluster="some")
+
+
+def test_neuron_scores_use_the_learners_own_loss_on_its_renormalised_slice():
+    """Issue 12: the exploring learner is scored with its own loss (its slice of the embedding, re-normalised, as
+    the routing loss trains it); the other learners' neurons score 0. Checked against the formula by hand."""
+    torch.manual_seed(2)
+    net = ToyEmbedder()
+    loader = _loader()
+    learner = [3, 4, 5, 6, 7, 8, 9, 10]
+    w = torch.linspace(-1, 1, len(learner))
+    loss = lambda e, y, logits=None: ((e * w) ** 2).sum()  # noqa: E731  # e: the learner's (B, 8) slice
+    s = neuron_scores(net, loader, loss, "cpu", neurons=learner)
+    total = torch.zeros(16)
+    for b in loader:
+        raw = net.embed(b["image"]).detach().requires_grad_(True)
+        sl = torch.nn.functional.normalize(raw[:, learner], dim=1)
+        (g,) = torch.autograd.grad(((sl * w) ** 2).sum(), raw)
+        total += (g * raw).sum(0).detach()
+    ref = (total / 40).abs()[learner]
+    np.testing.assert_allclose(s[learner].numpy(), ((ref - ref.min()) / (ref.max() - ref.min())).numpy(), atol=1e-5)
+    assert float(s[[i for i in range(16) if i not in learner]].abs().max()) == 0.0
+
+
+def test_neuron_scores_are_taken_on_class_mixed_batches():
+    """Issue 12: the cluster loader is an unshuffled pass; on a class-sorted training set its batches hold one class
+    each, so a margin/contrastive loss has no negatives and the scores were computed from zero gradients. The
+    handler now scores on class-balanced batches of the same dataset."""
+    from monai.data import DataLoader, Dataset
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"image": torch.randn(6, generator=g), "label": i // 10, "index": i} for i in range(40)]  # sorted
+    cluster_loader = DataLoader(Dataset(items), batch_size=10, shuffle=False)
+    assert all(len(set(b["label"].tolist())) == 1 for b in cluster_loader)
+    validator = SimpleNamespace(state=SimpleNamespace(metrics={"val_nmi": 0.5}))
+    h = SubspaceHandler(validator, cluster_loader, _relevant_loss([0]), subspaces=SubspaceState(learners=[]),
+                        score_batch_size=8, score_m_per_class=2)
+    batches = list(h.score_loader)
+    assert len(batches) == 40 // 8 and all(len(set(b["label"].tolist())) == 4 for b in batches)
+
+
+@pytest.mark.parametrize("kind", ["embedding", "learner", "penultimate"])
+def test_cluster_features(kind):
+    """Issue 12: after a split the re-initialised neurons (raw outputs much larger than the trained ones') dominate
+    one L2 norm over the whole embedding; per-learner normalisation weighs every learner equally; the penultimate
+    features are the pooled inputs of the embedding layer (the divide-and-conquer code's choice)."""
+    from medsim.engines.subspaces import cluster_features, learner_normalized
+
+    torch.manual_seed(0)
+    net = ToyEmbedder()
+    with torch.no_grad():
+        net.embed.weight[8:] *= 20  # the "fresh" learner: raw outputs 20x larger
+    learners = [list(range(8)), list(range(8, 16))]
+    feats, index = cluster_features(net, _loader(), "cpu", kind, learners)
+    assert index.tolist() == list(range(40))
+    x = torch.cat([b["image"] for b in _loader()])
+    if kind == "penultimate":
+        np.testing.assert_allclose(feats, torch.nn.functional.normalize(x, dim=1).numpy(), atol=1e-6)
+        return
+    e = torch.nn.functional.normalize(net.embed(x), dim=1).detach().numpy()
+    share_fresh = np.linalg.norm(feats[:, 8:], axis=1) ** 2
+    if kind == "embedding":
+        assert share_fresh.min() > 0.9  # the fresh learner takes > 90 % of every distance
+    else:
+        np.testing.assert_allclose(share_fresh, 0.5, atol=1e-6)  # each learner half
+        np.testing.assert_allclose(feats, learner_normalized(e, learners), atol=1e-6)
