@@ -134,7 +134,8 @@ class EmbeddingMetric(Metric):
     """Retrieval/clustering metrics over all validation embeddings (ignite ``Metric`` for MONAI evaluators).
 
     ``mode="nmi"`` computes NMI (faiss k-means with the number of classes; the default model-selection metric),
-    ``mode="all"`` returns a mapping ``{prefix + name: value}`` with NMI, AMI, R@1/2/4/8, MAP@R and P@1 — plus
+    ``mode="all"`` returns a mapping ``{prefix + name: value}`` with NMI, AMI, R@1/2/4/8, MAP@R, P@1 and the
+    class-balanced R@1 and MAP@R — plus
     accuracy, balanced accuracy and macro-F1 when the network has ``logits``.
     """
 
@@ -157,13 +158,14 @@ class EmbeddingMetric(Metric):
 
     def compute(self) -> float | dict[str, float]:
         from medsim.metrics.classification import classification_metrics
-        from medsim.metrics.retrieval import evaluate_embeddings, nmi_ami, usable_ks
+        from medsim.metrics.retrieval import class_balanced_retrieval, evaluate_embeddings, nmi_ami, usable_ks
 
         emb = torch.cat(self._emb).numpy()
         lab = torch.cat(self._lab).numpy()
         if self.mode == "nmi":
             return float(nmi_ami(emb, lab, seed=self.seed)["nmi"])
         res = evaluate_embeddings(emb, lab, ks=usable_ks(len(emb)), seed=self.seed)
+        res.update(class_balanced_retrieval(emb, lab))
         if self._logits:
             res.update(classification_metrics(lab, torch.cat(self._logits).numpy()))
         return {self.prefix + k: float(v) for k, v in res.items()}

@@ -123,15 +123,16 @@ def _stratified_subset(items: list[dict], n: int, seed: int) -> list[dict]:
 
 def evaluate_checkpoint(network: torch.nn.Module, loader: Any, device: str | torch.device, *, seed: int = 0
                         ) -> dict[str, float]:
-    """Embed a loader with ``network`` and compute NMI/AMI, R@1/2/4/8, MAP@R, P@1 — and, for a network with a
-    ``logits`` head, accuracy, balanced accuracy and macro-F1 (one pass)."""
+    """Embed a loader with ``network`` and compute NMI/AMI, R@1/2/4/8, MAP@R, P@1, class-balanced R@1 and MAP@R
+    — and, for a network with a ``logits`` head, accuracy, balanced accuracy and macro-F1 (one pass)."""
     from medsim.engines.subspaces import loader_outputs
     from medsim.metrics.classification import classification_metrics
-    from medsim.metrics.retrieval import evaluate_embeddings, usable_ks
+    from medsim.metrics.retrieval import class_balanced_retrieval, evaluate_embeddings, usable_ks
 
     out = loader_outputs(network, loader, device, keys=("embedding", "logits"))
     emb, lab = out["embedding"], out["label"]
     res = evaluate_embeddings(emb, lab, ks=usable_ks(len(emb)), seed=seed)
+    res.update(class_balanced_retrieval(emb, lab))
     if "logits" in out:
         res.update(classification_metrics(lab, out["logits"]))
     return res

@@ -7,6 +7,7 @@ loaded on first use, so ``import medsim.metrics`` does not import torch.
 from typing import Any
 
 from medsim.metrics.retrieval import (
+    class_balanced_retrieval,
     DEFAULT_KS,
     evaluate_embeddings,
     kmeans,
@@ -17,6 +18,7 @@ from medsim.metrics.retrieval import (
 )
 
 __all__ = [
+    "class_balanced_retrieval",
     "DEFAULT_KS",
     "EmbeddingAccuracyCalculator",
     "evaluate_embeddings",

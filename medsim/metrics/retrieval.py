@@ -38,6 +38,7 @@ import faiss
 import numpy as np
 
 __all__ = [
+    "class_balanced_retrieval",
     "kmeans",
     "nmi_ami",
     "recall_at_k",
@@ -470,6 +471,26 @@ def evaluate_embeddings(
     include = ("NMI", "AMI", *(f"recall_at_{k}" for k in ks_t), "mean_average_precision_at_r", "precision_at_1")
     out = _accuracy(x, y, include, threads=threads, ks=ks_t, metric=metric, seed=seed)
     return {k: _round(v, digits) for k, v in out.items()}
+
+
+def class_balanced_retrieval(embeddings: Any, labels: Any, *, metric: str = "cosine", digits: int | None = 4,
+                             threads: int | None = None) -> dict[str, float]:
+    """Leave-one-out R@1 and MAP@R averaged per class, then over the classes (PML's ``avg_of_avgs``).
+
+    On imbalanced data plain R@1 mostly measures the majority class: 67 % of HAM10000 images are nevi, and frozen
+    features of a random-init ResNet18 already reach test R@1 67 % (issue 12). Here every class counts equally.
+
+    Returns:
+        ``{"R@1_balanced", "map_at_r_balanced"}`` -> float.
+    """
+    metric = check_metric(metric)
+    x, y, _, _ = check_inputs(embeddings, labels)
+    if len(x) < 2:
+        raise ValueError(f"MAP@R needs at least 2 embeddings, got N={len(x)}")
+    out = _accuracy(x, y, ("precision_at_1", "mean_average_precision_at_r"), threads=threads, ks=(1,),
+                    metric=metric, avg_of_avgs=True)
+    return {"R@1_balanced": _round(out["precision_at_1"], digits),
+            "map_at_r_balanced": _round(out["map_at_r"], digits)}
 
 
 def _fmt(v: Any) -> str:

@@ -359,3 +359,21 @@ def test_error_messages():
 def test_module_does_not_import_torch():
     code = "import sys, medsim.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_class_balanced_retrieval_weighs_every_class_equally():
+    """Issue 12: per-class R@1 / MAP@R averaged over classes. A majority class retrieved perfectly and a minority
+    class retrieved never: plain R@1 0.9, class-balanced 0.5. Checked against a hand count."""
+    from medsim.metrics.retrieval import class_balanced_retrieval, evaluate_embeddings
+
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(18, 8)) * 0.01 + np.eye(8)[0]  # a tight majority cluster
+    small = np.eye(8)[[1, 2]]  # two minority items, each nearest to the majority cluster rather than each other
+    small = small * 0.1 + np.eye(8)[0]
+    emb = np.vstack([big, small]).astype(np.float32)
+    lab = np.array([0] * 18 + [1] * 2)
+    plain = evaluate_embeddings(emb, lab, ks=(1,))
+    bal = class_balanced_retrieval(emb, lab)
+    assert plain["R@1"] == pytest.approx(0.9, abs=1e-4)
+    assert bal["R@1_balanced"] == pytest.approx(0.5, abs=1e-4)
+    assert bal["map_at_r_balanced"] == pytest.approx((1.0 + 0.0) / 2, abs=1e-3)  # class 0 perfect, class 1 none
