@@ -24,8 +24,9 @@ import numpy as np
 from medsim.data.splits import copy_split  # noqa: E402
 from ham_recipe import command_line, common_overrides, recipe_parser, write_results  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
 
-METHODS = {  # name -> (bundle variant, overrides); "random init" trains nothing (the untrained network)
+METHODS = {  # name -> (bundle variant, overrides); "random init" / "pretrained, no training" train nothing
     "random init": (None, {}),
+    "pretrained trunk, no training": (None, {}),
     "classifier": ("classifier", {}),
     "contrastive": ("contrastive", {}),
     "triplet": ("triplet", {}),
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                 copy_split(shared_split, out / "split.json")  # + split.local.json (paths)
             t0 = time.perf_counter()
             if name == "random init":
+                res = _untrained(args.dataset_dir, out, {**common, "seed": seed, "pretrained": None})
+            elif name == "pretrained trunk, no training":
+                if not args.pretrained:
+                    continue
                 res = _untrained(args.dataset_dir, out, {**common, "seed": seed})
             else:
                 res = train_bundle("bundles/isic_dsl", variant=variant, dataset_dir=args.dataset_dir,
@@ -105,7 +110,7 @@ def _untrained(dataset_dir: str, out: Path, overrides: dict) -> dict:
 
     from medsim.engines.workflow import evaluate_checkpoint
 
-    ov = {k: v for k, v in overrides.items() if "#" not in k}
+    ov = {k: v for k, v in overrides.items() if "#" not in k}  # pretrained=None: the untrained network
     wf = ConfigWorkflow(config_file="bundles/isic_dsl/configs/train.json",
                         meta_file="bundles/isic_dsl/configs/metadata.json", workflow_type="train",
                         logging_file=False, bundle_root="bundles/isic_dsl", dataset_dir=dataset_dir,
@@ -173,7 +178,10 @@ def report(doc: dict) -> str:
              f"Data: class-stratified, lesion-grouped subset of {c['max_items']} HAM10000 images, split by "
              f"{doc['split']['by']}: {doc['split']['counts']} (train/val/test). {c['image_size']}×{c['image_size']} px, "
              f"{c['backbone']} (width ×{c['widen_factor']}) cut after layer3 + DSL attention, 128-d embedding, "
-             f"{c['epochs']} epochs, seeds {c['seeds']}. Test metrics of the checkpoint with the best validation NMI. "
+             f"{c['epochs']} epochs, seeds {c['seeds']}"
+             f"{', bf16 autocast + channels_last' if c.get('amp') else ''}"
+             f"{', trunk from ' + Path(c['pretrained']).name + ' (self-supervised)' if c.get('pretrained') else ''}. "
+             "Test metrics of the checkpoint with the best validation NMI. "
              f"Total {doc['total_s'] / 60:.1f} min on {doc['machine']['cores']} CPU cores.", "",
              "| method | NMI (%) | R@1 (%) | MAP@R (%) | class-balanced R@1 (%) | class-balanced MAP@R (%) | "
              "K reached | best epoch | wall time / run (s) |", "|---|---|---|---|---|---|---|---|---|"]

@@ -26,6 +26,10 @@ def recipe_parser(doc: str | None, *, name: str, work: str, epochs: int, image_s
     ap.add_argument("--widen-factor", type=float, default=widen_factor)
     ap.add_argument("--threads", type=int, default=threads,
                     help="torch CPU threads (1 avoids oversubscription when other jobs share the cores)")
+    ap.add_argument("--amp", action="store_true",
+                    help="bf16 autocast + channels_last for training and validation (the bundles' amp knobs)")
+    ap.add_argument("--pretrained", default=None,
+                    help="start the trunk from this run (e.g. a derm_ssl run folder): the bundles' `pretrained`")
     if report_from:
         ap.add_argument("--report-from", default=None, help="only re-render <out>.md from a saved results JSON")
     return ap
@@ -37,9 +41,11 @@ def common_overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(args.threads)
+    amp = {"amp": True, "channels_last": True} if getattr(args, "amp", False) else {}
+    pretrained = {"pretrained": str(Path(args.pretrained).resolve())} if getattr(args, "pretrained", None) else {}
     return {"max_epochs": args.epochs, "max_items": args.max_items, "image_size": args.image_size,
             "backbone": args.backbone, "widen_factor": args.widen_factor, "split_seed": 0,
-            "train#output_handlers#1#_disabled_": True, **extra}
+            "train#output_handlers#1#_disabled_": True, **amp, **pretrained, **extra}
 
 
 def command_line(argv: list[str] | None) -> str:

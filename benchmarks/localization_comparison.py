@@ -144,6 +144,16 @@ def report(doc: dict, out: str) -> str:
         lines.append(f"| {k} | {v['map']} {shape} | {where} | {v['dice']:.3f} | {v['iou']:.3f} | {v['pointing']:.3f} | "
                      f"{v['box_hit']:.3f} | {v['patch_precision']:.3f} | {v['patch_recall']:.3f} | "
                      f"{v['patch_f']:.3f} | {v['ap50']:.3f} |")
+    groups: dict[str, list[dict]] = {}
+    for k, v in results.items():  # "NAME [s0]", "NAME [s1]", ...: one training seed each
+        groups.setdefault(k.split(" [")[0], []).append(v)
+    if any(len(g) > 1 for g in groups.values()):
+        keys = ("dice", "iou", "pointing", "box_hit", "patch_f", "ap50")
+        lines += ["", "Mean ± std over the training seeds (runs named `NAME [sN]`):", "",
+                  "| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for name, g in groups.items():
+            cells = [f"{np.mean([v[k] for v in g]):.3f} ± {np.std([v[k] for v in g]):.3f}" for k in keys]
+            lines.append(f"| {name} | {len(g)} | " + " | ".join(cells) + " |")
     lines += ["", f"Overlays (rows: methods; white: lesion outline): `{Path(out).name}_overlays.png`. "
                   f"Total {doc['seconds']} s."]
     if doc.get("reading"):
