@@ -1,8 +1,8 @@
-"""What medsim reads from disk: which files a folder holds, what each file is by its content, and how many
-pixels one file may decode to.
+"""What medsim reads from disk: which files a folder holds, what each file is by its content, how many
+pixels one file may decode to, and how a PyTorch file is read as data.
 
-Torch-free (NumPy-free too), so the data layer (:mod:`medsim.data`) and the runtime (:mod:`medsim.deploy`) share
-one answer to each question:
+Torch-free at import (NumPy-free too), so the data layer (:mod:`medsim.data`) and the runtime (:mod:`medsim.deploy`)
+share one answer to each question:
 
 - :data:`MAX_PIXELS` — the one decompression-bomb limit (pixels × frames × samples, or voxels) for every image,
   mask, DICOM and NIfTI file, in training and at inference. ``$MEDSIM_MAX_PIXELS`` overrides it.
@@ -13,21 +13,26 @@ one answer to each question:
   :func:`raise_pil_limit` lets MONAI's PIL reader load what that accepted.
 - :func:`visible_files` — the files under a folder, with hidden ones (``.DS_Store``, AppleDouble ``._*``,
   ``.git/``) skipped and counted.
+- :func:`load_torch_file` — medsim's one ``torch.load``, weights-only (torch imported inside it): checkpoints
+  (:func:`medsim.engines.runs.load_checkpoint`) and backbone weights (:func:`medsim.nn.make_backbone`) are data,
+  and a pickle that would import or call anything is refused before any of it runs.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
-from medsim.errors import DataError
+from medsim.errors import DataError, MedsimError
 
 __all__ = ["MAX_PIXELS", "check_pixel_count", "sniff_format", "file_format", "FORMAT_NAMES", "open_image",
-           "raise_pil_limit", "VisibleFiles", "visible_files"]
+           "raise_pil_limit", "VisibleFiles", "visible_files", "load_torch_file"]
 
 #: upper bound on decoded pixels per file (rows × columns × frames × samples, or voxels of a volume); larger files
 #: are refused as possible decompression bombs. 2**28 = a 16384 × 16384 image. Override with ``$MEDSIM_MAX_PIXELS``.
@@ -227,3 +232,35 @@ def visible_files(root: str | os.PathLike, suffixes: Iterable[str] | None = None
                 out.files.append(Path(folder) / n)
     out.files.sort()
     return out
+
+
+# ------------------------------------------------------------------------------------------------- torch files
+def load_torch_file(path: str | os.PathLike, *, what: str = "checkpoint") -> Any:
+    """Read a PyTorch file (``torch.save``) as data: ``torch.load(weights_only=True)`` on CPU, so only tensors,
+    numbers, strings and plain containers come back. This is the one ``torch.load`` in medsim.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages (``"checkpoint"``, ``"backbone weights file"``).
+
+    Raises:
+        MedsimError: the file is missing or not a PyTorch file, or its pickle asks for anything beyond plain data
+            (e.g. ``os.system``) — refused before any of it runs, naming the file and what it asked for.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise MedsimError(f"{p}: {what} not found")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if m:
+            raise MedsimError(f"{p}: refused: not a weights-only {what} (its pickle asks for {m.group(1)}); "
+                              f"medsim loads a {what} as data and never runs code from it — re-save it with "
+                              "plain tensors/dicts only") from e
+        raise MedsimError(f"{p}: not a readable PyTorch {what} ({str(e).strip().splitlines()[0][:200]})") from e
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise MedsimError(f"{p}: not a readable PyTorch {what} ({type(e).__name__}: {first})") from e

@@ -4,8 +4,9 @@ Trust model: a bundle is code the user chose to run (like a Python file); a run 
 is data, possibly from someone else, and loading it never executes anything from it. So:
 
 - checkpoints are saved as plain state (tensors, numbers, strings, lists, dicts: :func:`plain_state`) and loaded
-  with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`); a pickle that would import or call anything
-  else is refused, naming the file and what it asked for;
+  with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`, through :func:`medsim.files.load_torch_file`, the
+  one ``torch.load`` in medsim); a pickle that would import or call anything else is refused, naming the file and
+  what it asked for;
 - ``medsim train`` writes ``run.json`` (:func:`write_run_record`): the network's and the eval preprocessing's
   ``_target_`` and *resolved plain* arguments, the input size, the classes. ``export`` / ``evaluate`` rebuild the
   network from it (:func:`build_spec`), importing only medsim's own network classes and transform factories; the
@@ -18,7 +19,6 @@ import importlib
 import json
 import logging
 import os
-import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from medsim.errors import MedsimError, atomic_write_text
+from medsim.files import load_torch_file
 
 __all__ = ["RUN_RECORD", "plain_state", "load_checkpoint", "check_plain_spec", "build_spec", "write_run_record",
            "load_run_record", "resolved_spec"]
@@ -69,27 +70,15 @@ def plain_state(obj: Any, where: str = "checkpoint") -> Any:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)`` on CPU: tensors and plain containers only.
+    """Load a checkpoint with ``torch.load(weights_only=True)`` on CPU (:func:`medsim.files.load_torch_file`, the
+    one ``torch.load`` in medsim): tensors and plain containers only.
 
     Raises:
         MedsimError: the file is missing or not a PyTorch checkpoint, or its pickle asks for anything beyond plain
             data (e.g. ``os.system``) — refused before any of it runs, naming the file and what it asked for.
     """
     p = Path(path)
-    if not p.is_file():
-        raise MedsimError(f"{p}: checkpoint not found")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        m = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if m:
-            raise MedsimError(f"{p}: refused: not a weights-only checkpoint (its pickle asks for {m.group(1)}); "
-                              "medsim loads checkpoints as data and never runs code from them — re-save it with "
-                              "plain tensors/dicts only") from e
-        raise MedsimError(f"{p}: not a readable PyTorch checkpoint ({str(e).strip().splitlines()[0][:200]})") from e
-    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise MedsimError(f"{p}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from e
+    obj = load_torch_file(p, what="checkpoint")
     if not isinstance(obj, dict):
         raise MedsimError(f"{p}: a medsim checkpoint is a dict with a 'network' state_dict, got a "
                           f"{type(obj).__name__}")
@@ -175,13 +164,21 @@ def _locate(target: str, where: str) -> Any:
 
 
 def build_spec(spec: Mapping[str, Any], where: str = "run.json") -> Any:
-    """Instantiate a checked spec ``{"_target_": "medsim.nn.Embedder", **kwargs}`` (nested specs first)."""
+    """Instantiate a checked spec ``{"_target_": "medsim.nn.Embedder", **kwargs}`` (nested specs first).
+
+    The network is built to receive a checkpoint: arguments that only initialise weights (a class's
+    ``init_only_args``, e.g. the Embedder's ``backbone_weights`` file) are left out — the checkpoint replaces what
+    they would load, and the file they name may not exist where the run is exported or evaluated.
+    """
     check_plain_spec(dict(spec), where)
 
     def build(v: Any, at: str) -> Any:
         if isinstance(v, dict):
-            kw = {k: build(x, f"{at}#{k}") for k, x in v.items() if k != "_target_"}
-            return _locate(v["_target_"], at)(**kw) if "_target_" in v else kw
+            if "_target_" not in v:
+                return {k: build(x, f"{at}#{k}") for k, x in v.items()}
+            target = _locate(v["_target_"], at)
+            skip = {"_target_", *getattr(target, "init_only_args", ())}
+            return target(**{k: build(x, f"{at}#{k}") for k, x in v.items() if k not in skip})
         if isinstance(v, list):
             return [build(x, f"{at}#{i}") for i, x in enumerate(v)]
         return v

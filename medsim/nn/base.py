@@ -71,6 +71,10 @@ class EmbedderBase(nn.Module):
 
     #: name of the trunk submodule in the state_dict (``backbone`` / ``spatial`` / ``trunk`` by model)
     trunk_key: ClassVar[str] = "trunk"
+    #: constructor arguments that only initialise weights (a pretrained-weights file): a network rebuilt from a run
+    #: record to receive its checkpoint is built without them (:func:`medsim.engines.runs.build_spec`), so the file
+    #: they name need not exist where the run is exported or evaluated
+    init_only_args: ClassVar[tuple[str, ...]] = ()
     spatial_dims: int = 2
     in_channels: int
     embedding_dim: int

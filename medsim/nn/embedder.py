@@ -8,6 +8,7 @@ Every medsim model returns the same structure (export, retrieval, localization a
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from medsim.nn.attention import create_attention
 from medsim.nn.backbones import make_backbone
 from medsim.nn.base import EmbedderBase, EmbedderOutput
+from medsim.nn.frozen_batchnorm import freeze_batchnorm
 from medsim.nn.geometry import AttentionGeometry, trace_geometry
 from medsim.runtime.geometry import interp_matrix
 
@@ -39,20 +41,30 @@ class Embedder(EmbedderBase):
         normalize: L2-normalise the embedding.
         return_features: also return ``features``, the backbone's output (B, F, *S/16 for layer3) that the
             attention reads (:class:`~medsim.nn.base.EmbedderBase`).
+        backbone_weights: a local state_dict file the backbone starts from (the MONAI ResNet's keys, e.g. from
+            self-supervised pretraining; :func:`~medsim.nn.backbones.make_backbone`), read weights-only. Only an
+            initialisation: a network rebuilt from a run record to receive its checkpoint skips it
+            (:attr:`init_only_args`).
+        freeze_bn: replace the backbone's BatchNorm layers by :class:`~medsim.nn.FrozenBatchNorm` (its stored
+            statistics, no learning): for a pretrained trunk fine-tuned with small batches.
 
     Shapes: x (B, in_channels, *S) -> embedding (B, D), attention (B, 1, *S/16 for layer3), logits (B, n_classes).
     The trunk is registered as ``backbone`` (its state_dict keys); :attr:`trunk` reads it.
     """
 
     trunk_key = "backbone"
+    init_only_args = ("backbone_weights",)
 
     def __init__(self, backbone: str = "resnet18", *, spatial_dims: int = 2, in_channels: int = 3,
                  cut: str = "layer3", embedding_dim: int = 128, attention: str = "dsl", n_classes: int | None = None,
                  widen_factor: float = 1.0, normalize: bool = True, attention_kwargs: dict | None = None,
-                 return_features: bool = False):
+                 return_features: bool = False, backbone_weights: str | os.PathLike | None = None,
+                 freeze_bn: bool = False):
         super().__init__(return_features=return_features)
         self.backbone, channels = make_backbone(backbone, spatial_dims=spatial_dims, in_channels=in_channels,
-                                                cut=cut, widen_factor=widen_factor)
+                                                cut=cut, widen_factor=widen_factor, weights=backbone_weights)
+        if freeze_bn:
+            self.backbone = freeze_batchnorm(self.backbone)
         self.attention = create_attention(attention, channels, spatial_dims=spatial_dims, **(attention_kwargs or {}))
         self.embed = nn.Linear(channels, embedding_dim)
         self.classifier = nn.Linear(embedding_dim, n_classes) if n_classes else None
