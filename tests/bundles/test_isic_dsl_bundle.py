@@ -148,3 +148,21 @@ def test_monai_bundle_run_cli(sample_root, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test NMI" in r.stdout and (out / "eval_test.json").is_file()
+
+
+def test_dsl_scores_neurons_on_class_balanced_batches_of_the_training_items(sample_root, tmp_path):
+    """Issue 12: the bundle's SubspaceHandler scores on class-mixed batches of the training items (a
+    ClusterBatchSampler over the cluster dataset), not on the unshuffled, class-sorted cluster pass."""
+    from medsim.engines import ClusterBatchSampler
+
+    wf = _workflow(tmp_path / "run", sample_root / "derm")
+    wf.initialize()
+    handler = wf.parser.get_parsed_content("method#handlers")[0]
+    sampler = handler.score_loader.batch_sampler
+    assert isinstance(sampler, ClusterBatchSampler) and sampler.assignment is None
+    assert handler.score_loader.dataset is handler.cluster_loader.dataset
+    batch = next(iter(handler.score_loader))
+    assert len(set(batch["label"].tolist())) > 1 and len(batch["label"]) == TINY["batch_size"]
+    assert handler.cluster_features == "learner"
+    train_sampler = wf.parser.get_parsed_content("train#sampler")
+    assert train_sampler.batches_per_cluster == "equal"
