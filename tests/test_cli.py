@@ -287,3 +287,16 @@ def test_prepare_preview_shows_every_class(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert set(drawn["captions"]) == {"a", "b", "c", "d", "e", "f"} and drawn["n"] == 8
     assert (tmp_path / "p" / "classes_preview.png").is_file()
+
+
+def test_null_switches_an_optional_number_off_but_text_is_still_refused():
+    """Issue 12: -o split_quantile=null (back to the fixed threshold) was refused as "expects a number"."""
+    from pathlib import Path
+
+    from medsim.engines.workflow import _check_overrides, parse_overrides
+    from medsim.errors import MedsimError
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "isic_dsl"
+    _check_overrides(bundle, None, parse_overrides(["split_quantile=null"]))
+    with pytest.raises(MedsimError, match="expects a number"):
+        _check_overrides(bundle, None, parse_overrides(["split_quantile=half"]))

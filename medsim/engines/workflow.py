@@ -414,6 +414,8 @@ def _check_overrides(bundle: Path, variant: str | None, overrides: dict[str, Any
             problems.append(f"-o {key}: no such id in {bundle}" + (f" (did you mean '{close[0]}'?)" if close else ""))
             continue
         old = parser[key]
+        if value is None:  # null switches an optional knob off (e.g. -o split_quantile=null)
+            continue
         expr = isinstance(value, str) and value[:1] in ("$", "@", "%")
         if isinstance(old, bool) and not (isinstance(value, bool) or expr):
             problems.append(f"-o {key}={value!r}: expects true or false")
