@@ -196,7 +196,7 @@ def report(doc: dict) -> str:
                for k in ("R@1_balanced", "map_at_r_balanced")]
         lines.append(f"| {m} | {_ms([r['test']['nmi'] for r in rs])} | {_ms([r['test']['R@1'] for r in rs])} | "
                      f"{_ms([r['test']['map_at_r'] for r in rs])} | {bal[0]} | {bal[1]} | "
-                     f"{'–' if m == 'random init' else ', '.join(map(str, ks))} | "
+                     f"{', '.join(map(str, ks)) if any(r['epochs'] for r in rs) else '–'} | "
                      f"{', '.join(map(str, best)) or '–'} | {np.mean([r['wall_s'] for r in rs]):.0f} |")
     seeds = ", ".join(f"{m} {sum(r['method'] == m for r in runs)}" for m in methods)
     lines += ["", f"Seeds per row: {seeds}. Validation curves (mean over seeds): "
@@ -210,10 +210,11 @@ def report(doc: dict) -> str:
         lines += ["", "## DSL vs the MML K-sweep", ""]
         for name in dsls:
             dsl = stats[name]
-            verdict = "reaches" if dsl["nmi"] >= mml[best_m]["nmi"] else "does not reach"
+            gap = 100 * (dsl["nmi"] - mml[best_m]["nmi"])
+            verdict = "within 0.5 NMI of" if gap >= -0.5 else "below"
             lines += [f"- {name}: mean test NMI {100 * dsl['nmi']:.2f} vs best fixed-K MML ({best_m}) "
-                      f"{100 * mml[best_m]['nmi']:.2f}: DSL **{verdict}** the best fixed-K NMI in this budget (the "
-                      "paper's claim).",
+                      f"{100 * mml[best_m]['nmi']:.2f} ({gap:+.2f} points): DSL is **{verdict}** the best fixed K "
+                      "in this budget (the paper's claim: DSL ≈ the best K without the sweep).",
                       f"- Cost: one run of {name} {dsl['wall']:.0f} s vs the MML runs here ({', '.join(mml)}) "
                       f"{sweep:.0f} s ({sweep / dsl['wall']:.1f}× as long), per seed.",
                       f"- Epoch time (training + validation + re-clustering/scoring): {name} {dsl['epoch_s']:.1f} s "

@@ -163,6 +163,6 @@ def test_dsl_scores_neurons_on_class_balanced_batches_of_the_training_items(samp
     assert handler.score_loader.dataset is handler.cluster_loader.dataset
     batch = next(iter(handler.score_loader))
     assert len(set(batch["label"].tolist())) > 1 and len(batch["label"]) == TINY["batch_size"]
-    assert handler.cluster_features == "learner"
+    assert handler.cluster_features == "penultimate"
     train_sampler = wf.parser.get_parsed_content("train#sampler")
     assert train_sampler.batches_per_cluster == "equal"
