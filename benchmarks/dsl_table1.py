@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.merge:
         docs = [json.loads(Path(f).read_text()) for f in args.merge]
-        doc = {**docs[0], "command": " && ".join(d["command"] for d in docs) + " && " + command_line(argv),
+        doc = {**docs[0], "config": {**docs[0]["config"], "out": args.out},
+               "command": " && ".join(d["command"] for d in docs) + " && " + command_line(argv),
                "total_s": sum(d["total_s"] for d in docs), "runs": [r for d in docs for r in d["runs"]]}
         _curves(doc, Path(args.out))
         return write_results(args.out, doc, report)
