@@ -220,8 +220,9 @@ class SubspaceHandler:
             scored (default: one pass, N // score_batch_size).
         loss_function: the training loss (for neuron scores: the exploring learner's own loss on its slice).
         cluster_features: what k-means re-clusters on — ``"penultimate"`` (the pooled features before the
-            embedding layer, as the divide-and-conquer code; the default: on HAM10000 DSL reached test NMI 19.0 vs
-            16.2 with ``"learner"``, ``benchmarks/results/dsl_table1.md``), ``"learner"`` (the embedding
+            embedding layer, as the divide-and-conquer code; the default: on HAM10000 DSL reached test NMI
+            17.1 ± 2.7 vs 16.2 ± 0.5 with ``"learner"`` over 3 seeds — within the seed spread,
+            ``benchmarks/results/dsl_table1.md``), ``"learner"`` (the embedding
             normalised per learner, so the re-initialised neurons of a fresh split do not dominate) or
             ``"embedding"`` (one L2 norm over all D; medsim before issue 12); see
             :func:`~medsim.engines.subspaces.cluster_features`.
