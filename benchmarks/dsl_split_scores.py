@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import torch
 
-from ham_recipe import command_line, write_results  # benchmarks/ham_recipe.py
+from ham_recipe import command_line, isic_dsl_parser, write_results  # benchmarks/ham_recipe.py
 
 
 def _old_scores(network, loader, loss_fn, device) -> torch.Tensor:
@@ -54,19 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/dsl_split_scores")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from monai.bundle import ConfigWorkflow
-
-    from medsim.engines.runs import load_weights
-    from medsim.engines.subspaces import SubspaceState
-    from medsim.engines.trainer import SubspaceHandler
     from medsim.engines.handlers import EpochRecorder
-    from medsim.engines.subspaces import neuron_scores
+    from medsim.engines.runs import load_weights
+    from medsim.engines.subspaces import SubspaceState, neuron_scores
+    from medsim.engines.trainer import SubspaceHandler
 
-    wf = ConfigWorkflow(config_file="bundles/isic_dsl/configs/train.json", meta_file="bundles/isic_dsl/configs/metadata.json",
-                        workflow_type="train", logging_file=False, bundle_root="bundles/isic_dsl",
-                        dataset_dir=args.dataset_dir, output_dir=args.work, max_items=3000, split_seed=0)
-    wf.initialize()
-    p = wf.parser
+    p = isic_dsl_parser(args.dataset_dir, args.work, max_items=3000, split_seed=0, image_size=64,  # the recipe
+                        backbone="resnet18", widen_factor=0.5)
     network = p.get_parsed_content("network")
     load_weights(network, args.checkpoint)
     loss = p.get_parsed_content("loss")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim.data.splits import copy_split  # noqa: E402
-from ham_recipe import command_line, common_overrides, recipe_parser, write_results  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
+from ham_recipe import command_line, common_overrides, isic_dsl_parser, recipe_parser, write_results  # benchmarks/ham_recipe.py: the shared HAM10000 recipe
 
 METHODS = {  # name -> (bundle variant, overrides); "random init" / "pretrained, no training" train nothing
     "random init": (None, {}),
@@ -107,18 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 def _untrained(dataset_dir: str, out: Path, overrides: dict) -> dict:
     """Test metrics of the bundle's network as initialised (seeded), on the shared split: the floor every trained
     row must beat (issue 12: on HAM10000 an untrained ResNet already reaches R@1 ≈ 67 %)."""
-    from monai.bundle import ConfigWorkflow
-
     from medsim.engines.workflow import evaluate_checkpoint
 
     ov = {k: v for k, v in overrides.items() if "#" not in k}  # pretrained=None: the untrained network
-    wf = ConfigWorkflow(config_file="bundles/isic_dsl/configs/train.json",
-                        meta_file="bundles/isic_dsl/configs/metadata.json", workflow_type="train",
-                        logging_file=False, bundle_root="bundles/isic_dsl", dataset_dir=dataset_dir,
-                        output_dir=str(out), **ov)
-    wf.initialize()
-    network = wf.parser.get_parsed_content("network")
-    return evaluate_checkpoint(network, wf.parser.get_parsed_content("test#dataloader"), "cpu",
+    parser = isic_dsl_parser(dataset_dir, out, **ov)
+    network = parser.get_parsed_content("network")
+    return evaluate_checkpoint(network, parser.get_parsed_content("test#dataloader"), "cpu",
                                seed=overrides["seed"])
 
 

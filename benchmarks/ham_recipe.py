@@ -73,3 +73,18 @@ def rerender(args: argparse.Namespace, report: Callable[[dict], str]) -> bool:
     doc = json.loads(Path(args.report_from).read_text())
     Path(args.out).with_suffix(".md").write_text(report(doc))
     return True
+
+
+def isic_dsl_parser(dataset_dir: str, output_dir: str | Path, **overrides: Any) -> Any:
+    """The isic_dsl bundle's config parsed and initialised on ``dataset_dir`` (writes its split into
+    ``output_dir``) without training: for benchmarks that score an untrained or saved network."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "isic_dsl"
+    wf = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"),
+                        meta_file=str(bundle / "configs" / "metadata.json"), workflow_type="train",
+                        logging_file=False, bundle_root=str(bundle), dataset_dir=dataset_dir,
+                        output_dir=str(output_dir), **overrides)
+    wf.initialize()
+    return wf.parser
+

@@ -279,6 +279,10 @@ class SubspaceHandler:
         try:
             labels = [int(d["label"]) for d in items]
         except (TypeError, KeyError, ValueError):
+            logger.warning("neuron scores: cannot read the labels of the cluster loader's dataset (%s has no `data` "
+                           "items with an integer `label`), so DSL scores on the cluster loader itself; if its "
+                           "batches hold one class each the scores are zero — pass score_loader= with class-mixed "
+                           "batches", type(dataset).__name__)
             return cluster_loader
         sampler = ClusterBatchSampler(labels, None, batch_size=batch_size, m_per_class=m_per_class, seed=seed)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=getattr(cluster_loader, "num_workers", 0))
