@@ -22,7 +22,7 @@ from medsim.errors import atomic_write_text
 from medsim.runtime.errors import DeployError
 from medsim.runtime.manifest import manifest_embedding_dim
 
-__all__ = ["read_cases", "build_index", "search_images", "localize_images", "recall_from_hits", "case_names",
+__all__ = ["read_cases", "build_index", "search_images", "search_embeddings", "localize_images", "recall_from_hits", "case_names",
            "local_case_paths", "LOCAL_CASES"]
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _dataset_items(p: Path) -> list[dict[str, Any]] | None:
     return open_source(p, layout=layout).items
 
 
-def _model_id(model_dir: Path) -> str:
+def export_model_id(model_dir: Path) -> str:
     from medsim.deploy.preprocess import load_manifest
 
     man = load_manifest(model_dir)
@@ -124,7 +124,7 @@ def build_index(model_dir: str | os.PathLike, data: str | os.PathLike, out: str 
     cases = read_cases(data, split=split)
     dim = manifest_embedding_dim(load_manifest(model_dir))
     try:
-        index = CaseIndex(dim, kind=kind, model_id=_model_id(model_dir), **index_kwargs)
+        index = CaseIndex(dim, kind=kind, model_id=export_model_id(model_dir), **index_kwargs)
     except ValueError as e:
         raise DeployError(f"index options: {e}") from e
     if len(cases) < index.min_train_size:
@@ -218,16 +218,12 @@ def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLi
     if exclude_self and (query_ids is None or len(query_ids) != len(images)):
         raise DeployError("exclude_self needs the case id of every query (queries from a split or dataset)")
     mdir = _index_model_dir(index_dir, model_dir)
-    index = CaseIndex.load(index_dir, expected_model_id=_model_id(mdir))
+    index = CaseIndex.load(index_dir, expected_model_id=export_model_id(mdir))
     if precision is None:  # queries are embedded like the cases were
         precision = str(index.info.get("precision", "fp32"))
     with open_engine(mdir, backend, precision) as engine:
         emb = engine.embed([str(i) for i in images])["embedding"]
-    if exclude_self:
-        hits = [[h for h in row if h.record.get("id") != qid][:k]
-                for row, qid in zip(index.search(emb, min(k + 1, len(index))), query_ids or [])]
-    else:
-        hits = index.search(emb, k)
+    hits = search_embeddings(index, emb, k, query_ids=query_ids, exclude_self=exclude_self)
     if html is not None:
         from medsim.viz.search_report import Case, search_html, search_png
 
@@ -241,6 +237,19 @@ def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLi
                      str(h.record["label"]), h.score, name=str(h.record.get("id", h.id))) for h in row]
                for row in hits], html)
     return hits
+
+
+def search_embeddings(index: Any, emb: np.ndarray, k: int, *, query_ids: Sequence[str | None] | None = None,
+                      exclude_self: bool = False) -> list[list[Any]]:
+    """The ``k`` nearest cases of each query embedding (N, D) in a loaded :class:`~medsim.deploy.index.CaseIndex`:
+    what :func:`search_images` (``medsim search``) and the MONAI Label app's ``similar_cases`` both return.
+    ``exclude_self`` drops a hit whose case id is the query's own (``query_ids[i]``)."""
+    if exclude_self:
+        if query_ids is None or len(query_ids) != len(emb):
+            raise DeployError("exclude_self needs the case id of every query")
+        return [[h for h in row if h.record.get("id") != qid][:k]
+                for row, qid in zip(index.search(emb, min(k + 1, len(index))), query_ids)]
+    return index.search(emb, k)
 
 
 def recall_from_hits(labels: Sequence[Any], hits: Sequence[Sequence[Any]], ks: Sequence[int]) -> dict[str, float]:
@@ -287,14 +296,15 @@ _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                     masks: Sequence[str | os.PathLike | None] | None = None, threshold: str | float = "otsu",
                     backend: str = "auto", progress: bool = True, precision: str = "fp32",
-                    local_paths: bool = True) -> dict[str, Any]:
+                    local_paths: bool = True, engine: Any = None) -> dict[str, Any]:
     """Localize lesions in ``images`` from the model's attention; writes ``<stem>_mask.png``,
     ``<stem>_boxes.json``, ``<stem>_overlay.png`` under ``out``, where ``<stem>`` is the image's opaque case
     token (:func:`case_names`: file names can carry patient names), and with ``local_paths`` an
     ``out/cases.local.json`` saying which input each token is (3D models: ``<stem>_mask.nii.gz``,
     ``<stem>_heatmap.nii.gz``, boxes and a peak-slice overlay, see :func:`medsim.deploy.volume.localize_volumes`).
     With ground-truth ``masks`` also ``localization.json`` / ``localization.md`` (mean Dice, IoU, pointing game,
-    box hit rate over the images whose mask is not empty)."""
+    box hit rate over the images whose mask is not empty). ``engine``: an open
+    :class:`~medsim.deploy.EmbeddingEngine` of ``model_dir`` to use (and leave open) instead of opening one."""
     from medsim.deploy.localizer import Localizer, box_hit, dice, iou, pointing_game
     from medsim.deploy.preprocess import load_manifest
 
@@ -317,14 +327,14 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
     if kind == "ct3d":
         from medsim.deploy.volume import localize_volumes
 
-        with open_engine(Path(model_dir), backend, precision, batch_size=1) as engine:
-            rows = localize_volumes(engine, images, out, loc, names=names, masks=masks, progress=progress)
+        with _engine(engine, model_dir, backend, precision, batch_size=1) as eng:
+            rows = localize_volumes(eng, images, out, loc, names=names, masks=masks, progress=progress)
         return finish(_localization_summary(rows, out))
     from medsim.runtime.geometry import geometry_from_manifest
 
     geometry = geometry_from_manifest(manifest, where=str(model_dir))  # None (stretch, warned) for old exports
-    with open_engine(Path(model_dir), backend, precision) as engine:
-        res = _embed(engine, [str(i) for i in images], 32, progress, sizes=True)
+    with _engine(engine, model_dir, backend, precision) as eng:
+        res = _embed(eng, [str(i) for i in images], 32, progress, sizes=True)
     rows = []
     for i, img in enumerate(images):
         size = tuple(int(v) for v in res["image_size"][i])
@@ -344,6 +354,14 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
                            box_hit=float(box_hit(result.boxes, gt)))
         rows.append(row)
     return finish(_localization_summary(rows, out))
+
+
+def _engine(engine: Any, model_dir: str | os.PathLike, backend: str, precision: str, **kwargs: Any) -> Any:
+    """``engine`` itself (left open: its owner closes it) or a new engine of ``model_dir`` closed on exit."""
+    import contextlib
+
+    return contextlib.nullcontext(engine) if engine is not None else open_engine(Path(model_dir), backend,
+                                                                                 precision, **kwargs)
 
 
 def case_names(images: Sequence[str | os.PathLike]) -> list[str]:
