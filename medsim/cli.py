@@ -11,10 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from medsim.errors import MedsimError
+from medsim.export.profiles import DEFAULTS
 
 LAYOUT_CHOICES = ["auto", "ham10000", "isic2019", "folder", "csv", "dicom", "nifti", "tiff", "image"]
 
@@ -243,39 +245,78 @@ def evaluate(run_dir: Path, split: str, checkpoint: str) -> None:
     click.echo(metrics_table({f"{run_dir.name} ({split})": res}))
 
 
+def _list_profiles(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--list-profiles``: print the export profiles as a table and stop (exit 2 naming any invalid one)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from medsim.export.profiles import ProfileError, format_profile_table, load_all_profiles, profile_dirs
+
+    good, bad = load_all_profiles()
+    dirs = ", ".join(map(str, profile_dirs()))
+    click.echo(f"export profiles (medsim export RUN --out DIR --profile NAME) in {dirs}:")
+    click.echo(format_profile_table(good))
+    if bad:
+        raise ProfileError("\n".join(str(e) for e in bad))
+    ctx.exit(0)
+
+
 @cli.command("export")
 @click.argument("source", type=click.Path(path_type=Path, exists=True))
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Output folder (model.onnx, manifest.json, model.int8.onnx, model.plan, triton/).")
+@click.option("--profile", default=None, metavar="NAME|FILE.json",
+              help="Export profile: NAME is export/profiles/NAME.json of the checkout (or of the folder "
+                   "$MEDSIM_EXPORT_PROFILES names), or give a JSON file. Options given here override its fields; "
+                   "the manifest records it.")
+@click.option("--list-profiles", is_flag=True, is_eager=True, expose_value=False, callback=_list_profiles,
+              help="List the export profiles and exit.")
 @click.option("--onnx/--no-onnx", "onnx", default=True, show_default=True,
               help="Export and verify model.onnx; --no-onnx reuses OUT/model.onnx from an earlier export.")
-@click.option("--trt", is_flag=True, help="Also build a TensorRT engine (model.plan; needs tensorrt and a GPU).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="TensorRT precision; int8 without --trt writes an onnxruntime INT8 model.int8.onnx.")
+@click.option("--trt/--no-trt", default=DEFAULTS["trt"],
+              help="Also build a TensorRT engine (model.plan; needs tensorrt and a GPU).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=DEFAULTS["precision"],
+              show_default=True, help="TensorRT precision; int8 without --trt writes an onnxruntime INT8 "
+                                      "model.int8.onnx.")
 @click.option("--calib", type=click.Path(path_type=Path, exists=True), default=None,
               help="INT8 calibration images: a folder, or a split JSON (its --calib-split); default: the run's own "
                    "--calib-split.")
-@click.option("--calib-split", type=click.Choice(["training", "validation", "test"]), default="training",
+@click.option("--calib-split", type=click.Choice(["training", "validation", "test"]), default=DEFAULTS["calib_split"],
               show_default=True, help="Split whose images calibrate INT8 (R@1 is measured on validation).")
-@click.option("--quantize", type=click.Choice(["static", "dynamic"]), default=None,
-              help="Write model.int8.onnx with onnxruntime quantization (static is the default for int8).")
-@click.option("--triton", is_flag=True, help="Also write a Triton model repository under OUT/triton.")
-@click.option("--triton-kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+@click.option("--calib-images", "max_calibration", type=click.IntRange(min=1), default=DEFAULTS["max_calibration"],
+              show_default=True, help="At most this many images calibrate INT8.")
+@click.option("--quantize", type=click.Choice(["static", "dynamic", "none"]), default=DEFAULTS["quantize"],
+              callback=lambda ctx, param, value: None if value == "none" else value,
+              help="Write model.int8.onnx with onnxruntime quantization (static is the default for int8; none: "
+                   "no INT8 ONNX model, overriding a profile).")
+@click.option("--triton/--no-triton", default=DEFAULTS["triton"],
+              help="Also write a Triton model repository under OUT/triton (serve it with deploy/triton/launch.sh).")
+@click.option("--triton-kind", type=click.Choice(["gpu", "cpu"]), default=DEFAULTS["triton_kind"], show_default=True,
               help="Triton instance kind for the ONNX model (cpu serves model.int8.onnx when INT8 was made).")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset, >= 17 (>= 18 uses the dynamo exporter).")
-@click.option("--opt-batch", type=int, default=8, show_default=True,
+@click.option("--opset", type=int, default=DEFAULTS["opset"], show_default=True,
+              help="ONNX opset, >= 17 (>= 18 uses the dynamo exporter).")
+@click.option("--opt-batch", type=int, default=DEFAULTS["opt_batch"], show_default=True,
               help="Parity batch, TensorRT optimum and Triton preferred batch.")
-@click.option("--max-batch", type=int, default=32, show_default=True, help="TensorRT/Triton largest batch.")
+@click.option("--max-batch", type=int, default=DEFAULTS["max_batch"], show_default=True,
+              help="TensorRT/Triton largest batch.")
 @_threads_option(torch=True)
-def export(source: Path, out: Path, onnx: bool, trt: bool, precision: str, calib: Path | None, calib_split: str,
-           quantize: str | None, triton: bool, triton_kind: str, opset: int, opt_batch: int, max_batch: int) -> None:
+@click.pass_context
+def export(ctx: click.Context, source: Path, out: Path, profile: str | None, onnx: bool, calib: Path | None,
+           **settings: Any) -> None:
     """Export SOURCE (a run directory or a checkpoint inside one) to ONNX with a parity check against PyTorch
-    and a manifest; optionally INT8, TensorRT and a Triton repository."""
+    and a manifest; optionally INT8, TensorRT and a Triton repository (--profile NAME: all of these from a
+    settings file; --list-profiles shows them)."""
     from medsim.export.pipeline import export_run
 
-    result = export_run(source, out, onnx=onnx, trt=trt, precision=precision, calib=calib, calib_split=calib_split,
-                        quantize=quantize, triton=triton, triton_kind=triton_kind, opset=opset, opt_batch=opt_batch,
-                        max_batch=max_batch)
+    record = None
+    if profile is not None:
+        from medsim.export.profiles import load_profile
+
+        prof = load_profile(profile)
+        explicit = {k for k in settings if ctx.get_parameter_source(k) not in
+                    (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)}
+        settings = prof.resolve(settings, explicit)
+        record = prof.record(settings, explicit)
+    result = export_run(source, out, onnx=onnx, calib=calib, profile=record, **settings)
     for line in result["lines"]:
         click.echo(line)
 

@@ -19,7 +19,7 @@ import numpy as np
 from medsim.export.errors import ExportError, ExportParityError, TensorRTUnavailable, check_choice
 from medsim.export.manifest import MANIFEST_NAME, read_manifest, update_manifest
 
-__all__ = ["export_run", "INT8_NAME", "ENGINE_NAME", "TRT_FP32_ATOL"]
+__all__ = ["export_run", "check_options", "INT8_NAME", "ENGINE_NAME", "TRT_FP32_ATOL"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
                triton: bool = False, opset: int = 17, opt_batch: int = 8, max_batch: int = 32,
                workspace_mb: int = 2048, atol: float = 1e-4, triton_name: str | None = None,
                triton_kind: str = "gpu", max_calibration: int = 256,
-               calib: str | os.PathLike | None = None) -> dict[str, Any]:
+               calib: str | os.PathLike | None = None, profile: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export a run (directory or checkpoint) into ``out_dir``.
 
     Steps (each adds a section to ``manifest.json``):
@@ -49,6 +49,10 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
        is raised before step 1, with nothing written or removed.
     4. ``triton``: ``out_dir/triton/<name>/`` for the engine (with ``trt``) or the ONNX model (the INT8 one when
        step 2 ran and ``triton_kind="cpu"``) → manifest ``triton``.
+    5. ``profile`` (the record of an export profile, :meth:`~medsim.export.profiles.ExportProfile.record`, given
+       when the options came from one) → manifest ``export_profile``. Without one, an ``export_profile`` left by an
+       earlier call (``onnx=False`` keeps the manifest) is set to ``null``: the section always describes the call
+       that last wrote the manifest.
 
     Returns:
         ``{"out_dir", "files": {...}, "manifest": dict, "lines": [human-readable summary lines]}``.
@@ -57,36 +61,18 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
         ExportError (and subclasses): bad options (checked before any work), a missing earlier export with
         ``onnx=False``, parity failures, TensorRT unavailable.
     """
-    from medsim.export.tensorrt import PRECISIONS, TrtBuildConfig, require_tensorrt
+    from medsim.export.tensorrt import require_tensorrt
 
-    check_choice(precision, PRECISIONS, "precision")
-    check_choice(quantize, ("static", "dynamic"), "quantization mode")
-    check_choice(calib_split, ("training", "validation", "test"), "calibration split")
-    check_choice(triton_kind, ("gpu", "cpu"), "Triton instance kind")
-    if opset < 17:
-        raise ExportError(f"opset {opset} is too old: medsim exports need ONNX opset >= 17 (LayerNormalization, "
-                          "the attention heads' ops and TensorRT 10's parser all assume it)")
-    if triton and trt and triton_kind == "cpu":
-        raise ExportError("--triton-kind cpu cannot serve a TensorRT engine (GPU only); drop --trt or use gpu")
-    if calib is not None and not Path(calib).exists():
-        raise ExportError(f"{calib}: calibration data not found (a folder of images or a split JSON)")
-    if precision == "fp16" and not trt:
-        raise ExportError("--precision fp16 needs --trt (fp16 is a TensorRT build option; onnxruntime CPU gains "
-                          "nothing from fp16): add --trt, or use --precision int8 for a CPU INT8 model")
-    if trt:  # validate the profile, and that TensorRT can run here, before spending time on ONNX
-        TrtBuildConfig(precision=precision, min_batch=1, opt_batch=opt_batch, max_batch=max_batch,
-                       workspace_mb=workspace_mb)
+    check_options(onnx=onnx, trt=trt, precision=precision, quantize=quantize, calib_split=calib_split,
+                  triton=triton, triton_kind=triton_kind, opset=opset, opt_batch=opt_batch, max_batch=max_batch,
+                  workspace_mb=workspace_mb, max_calibration=max_calibration, calib=calib)
+    if trt:  # that TensorRT can run here, before spending time on ONNX
         try:
             require_tensorrt()
         except TensorRTUnavailable as e:  # a new model.onnx would make the folder's INT8/engine/Triton stale
             raise TensorRTUnavailable(f"{e}; nothing in {out_dir} was changed (export without --trt to write the "
                                       "ONNX model)") from e
-    elif opt_batch < 1 or max_batch < opt_batch:
-        raise ExportError(f"batch sizes need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, "
-                          f"max_batch={max_batch}")
     int8_onnx = quantize is not None or (precision == "int8" and not trt)
-    if not (onnx or trt or int8_onnx or triton):
-        raise ExportError("nothing to do: --no-onnx without --trt, --quantize/--precision int8 or --triton")
 
     out = Path(out_dir)
     files: dict[str, str] = {}
@@ -177,8 +163,53 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
                                                                                   else manifest["model"])})
         files["triton"] = str(folder)
         lines.append(f"triton    {folder}  ({platform}, {kind}; serve with tritonserver --model-repository {repo})")
+
+    # 5. the export profile the options came from
+    if profile is not None:
+        manifest = update_manifest(out, export_profile=profile)
+        extra = f"; from the command line: {', '.join(profile['command_line'])}" if profile["command_line"] else ""
+        lines.append(f"profile   {profile['name']}  ({profile['file']}{extra})")
+    elif manifest.get("export_profile") is not None:
+        manifest = update_manifest(out, export_profile=None)
     lines.append(f"manifest  {out / MANIFEST_NAME}")
     return {"out_dir": str(out), "files": files, "manifest": manifest, "lines": lines}
+
+
+def check_options(*, onnx: bool = True, trt: bool = False, precision: str = "fp32", quantize: str | None = None,
+                  calib_split: str = "training", triton: bool = False, triton_kind: str = "gpu", opset: int = 17,
+                  opt_batch: int = 8, max_batch: int = 32, workspace_mb: int = 2048, max_calibration: int = 256,
+                  calib: str | os.PathLike | None = None) -> None:
+    """Refuse an inconsistent set of :func:`export_run` options, before any work, with one
+    :class:`~medsim.export.errors.ExportError` naming the option and the fix. Export profiles are checked with it
+    too (:mod:`medsim.export.profiles`). Whether TensorRT can run on this host is not checked here
+    (:func:`~medsim.export.tensorrt.require_tensorrt` is)."""
+    from medsim.export.tensorrt import PRECISIONS, TrtBuildConfig
+
+    check_choice(precision, PRECISIONS, "precision")
+    check_choice(quantize, ("static", "dynamic"), "quantization mode")
+    check_choice(calib_split, ("training", "validation", "test"), "calibration split")
+    check_choice(triton_kind, ("gpu", "cpu"), "Triton instance kind")
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old: medsim exports need ONNX opset >= 17 (LayerNormalization, "
+                          "the attention heads' ops and TensorRT 10's parser all assume it)")
+    if triton and trt and triton_kind == "cpu":
+        raise ExportError("--triton-kind cpu cannot serve a TensorRT engine (GPU only); drop --trt or use gpu")
+    if calib is not None and not Path(calib).exists():
+        raise ExportError(f"{calib}: calibration data not found (a folder of images or a split JSON)")
+    if precision == "fp16" and not trt:
+        raise ExportError("--precision fp16 needs --trt (fp16 is a TensorRT build option; onnxruntime CPU gains "
+                          "nothing from fp16): add --trt, or use --precision int8 for a CPU INT8 model")
+    if max_calibration < 1:
+        raise ExportError(f"the number of calibration images must be >= 1, got {max_calibration}")
+    if trt:  # the TensorRT optimisation profile
+        TrtBuildConfig(precision=precision, min_batch=1, opt_batch=opt_batch, max_batch=max_batch,
+                       workspace_mb=workspace_mb)
+    elif opt_batch < 1 or max_batch < opt_batch:
+        raise ExportError(f"batch sizes need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, "
+                          f"max_batch={max_batch}")
+    int8_onnx = quantize is not None or (precision == "int8" and not trt)
+    if not (onnx or trt or int8_onnx or triton):
+        raise ExportError("nothing to do: --no-onnx without --trt, --quantize/--precision int8 or --triton")
 
 
 def _calibration_images(run: Any, calib: str | os.PathLike | None, split: str, limit: int

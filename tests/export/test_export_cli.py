@@ -4,7 +4,6 @@ anything in the output folder is written or removed."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ def run(argv, capsys):
         main(argv)
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    """This host, whatever it is: no tensorrt package and no GPU."""
-    import medsim.export.tensorrt as mod
-
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setattr(mod, "gpu_available", lambda: (False, "no nvidia-smi on PATH"))
 
 
 def test_export_trt_without_tensorrt_exits_2_writing_nothing(tiny_run, tmp_path, capsys, no_tensorrt):
