@@ -103,11 +103,11 @@ class LabelClient:
         return self.json("POST", f"/train/{model}", body=params)
 
     def wait_train(self, timeout: float = 600.0) -> dict[str, Any]:
-        """Poll ``GET /train/`` until the last training task is no longer running; its status record."""
+        """Poll ``GET /train/`` until the last training task has ended (DONE, ERROR or STOPPED); its record."""
         t0 = time.time()
         while time.time() - t0 < timeout:
             st = self.json("GET", "/train/")
-            if st and st.get("status") not in ("RUNNING", "QUEUED", None):
+            if st and st.get("status") in ("DONE", "ERROR", "STOPPED"):  # else SUBMITTED / RUNNING
                 return st
             time.sleep(1.0)
         raise TimeoutError(f"training still running after {timeout:.0f} s")

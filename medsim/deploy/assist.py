@@ -66,6 +66,11 @@ class Assistant:
         AssistConfigError: a folder is missing, or the index was built with another model (both named).
     """
 
+    #: most image files whose outputs are kept (about 1 KB each for a 128-d embedding and an 8×8 map)
+    max_cached = 50_000
+    #: most case thumbnails kept
+    max_thumbnails = 2_000
+
     def __init__(self, model_dir: str | os.PathLike, index_dir: str | os.PathLike, *, backend: str = "auto",
                  precision: str | None = None, threshold: str | float = "otsu"):
         from medsim.deploy.engine import open_engine
@@ -90,8 +95,10 @@ class Assistant:
         self.engine = open_engine(self.model_dir, backend, self.precision)
         self.localizer = Localizer(threshold=threshold)
         self.case_paths = local_case_paths(self.index_dir)
+        self._case_of_path = {_resolved(p): cid for cid, p in self.case_paths.items()}
         self.kind = str(self.engine.manifest["preprocessing"].get("kind", "rgb2d"))
-        self._cache: dict[str, _Cached] = {}
+        self._cache: dict[str, _Cached] = {}  # insertion-ordered: the oldest entry is dropped first
+        self._thumbs: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ properties
@@ -112,36 +119,52 @@ class Assistant:
         self.engine.close()
 
     # ----------------------------------------------------------------------------------------------- model
-    def outputs(self, images: Sequence[str | os.PathLike]) -> dict[str, np.ndarray]:
-        """Model outputs of image files (``embedding`` (N, D), ``attention``, ``logits``?), cached per file
-        (path, size, modification time): the active-learning pool is embedded once, not on every request."""
+    def outputs(self, images: Sequence[str | os.PathLike], *, cache: bool = True) -> dict[str, np.ndarray]:
+        """Model outputs of image files (``embedding`` (N, D), ``attention``, ``logits``?). With ``cache`` they are
+        kept per file (path, size, modification time; at most :attr:`max_cached` files, oldest dropped first), so
+        the active-learning pool is embedded once, not on every request; a changed file is embedded again."""
+        if not cache:
+            return self.engine.embed([str(p) for p in images]) if len(images) else self._no_outputs()
         keys = [_file_key(p) for p in images]
-        missing = [i for i, k in enumerate(keys) if self._cache.get(k[0]) is None or self._cache[k[0]].key != k]
+        with self._lock:
+            missing = [i for i, k in enumerate(keys) if self._cache.get(k[0]) is None or self._cache[k[0]].key != k]
         if missing:
             new = self.engine.embed([str(images[i]) for i in missing])
             with self._lock:
                 for j, i in enumerate(missing):
+                    self._cache.pop(keys[i][0], None)
                     self._cache[keys[i][0]] = _Cached(keys[i], {n: v[j] for n, v in new.items()})
-        with self._lock:
-            rows = [self._cache[k[0]].outputs for k in keys]
+                while len(self._cache) > self.max_cached:
+                    self._cache.pop(next(iter(self._cache)))
+        rows = []
+        for i, k in enumerate(keys):
+            with self._lock:
+                hit = self._cache.get(k[0])
+            if hit is None:  # dropped by a concurrent request's eviction meanwhile
+                hit = _Cached(k, {n: v[0] for n, v in self.engine.embed([str(images[i])]).items()})
+            rows.append(hit.outputs)
         if not rows:
-            return {n: np.zeros((0,), np.float32) for n in self.engine.output_names}
+            return self._no_outputs()
         return {n: np.stack([r[n] for r in rows]) for n in rows[0]}
+
+    def _no_outputs(self) -> dict[str, np.ndarray]:
+        return self.engine.embed([])
 
     def similar_cases(self, image: str | os.PathLike, k: int = 5, *, exclude_self: bool = False,
                       thumbnails: int = 96) -> dict[str, Any]:
         """The ``k`` most similar indexed cases of one image, best first — the hits of ``medsim search``.
 
         Returns:
-            ``{"query": case token of the image, "k", "model_id", "cases": [{"rank", "id", "score", "label",
+            ``{"query": the image's case id (an indexed image's own, else its path's token), "k", "model_id", "cases": [{"rank", "id", "score", "label",
             "thumbnail"?}]}``; ``thumbnail`` is a ``data:image/png;base64`` picture (longest side ``thumbnails``
             px; 0: none) when the index's ``cases.local.json`` says where the case's image is on this machine.
         """
         from medsim.deploy.tasks import case_names, search_embeddings
 
         k = _positive_int(k, "k")
-        query = case_names([image])[0]
-        emb = self.outputs([image])["embedding"]
+        # an indexed image is named by its case id (so exclude_self finds it), any other by its path's token
+        query = self._case_of_path.get(_resolved(image)) or case_names([image])[0]
+        emb = self.outputs([image], cache=False)["embedding"]
         hits = search_embeddings(self.index, emb, k, query_ids=[query], exclude_self=exclude_self)[0]
         cases = []
         for rank, h in enumerate(hits, start=1):
@@ -149,9 +172,21 @@ class Assistant:
             row: dict[str, Any] = {"rank": rank, "id": cid, "score": float(h.score), "label": h.record.get("label")}
             path = self.case_paths.get(cid)
             if thumbnails and path:
-                row["thumbnail"] = _thumbnail(path, self.kind, int(thumbnails))
+                row["thumbnail"] = self._thumbnail(cid, path, int(thumbnails))
             cases.append(row)
         return {"query": query, "k": k, "model_id": self.model_id, "cases": cases}
+
+    def _thumbnail(self, cid: str, path: str, size: int) -> str | None:
+        key = f"{cid}@{size}"
+        with self._lock:
+            if key in self._thumbs:
+                return self._thumbs[key]
+        thumb = _thumbnail(path, self.kind, size)
+        with self._lock:
+            self._thumbs[key] = thumb
+            while len(self._thumbs) > self.max_thumbnails:
+                self._thumbs.pop(next(iter(self._thumbs)))
+        return thumb
 
     def localize(self, image: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
         """Mask and boxes of one image, written by the same code as ``medsim localize`` (its ``<token>_mask``,
@@ -196,7 +231,7 @@ class Assistant:
         if not self.has_logits:
             raise DeployError(f"{self.model_dir}: the model has no logits output (a metric-learning embedder); "
                               "classify needs a model trained with a classifier head")
-        logits = self.outputs([image])["logits"][0].astype(np.float64)
+        logits = self.outputs([image], cache=False)["logits"][0].astype(np.float64)
         p = _softmax(logits)
         names = self.classes or [str(i) for i in range(len(p))]
         order = np.argsort(-p)
@@ -252,6 +287,7 @@ def kcenter_greedy(pool: np.ndarray, centers: np.ndarray | None, n: int, *,
         picked.append(i)
         gaps.append(float(d[i]))
         d = np.minimum(d, np.sqrt(np.maximum(_sq_dists(x, x[i:i + 1])[:, 0], 0.0)))
+        d[picked] = -np.inf  # never again: rounding can leave a picked point above a labelled one's exact 0
     return picked, np.asarray(gaps)
 
 
@@ -373,6 +409,13 @@ def _positive_int(v: Any, name: str) -> int:
     return i
 
 
+def _resolved(p: str | os.PathLike) -> str:
+    try:
+        return str(Path(p).resolve())
+    except (OSError, RuntimeError):
+        return str(p)
+
+
 def _file_key(p: str | os.PathLike) -> tuple[str, int, int]:
     path = Path(p)
     try:
@@ -386,12 +429,12 @@ def _thumbnail(path: str, kind: str, size: int) -> str | None:
     """A small PNG of the case image as a data URI (None when it cannot be drawn: the hit is still returned)."""
     from PIL import Image
 
-    from medsim.deploy.tasks import _display_image
+    from medsim.deploy.tasks import display_image
 
     try:
         if kind == "ct3d":
             return None  # volumes: no thumbnail (clients open the case)
-        img = Image.fromarray(_display_image(path, kind))
+        img = Image.fromarray(display_image(path, kind))
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, format="PNG")

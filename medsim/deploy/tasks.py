@@ -275,7 +275,7 @@ def _read_mask(path: str | os.PathLike, image: str | os.PathLike) -> np.ndarray:
         return np.asarray(m.convert("L"))
 
 
-def _display_image(path: str | os.PathLike, kind: str) -> np.ndarray:
+def display_image(path: str | os.PathLike, kind: str) -> np.ndarray:
     """(H, W, 3) uint8 background for an overlay: PIL for ordinary images; DICOM / NIfTI (gray2d) through the
     runtime's reader, min–max scaled to 0..255."""
     from medsim.deploy.preprocess import read_image
@@ -339,7 +339,7 @@ def localize_images(model_dir: str | os.PathLike, images: Sequence[str | os.Path
     for i, img in enumerate(images):
         size = tuple(int(v) for v in res["image_size"][i])
         result = loc.localize(res["attention"][i], size, geometry)
-        loc.save(result, out, names[i], image=_display_image(img, kind))
+        loc.save(result, out, names[i], image=display_image(img, kind))
         row: dict[str, Any] = {"image": names[i], "boxes": len(result.boxes)}
         if masks is not None and masks[i] is not None:
             gt = _read_mask(masks[i], img)
