@@ -396,3 +396,41 @@ def test_config_errors_name_the_folders(model_dir, index_dir, tmp_path):
         Assistant(other, index_dir)
     assert str(other) in str(e.value) and str(index_dir) in str(e.value)
     assert isinstance(e.value, DeployError)
+
+
+def test_classify_a_model_with_logits(sample_root, tmp_path_factory):
+    """A classifier export (`--variant classifier`): probabilities are the softmax of the engine's logits, the label
+    their argmax, and active learning's `auto` uncertainty is the classifier's normalised entropy."""
+    from conftest import BUNDLE, TINY
+
+    from medsim.deploy.engine import EmbeddingEngine
+    from medsim.deploy.tasks import build_index
+    from medsim.engines.workflow import train_bundle
+    from medsim.export.pipeline import export_run
+
+    tmp = tmp_path_factory.mktemp("assist_cls")
+    train_bundle(BUNDLE, variant="classifier", dataset_dir=str(sample_root / "derm"), output_dir=str(tmp / "run"),
+                 overrides=dict(TINY))
+    export_run(tmp / "run", tmp / "export", opt_batch=2)
+    build_index(tmp / "export", tmp / "run" / "split.json", tmp / "index", progress=False)
+    from medsim.data.splits import load_split
+
+    test = [it["image"] for it in load_split(tmp / "run" / "split.json")["test"]][:6]
+    with EmbeddingEngine(tmp / "export", backend="ort-cpu") as e:
+        logits = e.embed(test)["logits"].astype(np.float64)
+        classes = e.classes
+    a = Assistant(tmp / "export", tmp / "index")
+    try:
+        assert a.has_logits and a.classes == classes
+        for img, z in zip(test, logits):
+            got = a.classify(img)
+            p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+            np.testing.assert_allclose([got["probabilities"][c] for c in classes], p, atol=1e-5)
+            assert got["label"] == classes[int(np.argmax(p))]
+            assert got["entropy"] == pytest.approx(float(-(p * np.log(p)).sum()), abs=1e-5)
+        ranked = a.rank_unlabelled(test, strategy="uncertainty", n=len(test))
+        want = entropy(logits) / np.log(len(classes))
+        assert [r["index"] for r in ranked] == list(np.argsort(-want, kind="stable"))
+        np.testing.assert_allclose([r["uncertainty"] for r in ranked], np.sort(want)[::-1], atol=1e-5)
+    finally:
+        a.close()

@@ -302,3 +302,32 @@ def test_localize_cli_on_a_volume_writes_nifti_on_the_scan(sample_root, export3d
         np.testing.assert_allclose(b["ras_mm"]["max"], np.maximum(lo, hi)[:3], atol=0.006)
     with Image.open(tmp_path / "loc" / f"{name}_overlay.png") as im:
         assert im.size == (grid.shape[0], grid.shape[1])  # (width = x, height = y) of an axial slice
+
+
+def test_assistant_serves_a_volume_model(sample_root, export3d, tmp_path):
+    """The MONAI Label app's core on a 3D model: the label it returns is the NIfTI mask `medsim localize` writes
+    (same voxels, same affine), and the indexed volume is its own most similar case (no thumbnail for volumes)."""
+    import nibabel as nib
+
+    from medsim.deploy.assist import Assistant
+    from medsim.deploy.tasks import build_index, localize_images
+
+    model, _ = export3d
+    vol = sample_root / "ct" / "ct.nii.gz"
+    build_index(model, sample_root / "ct", tmp_path / "index", progress=False)
+    a = Assistant(model, tmp_path / "index")
+    try:
+        assert a.dimension == 3
+        res = a.localize(vol, tmp_path / "app")
+        ref = localize_images(model, [vol], tmp_path / "cli", progress=False)
+        want = nib.load(tmp_path / "cli" / f"{ref['names'][0]}_mask.nii.gz")
+        got = nib.load(res["label"])
+        assert res["label"].endswith("_mask.nii.gz")
+        np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
+        np.testing.assert_allclose(got.affine, want.affine)
+        sim = a.similar_cases(vol, k=1)
+        assert sim["cases"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert sim["cases"][0]["id"] == sim["query"]  # an indexed volume is named by its case id
+        assert "thumbnail" not in sim["cases"][0] or sim["cases"][0]["thumbnail"] is None
+    finally:
+        a.close()
