@@ -20,13 +20,22 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import monailabel" 
 fi
 host="127.0.0.1"
 args=()
+export_dir=""; index_dir=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --public) host="0.0.0.0"; shift ;;
+    --conf)
+      [[ $# -ge 3 ]] || { echo "serve.sh: --conf needs NAME VALUE" >&2; exit 2; }
+      [[ "$2" == "export" ]] && export_dir="$3"
+      [[ "$2" == "index" ]] && index_dir="$3"
+      args+=("$1" "$2" "$3"); shift 3 ;;
     --host|-i) echo "serve.sh: use --public to listen beyond this machine (binds 0.0.0.0)" >&2; exit 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
+# the export and index, checked before the server starts: one line saying what is wrong, exit code 2
+"$venv/bin/python" -c 'import sys; from medsim.deploy.assist import preflight; sys.exit(preflight(*sys.argv[1:]))' \
+  "$export_dir" "$index_dir"
 [[ "$host" == "0.0.0.0" ]] && echo "serve.sh: listening on every interface (--public): anyone who reaches this port can read the studies" >&2
 # the venv's python, first on PATH too: MONAI Label starts training in a subprocess of its own interpreter
 export PATH="$venv/bin:$PATH"

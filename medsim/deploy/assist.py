@@ -31,7 +31,7 @@ import numpy as np
 
 from medsim.runtime.errors import DeployError
 
-__all__ = ["Assistant", "AssistConfigError", "kcenter_greedy", "entropy", "retrieval_disagreement",
+__all__ = ["Assistant", "AssistConfigError", "preflight", "kcenter_greedy", "entropy", "retrieval_disagreement",
            "rank_unlabelled", "STRATEGIES", "UNCERTAINTIES"]
 
 logger = logging.getLogger(__name__)
@@ -250,6 +250,24 @@ class Assistant:
         extra = self.outputs(labelled)["embedding"] if len(labelled) else None
         return rank_unlabelled(pool, self.index, extra_labelled=extra, strategy=strategy, uncertainty=uncertainty,
                                n=n, k=k)
+
+
+def preflight(model_dir: str, index_dir: str) -> int:
+    """What ``deploy/monailabel/serve.sh`` runs before it starts the server: 0 when the export and the index open
+    together, else 2 after one line on stderr saying what is wrong (a missing ``--conf``, a missing folder, an index
+    of another model)."""
+    import sys
+
+    if not model_dir or not index_dir:
+        missing = " and ".join(f"--conf {k} DIR" for k, v in (("export", model_dir), ("index", index_dir)) if not v)
+        print(f"serve.sh: give {missing} (the folders of `medsim export` and `medsim index build`)", file=sys.stderr)
+        return 2
+    try:
+        Assistant(model_dir, index_dir).close()
+    except DeployError as e:
+        print(f"serve.sh: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ active learning

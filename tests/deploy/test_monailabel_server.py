@@ -260,3 +260,24 @@ def test_save_label_then_train_switches_to_a_fine_tuned_model(server, setup, tmp
     assert top["score"] == pytest.approx(1.0, abs=1e-4) and top["label"] == cls  # itself, now indexed
     with Image.open(io.BytesIO(server.localize(image_id)[1])) as im:
         assert im.size == Image.open(_path(setup, image_id)).size
+
+
+def test_serve_refuses_folders_of_different_models(setup):
+    """serve.sh checks the export and the index before it starts anything: the fine-tuned model's index with the
+    original export (two models) exits 2 with one line naming both folders; so does a missing folder or --conf."""
+    import subprocess
+
+    other_index = next((setup["work"]).glob("model-*/index"))  # written by the train test above
+    env = {**os.environ, "MEDSIM_LABEL_VENV": str(VENV)}
+    cases = [(["--conf", "export", str(setup["export"]), "--conf", "index", str(other_index)],
+              [str(other_index), str(setup["export"]), "different models"]),
+             (["--conf", "export", str(setup["export"]), "--conf", "index", str(setup["tmp"] / "nowhere")],
+              [str(setup["tmp"] / "nowhere"), "does not exist"]),
+             (["--conf", "index", str(setup["index"])], ["--conf export DIR"])]
+    for conf, words in cases:
+        r = subprocess.run(["bash", str(APP / "serve.sh"), str(setup["studies"]), "--port", "1", *conf], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("serve.sh: ") and "Traceback" not in r.stderr, r.stderr
+        assert all(w in lines[0] for w in words), lines[0]
