@@ -180,11 +180,15 @@ def test_active_learning_returns_the_ranked_unlabelled_image(server, setup):
         a.close()
 
 
-def test_concurrent_clients_get_correct_answers(server, setup):
-    """8 clients × 20 requests, similar cases of random study images: every answer equals the serial one."""
+def test_concurrent_clients_get_correct_answers(server, setup, capsys):
+    """8 clients × 20 requests, similar cases of random study images: every answer equals the serial one. The
+    latencies it saw are printed into the test log (`benchmarks/monailabel_latency.py` measures them properly)."""
+    import time
+
     ids = _ids(setup)
     expected = {i: [c["id"] for c in server.similar_cases(i, k=5)["cases"]] for i in ids}
     errors: list[str] = []
+    ms: list[float] = []
 
     def client(seed: int) -> None:
         from client import LabelClient
@@ -194,18 +198,25 @@ def test_concurrent_clients_get_correct_answers(server, setup):
         for _ in range(20):
             i = ids[int(rng.integers(len(ids)))]
             try:
+                t0 = time.perf_counter()
                 got = [h["id"] for h in c.similar_cases(i, k=5, params={"thumbnails": 0})["cases"]]
+                ms.append((time.perf_counter() - t0) * 1000)
                 if got != expected[i]:
                     errors.append(f"{i}: {got} != {expected[i]}")
             except Exception as e:  # noqa: BLE001 - collected and reported
                 errors.append(f"{i}: {e}")
 
     threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
+    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    wall = time.perf_counter() - t0
     assert not errors, errors[:5]
+    with capsys.disabled():
+        print(f"\n[monailabel server] 8 clients x 20 similar_cases (tiny 32 px model, {len(ids)} study images): "
+              f"median {np.median(ms):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms, {len(ms) / wall:.0f} requests/s")
 
 
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, setup, tmp_path):
@@ -233,7 +244,7 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, setup, 
     assert server.similar_cases(_ids(setup)[0], k=2)["cases"]  # still serving
 
 
-def test_save_label_then_train_switches_to_a_fine_tuned_model(server, setup, tmp_path):
+def test_save_label_then_train_switches_to_a_fine_tuned_model(server, setup, tmp_path, capsys):
     """An annotator saves a corrected mask with its class; /train/medsim fine-tunes on the index's cases plus
     that label, exports, re-indexes, and the server answers with the new model (the labelled image is now a case
     of the index, with the class the annotator gave)."""
@@ -248,9 +259,15 @@ def test_save_label_then_train_switches_to_a_fine_tuned_model(server, setup, tmp
     server.save_label(image_id, label, {"class": cls})
     assert image_id not in server.next_sample("medsim_diversity")["id"] or len(_ids(setup)) == 1
 
+    import time
+
+    t0 = time.perf_counter()
     server.train("medsim", max_epochs=1, overrides={"min_neurons": 4})
     status = server.wait_train(timeout=900)
     assert status["status"] == "DONE", status
+    with capsys.disabled():
+        print(f"\n[monailabel server] /train/medsim (1 epoch, fine-tune + export + re-index): "
+              f"{time.perf_counter() - t0:.1f} s")
     current = json.loads((setup["work"] / "current.json").read_text())
     assert Path(current["export"], "manifest.json").is_file()
     after = server.similar_cases(image_id, k=3)
