@@ -189,38 +189,50 @@ class Assistant:
         return thumb
 
     def localize(self, image: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-        """Mask and boxes of one image, written by the same code as ``medsim localize`` (its ``<token>_mask``,
-        ``_boxes.json``, ``_overlay.png``), plus a label image for annotation tools: ``label`` is a uint8 PNG
-        (2D, at the image's size) or the mask NIfTI (3D, on the model grid with its affine), 0 = background,
-        1 = lesion.
+        """Mask and boxes of one image, computed by the same code as ``medsim localize``, plus a label image for
+        annotation tools: a uint8 PNG (2D, at the image's size) or the mask NIfTI (3D, on the model grid with its
+        affine), 0 = background, 1 = lesion.
+
+        Args:
+            out_dir: where ``medsim localize``'s files go (``<token>_mask``, ``_boxes.json``, ``_overlay.png``) and
+                the label beside them. ``None`` (the server): they are written to a temporary folder that is
+                removed before returning, and ``label`` is a temporary file the caller owns (MONAI Label deletes
+                it after sending it).
 
         Returns:
-            ``{"label": path, "overlay": path, "boxes": [...], "threshold", "name": case token}``; 2D boxes are
-            pixel ``x0, y0, x1, y1`` (x = column, upper bounds exclusive).
+            ``{"label": path, "overlay": path or None, "boxes": [...], "threshold", "name": case token}``; 2D boxes
+            are pixel ``x0, y0, x1, y1`` (x = column, upper bounds exclusive).
         """
         import json
+        import shutil
 
         from medsim.deploy.tasks import localize_images
 
-        out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="medsim-localize-"))
-        res = localize_images(self.model_dir, [image], out, progress=False, local_paths=False, engine=self.engine,
-                              threshold=self.localizer.threshold)
-        name = res["names"][0]
-        doc = json.loads((out / f"{name}_boxes.json").read_text(encoding="utf-8"))
-        if self.dimension == 3:
-            label = out / f"{name}_mask.nii.gz"
-        else:
-            from PIL import Image
+        keep = out_dir is not None
+        out = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="medsim-localize-"))
+        try:
+            res = localize_images(self.model_dir, [image], out, progress=False, local_paths=False,
+                                  engine=self.engine, threshold=self.localizer.threshold)
+            name = res["names"][0]
+            doc = json.loads((out / f"{name}_boxes.json").read_text(encoding="utf-8"))
+            suffix = ".nii.gz" if self.dimension == 3 else ".png"
+            label = out / f"{name}_label{suffix}" if keep else Path(_temp_file(suffix))
+            if self.dimension == 3:
+                shutil.copyfile(out / f"{name}_mask.nii.gz", label)  # already 0/1 uint8 with the grid's affine
+            else:
+                from PIL import Image
 
-            from medsim.errors import atomic_path
+                from medsim.errors import atomic_path
 
-            with Image.open(out / f"{name}_mask.png") as m:
-                mask = (np.asarray(m) > 0).astype(np.uint8)
-            label = out / f"{name}_label.png"
-            with atomic_path(label, suffix=".png") as tmp:
-                Image.fromarray(mask).save(tmp)
-        return {"name": name, "label": str(label), "overlay": str(out / f"{name}_overlay.png"),
-                "boxes": doc["boxes"], "threshold": doc["threshold"], "out": str(out)}
+                with Image.open(out / f"{name}_mask.png") as m:
+                    mask = (np.asarray(m) > 0).astype(np.uint8)
+                with atomic_path(label, suffix=".png") as tmp:
+                    Image.fromarray(mask).save(tmp)
+        finally:
+            if not keep:
+                shutil.rmtree(out, ignore_errors=True)
+        return {"name": name, "label": str(label), "overlay": str(out / f"{name}_overlay.png") if keep else None,
+                "boxes": doc["boxes"], "threshold": doc["threshold"]}
 
     def classify(self, image: str | os.PathLike) -> dict[str, Any]:
         """Class probabilities (softmax of the model's logits) of one image.
@@ -425,6 +437,12 @@ def _positive_int(v: Any, name: str) -> int:
     if i < 1 or (isinstance(v, float) and v != i):
         raise DeployError(f"{name} must be a positive integer, got {v!r}")
     return i
+
+
+def _temp_file(suffix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix="medsim-label-", suffix=suffix)
+    os.close(fd)
+    return path
 
 
 def _resolved(p: str | os.PathLike) -> str:

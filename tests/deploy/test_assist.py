@@ -434,3 +434,21 @@ def test_classify_a_model_with_logits(sample_root, tmp_path_factory):
         np.testing.assert_allclose([r["uncertainty"] for r in ranked], np.sort(want)[::-1], atol=1e-5)
     finally:
         a.close()
+
+
+def test_localize_for_the_server_leaves_only_the_label_file(assistant, split, tmp_path, monkeypatch):
+    """out_dir=None (what the app does per request): medsim localize's files go to a temporary folder that is gone
+    afterwards; the label is one temporary file, equal to the one written with an out_dir."""
+    import tempfile
+
+    from PIL import Image
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    image = split["test"][0]["image"]
+    got = assistant.localize(image)
+    left = sorted(p.name for p in (tmp_path / "tmp").iterdir())
+    assert left == [Path(got["label"]).name] and got["overlay"] is None
+    ref = assistant.localize(image, tmp_path / "kept")
+    np.testing.assert_array_equal(np.asarray(Image.open(got["label"])), np.asarray(Image.open(ref["label"])))
+    assert got["boxes"] == ref["boxes"]

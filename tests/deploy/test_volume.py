@@ -322,7 +322,7 @@ def test_assistant_serves_a_volume_model(sample_root, export3d, tmp_path):
         ref = localize_images(model, [vol], tmp_path / "cli", progress=False)
         want = nib.load(tmp_path / "cli" / f"{ref['names'][0]}_mask.nii.gz")
         got = nib.load(res["label"])
-        assert res["label"].endswith("_mask.nii.gz")
+        assert res["label"].endswith("_label.nii.gz")
         np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
         np.testing.assert_allclose(got.affine, want.affine)
         sim = a.similar_cases(vol, k=1)
