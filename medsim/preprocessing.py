@@ -78,6 +78,9 @@ def describe(spec: Mapping[str, Any]) -> dict[str, Any]:
                          f"{', '.join(sorted(FACTORY_KINDS))}")
     if args.get("train"):
         raise ValueError("the deployed preprocessing is the eval pipeline (train=false), got train=true")
+    if args.get("intensity", "hu") != "hu":
+        raise ValueError(f"no preprocessing description for intensity={args.get('intensity')!r}: the torch-free "
+                         "runtime implements the HU window only (percentile scaling of MR volumes is training-side)")
     mask = bool(args.get("with_mask", False))
     load = ["LoadImaged"]
     desc: dict[str, Any] = {"kind": kind}

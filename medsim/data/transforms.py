@@ -7,7 +7,8 @@ rgb2d      load RGB, [0, 1], resize, per-channel normalise  flips, 90° rotation
 gray2d     load (DICOM: window + MONOCHROME1), [0, 1],      small affine, contrast, noise (no flips: the
            resize                                           heart's side carries meaning)
 ct3d       load, RAS orientation, resample to spacing,      random crop, flips, affine, intensity shift
-           HU window → [0, 1], pad/crop to the ROI
+           HU window (MR: percentiles) → [0, 1], pad/crop
+           to the ROI
 =========  ===============================================  ==============================================
 
 Masks (``mask`` key) follow the image through every spatial transform with nearest-neighbour interpolation,
@@ -22,8 +23,8 @@ from typing import Sequence
 from medsim.preprocessing import (CT_AXCODES, CT_PAD, CT_PIXDIM, CT_ROI_SIZE, CT_SPACING, HU_WINDOW,
                                   IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODE, RGB_SCALE, SPATIAL_SIZE_2D)
 
-__all__ = ["rgb2d_transforms", "gray2d_transforms", "ct3d_transforms", "make_transforms", "IMAGENET_MEAN",
-           "IMAGENET_STD", "KINDS"]
+__all__ = ["rgb2d_transforms", "gray2d_transforms", "ct3d_transforms", "volume_loading", "make_transforms",
+           "IMAGENET_MEAN", "IMAGENET_STD", "KINDS", "INTENSITIES", "MR_PERCENTILES"]
 
 KINDS = ("rgb2d", "gray2d", "ct3d")
 
@@ -124,14 +125,32 @@ def gray2d_transforms(spatial_size: Sequence[int] = SPATIAL_SIZE_2D, *, train: b
     return mt.Compose(xs)
 
 
-def ct3d_transforms(roi_size: Sequence[int] = CT_ROI_SIZE, *, pixdim: Sequence[float] = CT_PIXDIM,
-                    hu_window: tuple[float, float] = HU_WINDOW, train: bool = False, with_mask: bool = False):
-    """3D CT (NIfTI or DICOM series) → float (1, *roi_size) in [0, 1]; label maps resampled with nearest."""
+#: intensity scalings of 3-D volumes → [0, 1]: a fixed HU window (CT) or the volume's own percentiles (MR, whose
+#: intensities have no absolute scale)
+INTENSITIES = ("hu", "percentile")
+#: default percentiles (lower, upper) of :func:`volume_loading`'s ``"percentile"`` scaling
+MR_PERCENTILES = (0.5, 99.5)
+
+
+def volume_loading(keys: Sequence[str] = ("image",), modes: Sequence[str] = ("bilinear",), *,
+                   pixdim: Sequence[float] = CT_PIXDIM, intensity: str = "hu",
+                   hu_window: tuple[float, float] = HU_WINDOW,
+                   percentiles: tuple[float, float] = MR_PERCENTILES) -> list:
+    """The deterministic loading of a 3-D volume (CT or MR; NIfTI or DICOM series), as a list of MONAI dictionary
+    transforms: load → float32 → RAS orientation → resampling to ``pixdim`` mm → intensity to [0, 1].
+
+    Intensity (``"image"`` only; label maps in ``keys`` are resampled with their ``modes``, e.g. nearest):
+    ``"hu"`` clips to the HU window ``hu_window`` (CT); ``"percentile"`` maps the volume's ``percentiles``
+    (lower, upper) to 0 and 1 and clips (MR: MONAI ``ScaleIntensityRangePercentilesd``).
+
+    Shapes: a file → (1, x, y, z) on the ``pixdim`` grid, RAS.
+    """
     import monai.transforms as mt
 
     from medsim.data.dicom import DicomReader
 
-    keys, modes = _keys(with_mask)
+    keys, modes = list(keys), list(modes)
+    intensity = _look_up_intensity(intensity)
     xs: list = [
         _load_images(keys, [DicomReader(display=False), "NibabelReader"]),
         mt.EnsureTyped(keys, dtype="float32"),
@@ -139,7 +158,37 @@ def ct3d_transforms(roi_size: Sequence[int] = CT_ROI_SIZE, *, pixdim: Sequence[f
         mt.Spacingd(keys, pixdim=tuple(pixdim), mode=modes, padding_mode=CT_SPACING["padding_mode"],
                     align_corners=CT_SPACING["align_corners"], diagonal=CT_SPACING["diagonal"],
                     scale_extent=CT_SPACING["scale_extent"]),
-        mt.ScaleIntensityRanged("image", a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if intensity == "hu":
+        xs.append(mt.ScaleIntensityRanged("image", a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0,
+                                          clip=True))
+    else:
+        lo, hi = (float(p) for p in percentiles)
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles must be 0 <= lower < upper <= 100, got percentiles={list(percentiles)}")
+        xs.append(mt.ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True))
+    return xs
+
+
+def _look_up_intensity(intensity: str) -> str:
+    from monai.utils import look_up_option
+
+    return look_up_option(intensity, INTENSITIES)
+
+
+def ct3d_transforms(roi_size: Sequence[int] = CT_ROI_SIZE, *, pixdim: Sequence[float] = CT_PIXDIM,
+                    hu_window: tuple[float, float] = HU_WINDOW, train: bool = False, with_mask: bool = False,
+                    intensity: str = "hu", percentiles: tuple[float, float] = MR_PERCENTILES):
+    """3D CT (NIfTI or DICOM series) → float (1, *roi_size) in [0, 1]; label maps resampled with nearest.
+
+    ``intensity="percentile"`` scales MR volumes by their own ``percentiles`` instead of the HU window
+    (:func:`volume_loading`)."""
+    import monai.transforms as mt
+
+    keys, modes = _keys(with_mask)
+    xs: list = [
+        *volume_loading(keys, modes, pixdim=pixdim, intensity=intensity, hu_window=hu_window,
+                        percentiles=percentiles),
         mt.SpatialPadd(keys, spatial_size=tuple(roi_size), method=CT_PAD["method"], mode=CT_PAD["mode"]),
     ]
     if train:
