@@ -39,7 +39,7 @@ from monai.transforms import MapTransform, Randomizable
 from medsim.data.views import VIEWS_KEY, GatherViewsd
 from medsim.preprocessing import CT_PIXDIM, HU_WINDOW
 
-__all__ = ["PairedCrops3Dd", "sam_view_transforms", "crop_box", "sample_volume"]
+__all__ = ["PairedCrops3Dd", "sam_view_transforms", "seeded_copy", "crop_box", "sample_volume"]
 
 
 def sample_volume(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -204,3 +204,13 @@ def sam_view_transforms(roi_size: Sequence[int] = (32, 32, 32), *, pixdim: Seque
         xs += _intensity_chain(name, contrast, brightness, noise)
     xs.append(GatherViewsd(names, views_key))
     return mt.Compose(xs)
+
+
+def seeded_copy(transform: Any, seed: int) -> Any:
+    """An independent copy of a random MONAI ``transform`` with its random state set from ``seed`` (validation
+    pairs drawn reproducibly, without touching the training pipeline's random state)."""
+    import copy
+
+    twin = copy.deepcopy(transform)
+    twin.set_random_state(seed=int(seed) % 2**32)
+    return twin

@@ -28,7 +28,9 @@ def test_network_data_format_matches_the_config(bundle: Path, sample_root):
     spatial = fmt["inputs"]["image"]["spatial_shape"]
     size = parser.get_parsed_content("image_size")
     assert list(spatial) == ([size] * len(spatial) if isinstance(size, int) else list(size))
-    image = next((sample_root / "derm" / "images").glob("*.png"))
+    # a 2-D bundle reads a dermoscopy image, a 3-D one the sample's CT volume
+    image = next((sample_root / "derm" / "images").glob("*.png")) if len(spatial) == 2 else \
+        sample_root / "ct" / "ct.nii.gz"
     x = parser.get_parsed_content("eval#preprocessing")({"image": str(image)})["image"]
     assert list(x.shape) == [fmt["inputs"]["image"]["num_channels"], *spatial]
     net = parser.get_parsed_content("network").eval()

@@ -95,3 +95,16 @@ def test_mr_volumes_are_scaled_by_their_percentiles(tmp_path):
     assert float(v0.min()) >= 0 and float(v0.max()) <= 1 and float(v0.max()) > 0.9
     with pytest.raises(ValueError, match="hu"):
         sam_view_transforms((8, 8, 8), intensity="HUx")
+
+
+def test_seeded_copy_draws_reproducibly_without_moving_the_original():
+    from medsim.data.views3d import seeded_copy
+
+    vol = _coordinate_volume((20, 20, 20))
+    t = sam_view_transforms((8, 8, 8), load=False, n_points=4)
+    t.set_random_state(seed=0)
+    first = t({"image": vol})["pos_1"]
+    t.set_random_state(seed=0)
+    a, b = seeded_copy(t, 7), seeded_copy(t, 7)
+    assert torch.equal(a({"image": vol})["pos_1"], b({"image": vol})["pos_1"])
+    assert torch.equal(t({"image": vol})["pos_1"], first)  # the original's random state is its own
