@@ -69,7 +69,8 @@ def volume_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
     With fewer than three volumes every volume trains and the validation and test lists are the training list
     (``meta["held_out"] = False`` in the split file): a smoke run, not a measurement.
 
-    Returns ``{"training", "validation", "test": [{"image": path, "index": i}], "held_out": bool}``.
+    Returns ``{"training", "validation", "test": [{"image": path, "label": -1, "index": i}], "held_out": bool}``
+    (label -1: unlabelled).
     """
     from medsim.data.splits import load_split, save_split
 
@@ -93,14 +94,15 @@ def volume_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
             logger.warning("%s: %d volume(s), too few to hold any out; validation and test reuse the training "
                            "volumes (a smoke run)", dataset_dir, len(volumes))
             parts = {"training": order, "validation": np.array([], dtype=int), "test": np.array([], dtype=int)}
-        splits = {k: [{"image": str(volumes[i])} for i in idx] for k, idx in parts.items()}
+        # label -1: unlabelled (a run folder's split is read by export and evaluation, which expect the key)
+        splits = {k: [{"image": str(volumes[i]), "label": -1} for i in idx] for k, idx in parts.items()}
         out.mkdir(parents=True, exist_ok=True)
         save_split(splits, split_file, dataset_dir=dataset_dir,
                    meta={"source": str(Path(dataset_dir).resolve()), "kind": "volume", "by": "volume",
                          "fractions": list(fractions), "seed": seed, "held_out": held_out})
     doc = load_split(split_file)
     held_out = bool(doc["meta"].get("held_out", True))
-    lists = {k: [{"image": it["image"], "index": i} for i, it in enumerate(doc.get(k, []))]
+    lists = {k: [{"image": it["image"], "label": -1, "index": i} for i, it in enumerate(doc.get(k, []))]
              for k in ("training", "validation", "test")}
     if not held_out:
         lists["validation"] = lists["test"] = list(lists["training"])

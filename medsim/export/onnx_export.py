@@ -6,6 +6,9 @@ The exported graph has one input and a fixed tuple of outputs::
     embedding  float32 (batch, D)         L2-normalised
     attention  float32 (batch, 1, h, w)   in [0, 1], at the backbone's feature resolution (1/16 for layer3)
     logits     float32 (batch, n_classes) only for models with a classifier head
+    global     float32 (batch, Dg, *Sg)   only for dense models (SAM): per-voxel global / local embeddings,
+    local      float32 (batch, Dl, *Sl)   L2-normalised over channels; where their cells sit on the input:
+                                          manifest.json["dense_geometry"][name] (strides, centres)
 
 The batch axis is dynamic (named ``batch``); the spatial size is fixed to the run's ``image_size``.
 
@@ -34,13 +37,16 @@ from medsim.export.manifest import utc_now, write_manifest
 from medsim.preprocessing import describe
 from medsim.export.run import LoadedRun, load_run, preprocess_items, sha256_file, split_images
 
-__all__ = ["OUTPUT_ORDER", "INPUT_NAME", "MODEL_NAME", "ExportWrapper", "export_onnx", "export_module",
+__all__ = ["OUTPUT_ORDER", "DENSE_OUTPUTS", "INPUT_NAME", "MODEL_NAME", "ExportWrapper", "export_onnx", "export_module",
            "check_parity", "ort_session", "run_onnx", "onnx_output_shapes"]
 
 logger = logging.getLogger(__name__)
 
-#: graph output order (``logits`` only when the model has a classifier)
-OUTPUT_ORDER = ("embedding", "attention", "logits")
+#: graph output order (``logits`` only when the model has a classifier; the dense maps ``global``/``local`` only
+#: for models that return them: SAM, :class:`medsim.nn.SAMNet`)
+OUTPUT_ORDER = ("embedding", "attention", "logits", "global", "local")
+#: outputs that are per-voxel maps with their own geometry (``network.map_geometry(name, input_size)``)
+DENSE_OUTPUTS = ("global", "local")
 INPUT_NAME = "image"
 MODEL_NAME = "model.onnx"
 #: largest model protobuf can hold in one file
@@ -353,6 +359,7 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
         "embedding_dim": int(shapes["embedding"][1]),
         "attention_resolution": [int(v) for v in shapes["attention"][2:]],
         **({"attention_geometry": geometry.to_dict()} if geometry is not None else {}),
+        **_dense_geometry(run.network, images.shape[2:], info["output_names"], shapes),
         "classes": list(run.classes),
         "n_classes": len(run.classes),
         "preprocessing": describe(run.record["eval_preprocessing"]),
@@ -380,10 +387,31 @@ def _attention_geometry(network: nn.Module, input_size: Sequence[int]) -> Any:
                           f"{list(input_size)} input: {e}") from e
 
 
+def _dense_geometry(network: nn.Module, input_size: Sequence[int], names: Sequence[str],
+                    shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``{"dense_geometry": {name: geometry dict}}`` for the dense outputs among ``names`` (empty when none): where
+    each map's cells sit on the input (``network.map_geometry``), checked against the exported grid."""
+    dense = [n for n in names if n in DENSE_OUTPUTS]
+    if not dense:
+        return {}
+    derive = getattr(network, "map_geometry", None)
+    if derive is None:
+        raise ExportError(f"{type(network).__name__} returns the dense outputs {dense} but has no "
+                          "map_geometry(name, input_size): their cells could not be placed on the input")
+    out = {}
+    for n in dense:
+        geom = derive(n, [int(v) for v in input_size])
+        geom.check_grid(shapes[n][2:])
+        out[n] = geom.to_dict()
+    return {"dense_geometry": out}
+
+
 def _describe_output(name: str, shape: tuple[int, ...]) -> dict[str, Any]:
     notes = {"embedding": "L2-normalised embedding (cosine similarity = dot product)",
              "attention": "spatial attention in [0, 1] at feature resolution, (1, x, y) axis order like the input",
-             "logits": "class scores (unnormalised), classes in manifest order"}
+             "logits": "class scores (unnormalised), classes in manifest order",
+             "global": "per-voxel global embedding (coarse), L2-normalised over channels; cells: dense_geometry",
+             "local": "per-voxel local embedding (fine), L2-normalised over channels; cells: dense_geometry"}
     return {"name": name, "dtype": "float32", "shape": ["batch", *[int(v) for v in shape[1:]]],
             "description": notes.get(name, "")}
 
