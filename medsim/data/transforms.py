@@ -24,7 +24,7 @@ from medsim.preprocessing import (CT_AXCODES, CT_PAD, CT_PIXDIM, CT_ROI_SIZE, CT
                                   IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODE, RGB_SCALE, SPATIAL_SIZE_2D)
 
 __all__ = ["rgb2d_transforms", "gray2d_transforms", "ct3d_transforms", "volume_loading", "make_transforms",
-           "IMAGENET_MEAN", "IMAGENET_STD", "KINDS", "INTENSITIES", "MR_PERCENTILES"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "KINDS", "INTENSITIES", "MR_PERCENTILES", "AUTO_CT_BELOW"]
 
 KINDS = ("rgb2d", "gray2d", "ct3d")
 
@@ -125,9 +125,11 @@ def gray2d_transforms(spatial_size: Sequence[int] = SPATIAL_SIZE_2D, *, train: b
     return mt.Compose(xs)
 
 
-#: intensity scalings of 3-D volumes → [0, 1]: a fixed HU window (CT) or the volume's own percentiles (MR, whose
-#: intensities have no absolute scale)
-INTENSITIES = ("hu", "percentile")
+#: intensity scalings of 3-D volumes → [0, 1]: a fixed HU window (CT), the volume's own percentiles (MR, whose
+#: intensities have no absolute scale), or either chosen per volume ("auto": CT when it holds values below
+#: AUTO_CT_BELOW — air is -1000 HU, MR intensities are >= 0)
+INTENSITIES = ("hu", "percentile", "auto")
+AUTO_CT_BELOW = -500.0
 #: default percentiles (lower, upper) of :func:`volume_loading`'s ``"percentile"`` scaling
 MR_PERCENTILES = (0.5, 99.5)
 
@@ -141,7 +143,9 @@ def volume_loading(keys: Sequence[str] = ("image",), modes: Sequence[str] = ("bi
 
     Intensity (``"image"`` only; label maps in ``keys`` are resampled with their ``modes``, e.g. nearest):
     ``"hu"`` clips to the HU window ``hu_window`` (CT); ``"percentile"`` maps the volume's ``percentiles``
-    (lower, upper) to 0 and 1 and clips (MR: MONAI ``ScaleIntensityRangePercentilesd``).
+    (lower, upper) to 0 and 1 and clips (MR: MONAI ``ScaleIntensityRangePercentilesd``); ``"auto"`` takes the HU
+    window for a volume with values below :data:`AUTO_CT_BELOW` and the percentiles otherwise (a folder mixing CT
+    and MR).
 
     Shapes: a file → (1, x, y, z) on the ``pixdim`` grid, RAS.
     """
@@ -159,14 +163,12 @@ def volume_loading(keys: Sequence[str] = ("image",), modes: Sequence[str] = ("bi
                     align_corners=CT_SPACING["align_corners"], diagonal=CT_SPACING["diagonal"],
                     scale_extent=CT_SPACING["scale_extent"]),
     ]
-    if intensity == "hu":
-        xs.append(mt.ScaleIntensityRanged("image", a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0,
-                                          clip=True))
-    else:
-        lo, hi = (float(p) for p in percentiles)
-        if not 0 <= lo < hi <= 100:
-            raise ValueError(f"percentiles must be 0 <= lower < upper <= 100, got percentiles={list(percentiles)}")
-        xs.append(mt.ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True))
+    lo, hi = (float(p) for p in percentiles)
+    if not 0 <= lo < hi <= 100:
+        raise ValueError(f"percentiles must be 0 <= lower < upper <= 100, got percentiles={list(percentiles)}")
+    window = mt.ScaleIntensityRanged("image", a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True)
+    by_percentile = mt.ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)
+    xs.append({"hu": window, "percentile": by_percentile}.get(intensity) or _CTorMRd("image", window, by_percentile))
     return xs
 
 
@@ -217,6 +219,21 @@ def _transform_base():
     from monai.transforms import MapTransform
 
     return MapTransform
+
+
+class _CTorMRd(_transform_base()):  # type: ignore[misc]
+    """``ct`` (a transform) on a volume with values below :data:`AUTO_CT_BELOW` (CT in HU: air is -1000), ``mr``
+    otherwise (MR intensities are >= 0): volume_loading's ``intensity="auto"``."""
+
+    def __init__(self, keys, ct, mr):
+        super().__init__(keys)
+        self.ct, self.mr = ct, mr
+
+    def __call__(self, data):
+        d = dict(data)
+        for k in self.key_iterator(d):
+            d = (self.ct if float(d[k].min()) < AUTO_CT_BELOW else self.mr)(d)
+        return d
 
 
 class _ToRGBd(_transform_base()):  # type: ignore[misc]

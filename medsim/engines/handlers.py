@@ -282,7 +282,11 @@ class MetricsLogger:
             f.write(json.dumps(rec) + "\n")
         if self.echo:
             k = f"  K={rec['K']}" if "K" in rec else ""
-            logger.info("epoch %d/%d%s  loss %.4f  val NMI %.4f  R@1 %.4f%s", rec["epoch"], engine.state.max_epochs,
-                        k, rec["loss"] if rec["loss"] is not None else float("nan"),
-                        rec.get("val_nmi", float("nan")), rec.get("val_R@1", float("nan")),
+            # retrieval runs show NMI and R@1; others (SAM's point matching) the validation scalars they have
+            shown = {"val NMI": rec.get("val_nmi", float("nan")), "R@1": rec.get("val_R@1", float("nan"))} \
+                if "val_nmi" in rec or not any(key.startswith("val_") for key in rec) else \
+                {key: v for key, v in rec.items() if key.startswith("val_") and isinstance(v, (int, float))}
+            logger.info("epoch %d/%d%s  loss %.4f  %s%s", rec["epoch"], engine.state.max_epochs, k,
+                        rec["loss"] if rec["loss"] is not None else float("nan"),
+                        "  ".join(f"{name} {v:.4f}" for name, v in shown.items()),
                         "".join(f"\n    {e}" for e in rec.get("events", [])))

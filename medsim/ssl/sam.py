@@ -180,8 +180,8 @@ class SAMLoss(SSLLoss):
 
     def compute_loss(self, pred: Mapping[str, Any]) -> torch.Tensor:
         directions = [(0, 1), (1, 0)] if self.symmetric else [(0, 1)]
-        glob = sum(self.global_loss(pred, a, b) for a, b in directions) / len(directions)
-        loc = sum(self.local_loss(pred, a, b) for a, b in directions) / len(directions)
+        glob = sum(self.global_loss(pred, self._pos, a, b) for a, b in directions) / len(directions)
+        loc = sum(self.local_loss(pred, self._pos, a, b) for a, b in directions) / len(directions)
         self.last = {"global": float(glob.detach()), "local": float(loc.detach())}
         return self.global_weight * glob + self.local_weight * loc
 
@@ -195,30 +195,30 @@ class SAMLoss(SSLLoss):
         return (emb.flatten(2).transpose(1, 2).reshape(b * m, c), centres.repeat(b, 1),
                 torch.arange(b, device=emb.device).repeat_interleave(m))
 
-    def global_loss(self, pred: Mapping[str, Any], a: int, b: int) -> torch.Tensor:
-        """InfoNCE of the global maps, anchors in view ``a``, positives and negatives in view ``b``."""
+    def global_loss(self, pred: Mapping[str, Any], pos: Sequence[torch.Tensor], a: int, b: int) -> torch.Tensor:
+        """InfoNCE of the global maps, anchors in view ``a``, positives and negatives in view ``b``; ``pos`` the
+        (B, P, 3) points of each view."""
         maps, grids = pred["global"], pred["grid"]["global"]
-        anchor = sample_points(maps[a], self._pos[a], grids[a]).flatten(0, 1)  # (N, Dg)
-        positive = sample_points(maps[b], self._pos[b], grids[b]).flatten(0, 1)
+        anchor = sample_points(maps[a], pos[a], grids[a]).flatten(0, 1)  # (N, Dg)
+        positive = sample_points(maps[b], pos[b], grids[b]).flatten(0, 1)
         cand, centres, owner = self._candidates(maps[b], grids[b])
-        n_per = self._pos[a].shape[1]
+        n_per = pos[a].shape[1]
         anchor_owner = torch.arange(maps[a].shape[0], device=anchor.device).repeat_interleave(n_per)
-        valid = _exclusion(centres, owner, self._pos[b].flatten(0, 1).to(centres), anchor_owner,
-                           self._radius(grids[b]))
+        valid = _exclusion(centres, owner, pos[b].flatten(0, 1).to(centres), anchor_owner, self._radius(grids[b]))
         return info_nce_logits((anchor * positive).sum(-1), anchor @ cand.T, self.temperature, valid)
 
-    def local_loss(self, pred: Mapping[str, Any], a: int, b: int) -> torch.Tensor:
+    def local_loss(self, pred: Mapping[str, Any], pos: Sequence[torch.Tensor], a: int, b: int) -> torch.Tensor:
         """InfoNCE of the local maps with hard negatives chosen by global similarity (module docstring)."""
         gmaps, lmaps, grids = pred["global"], pred["local"], pred["grid"]
-        anchor = sample_points(lmaps[a], self._pos[a], grids["local"][a]).flatten(0, 1)  # (N, Dl)
-        positive = sample_points(lmaps[b], self._pos[b], grids["local"][b]).flatten(0, 1)
+        anchor = sample_points(lmaps[a], pos[a], grids["local"][a]).flatten(0, 1)  # (N, Dl)
+        positive = sample_points(lmaps[b], pos[b], grids["local"][b]).flatten(0, 1)
         cand, centres, owner = self._candidates(lmaps[b], grids["local"][b])  # (B·M, Dl)
-        bsz, n_per = lmaps[b].shape[0], self._pos[a].shape[1]
+        bsz, n_per = lmaps[b].shape[0], pos[a].shape[1]
         anchor_owner = torch.arange(bsz, device=anchor.device).repeat_interleave(n_per)
-        valid = _exclusion(centres, owner, self._pos[b].flatten(0, 1).to(centres), anchor_owner,
+        valid = _exclusion(centres, owner, pos[b].flatten(0, 1).to(centres), anchor_owner,
                            self._radius(grids["local"][b]))
         with torch.no_grad():  # choosing the negatives is not differentiated
-            g_anchor = sample_points(gmaps[a], self._pos[a], grids["global"][a]).flatten(0, 1)  # (N, Dg)
+            g_anchor = sample_points(gmaps[a], pos[a], grids["global"][a]).flatten(0, 1)  # (N, Dg)
             g_cand = sample_points(gmaps[b], centres[: centres.shape[0] // bsz].expand(bsz, -1, -1),
                                    grids["global"][b]).flatten(0, 1)  # the global map at each local cell
             hard_score = (g_anchor @ g_cand.T).masked_fill(~valid, float("-inf"))

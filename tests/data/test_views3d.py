@@ -108,3 +108,18 @@ def test_seeded_copy_draws_reproducibly_without_moving_the_original():
     a, b = seeded_copy(t, 7), seeded_copy(t, 7)
     assert torch.equal(a({"image": vol})["pos_1"], b({"image": vol})["pos_1"])
     assert torch.equal(t({"image": vol})["pos_1"], first)  # the original's random state is its own
+
+
+def test_auto_intensity_takes_the_hu_window_for_ct_and_percentiles_for_mr(tmp_path, sample_root):
+    import nibabel as nib
+
+    from medsim.data.transforms import ct3d_transforms
+
+    arr = np.random.default_rng(0).uniform(0, 900, size=(20, 20, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(arr, np.diag([1.5, 1.5, 2.0, 1.0])), tmp_path / "mr.nii.gz")
+    for path, want in ((sample_root / "ct" / "ct.nii.gz", "hu"), (tmp_path / "mr.nii.gz", "percentile")):
+        auto = ct3d_transforms((16, 16, 8), intensity="auto")({"image": str(path)})["image"]
+        same = ct3d_transforms((16, 16, 8), intensity=want)({"image": str(path)})["image"]
+        other = ct3d_transforms((16, 16, 8), intensity={"hu": "percentile", "percentile": "hu"}[want])(
+            {"image": str(path)})["image"]
+        assert torch.equal(auto, same) and not torch.equal(auto, other), path.name

@@ -82,8 +82,7 @@ def _positions():
 def test_global_term_equals_the_paper_formula():
     pred, (p0, p1) = _pred(), _positions()
     loss = SAMLoss(temperature=0.3, symmetric=False)
-    loss._pos = [p0, p1]
-    got = loss.global_loss(pred, 0, 1).item()
+    got = loss.global_loss(pred, [p0, p1], 0, 1).item()
     want = _loop_info_nce(pred["global"], [p0, p1], 8.0, 0.3, radius=8.0)
     assert got == pytest.approx(want, abs=1e-5)
     # symmetric: the mean of both directions (+ the local term, checked below)
@@ -100,8 +99,7 @@ def test_global_term_equals_the_paper_formula():
 def test_local_hard_negatives_are_the_most_globally_similar_cells():
     pred, (p0, p1) = _pred(seed=3), _positions()
     loss = SAMLoss(temperature=0.5, n_hard=3, n_random=0, symmetric=False)
-    loss._pos = [p0, p1]
-    got = loss.local_loss(pred, 0, 1).item()
+    got = loss.local_loss(pred, [p0, p1], 0, 1).item()
     # the hard negatives by hand: global embedding of the anchor vs the global map at each local cell
     negatives = {}
     for i in range(2):
@@ -123,10 +121,8 @@ def test_local_hard_negatives_are_the_most_globally_similar_cells():
 def test_random_negatives_never_repeat_the_hard_ones_or_the_positive_neighbourhood():
     pred, (p0, p1) = _pred(seed=1), _positions()
     loss = SAMLoss(n_hard=2, n_random=1000, symmetric=False)  # more than there are cells: every valid one
-    loss._pos = [p0, p1]
     full = SAMLoss(n_hard=1000, n_random=0, symmetric=False)
-    full._pos = [p0, p1]
-    assert loss.local_loss(pred, 0, 1).item() == pytest.approx(full.local_loss(pred, 0, 1).item(), abs=1e-6)
+    assert loss.local_loss(pred, [p0, p1], 0, 1).item() == pytest.approx(full.local_loss(pred, [p0, p1], 0, 1).item(), abs=1e-6)
 
 
 def test_the_loss_reads_points_from_the_target_and_checks_them():
