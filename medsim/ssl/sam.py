@@ -219,8 +219,10 @@ class SAMLoss(SSLLoss):
                            self._radius(grids["local"][b]))
         with torch.no_grad():  # choosing the negatives is not differentiated
             g_anchor = sample_points(gmaps[a], pos[a], grids["global"][a]).flatten(0, 1)  # (N, Dg)
+            # the global map at each local cell, not re-normalised: g_anchor · g_cand is then the global
+            # similarity map upsampled (trilinear) to the local grid, as the paper ranks the hard negatives
             g_cand = sample_points(gmaps[b], centres[: centres.shape[0] // bsz].expand(bsz, -1, -1),
-                                   grids["global"][b]).flatten(0, 1)  # the global map at each local cell
+                                   grids["global"][b], normalize=False).flatten(0, 1)
             hard_score = (g_anchor @ g_cand.T).masked_fill(~valid, float("-inf"))
             k_hard = min(self.n_hard, hard_score.shape[1])
             chosen = hard_score.topk(k_hard, dim=1).indices if k_hard else hard_score.new_zeros((len(anchor), 0),
@@ -240,7 +242,9 @@ def match_points(pred: Mapping[str, Any], points: torch.Tensor, *, source: int =
                  use_global: bool = True) -> torch.Tensor:
     """SAM's landmark search between the two views of each item: for every point of view ``source`` (voxel indices
     (B, P, 3)), the centre of the local cell of view ``target`` (same item) with the highest similarity
-    ``local · local' (+ global · global' when use_global``, the global map sampled at the local cells).
+    ``local · local' (+ global · global' when use_global``: the global similarity map trilinearly upsampled to the
+    local cells) — the rule of the torch-free :func:`medsim.deploy.landmark.match_point` (argmax of the mean of
+    the two maps).
 
     Returns (B, P, 3) voxel-index coordinates in view ``target``.
     """
@@ -252,6 +256,7 @@ def match_points(pred: Mapping[str, Any], points: torch.Tensor, *, source: int =
     score = torch.einsum("bpd,bdm->bpm", q_local, lmap.flatten(2))
     if use_global:
         q_global = sample_points(pred["global"][source], points, grids["global"][source])
-        g_cells = sample_points(pred["global"][target], centres.expand(bsz, -1, -1), grids["global"][target])
+        g_cells = sample_points(pred["global"][target], centres.expand(bsz, -1, -1), grids["global"][target],
+                                normalize=False)  # linear in the map: the global similarity map, upsampled
         score = score + torch.einsum("bpd,bmd->bpm", q_global, g_cells)
     return centres[score.argmax(-1)]

@@ -111,7 +111,8 @@ def test_local_hard_negatives_are_the_most_globally_similar_cells():
                     centre = cell.float() * 4
                     if j == i and torch.dist(centre, p1[i, p]) < 4.0:
                         continue
-                    g_cell = sample_points(pred["global"][1][j:j + 1], centre.view(1, 1, 3), ((0.0,) * 3, (8.0,) * 3))
+                    g_cell = sample_points(pred["global"][1][j:j + 1], centre.view(1, 1, 3), ((0.0,) * 3, (8.0,) * 3),
+                                           normalize=False)  # the global similarity map, upsampled
                     scored.append((float(g_anchor @ g_cell[0, 0]), (j, *cell.tolist())))
             negatives[(i, p)] = {c for _, c in sorted(scored, reverse=True)[:3]}
     want = _loop_info_nce(pred["local"], [p0, p1], 4.0, 0.5, 4.0, negatives=negatives)
@@ -192,3 +193,23 @@ def test_sam_trains_on_a_tiny_volume_and_positives_end_up_closer_than_negatives(
         neg_sim = torch.einsum("bpd,bdm->bpm", l0, cells).mean().item()
     print(f"positive similarity {pos_sim:.3f}, mean over view-1 cells {neg_sim:.3f}")
     assert pos_sim > neg_sim + 0.1
+
+
+def test_match_points_is_the_deployed_landmark_rule():
+    """The validation metric's search (torch, voxel-index coordinates) finds what the torch-free
+    medsim.deploy.landmark.match_point finds (continuous coordinates: + 0.5) on the same two volumes."""
+    from medsim.deploy.landmark import DenseEmbedding, match_point
+
+    torch.manual_seed(0)
+    net = _tiny_sam().eval()
+    model = SAM(net)
+    views = [torch.rand(1, 1, 16, 16, 12), torch.rand(1, 1, 16, 16, 12)]
+    with torch.no_grad():
+        pred = model(views)
+    pts = torch.tensor([[[3.0, 5.0, 2.0], [10.0, 1.0, 7.0], [15.0, 15.0, 11.0], [7.5, 8.25, 4.0]]])
+    found = match_points(pred, pts)[0]
+    dense = [{n: DenseEmbedding(pred[n][v][0].numpy(), net.map_geometry(n, (16, 16, 12))) for n in ("global", "local")}
+             for v in range(2)]
+    for p, f in zip(pts[0], found):
+        m = match_point(dense[0], (p + 0.5).numpy(), dense[1])
+        assert torch.allclose(torch.as_tensor(m.point, dtype=torch.float32), f + 0.5), (p, f, m.point)
