@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -483,6 +484,53 @@ def localize(model_dir: Path, images: tuple[Path, ...], out: Path, masks: Path |
                    f"  ({r['scored']} with masks)")
     if r.get("empty_masks"):
         click.echo(f"{r['empty_masks']} image(s) have an empty ground-truth mask: not scored")
+
+
+def _point(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(v) for v in value.replace(" ", "").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or not all(map(math.isfinite, parts)):
+        raise click.BadParameter(f"three numbers x,y,z, got '{value}'")
+    return parts[0], parts[1], parts[2]
+
+
+@cli.command("landmark")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="Export of a SAM run (bundles/ct_sam).")
+@click.option("--template", type=click.Path(path_type=Path, exists=True), required=True,
+              help="The volume the point is in (NIfTI file or DICOM series folder).")
+@click.option("--point", required=True, callback=_point, help="x,y,z of the landmark in the template.")
+@click.option("--unit", type=click.Choice(["mm", "voxel"]), default="mm", show_default=True,
+              help="mm: world RAS coordinates (what a viewer shows); voxel: indices of the template file's array.")
+@click.argument("targets", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write landmarks.json and a picture per target (<case token>_landmark.png) here.")
+@click.option("--backend", type=_BACKEND, default="auto", show_default=True)
+@_threads_option(torch=False)
+def landmark(model_dir: Path, template: Path, point: tuple[float, float, float], unit: str, targets: tuple[Path, ...],
+             out: Path | None, backend: str) -> None:
+    """Find a template landmark in each TARGET volume with an exported SAM model (pixel-wise anatomical embeddings;
+    torch-free): the most similar point, its world (mm) and voxel coordinates and the similarity. Targets are
+    listed by case token (c-<16 hex>), never by file name."""
+    import json
+
+    from medsim.deploy.landmark import find_landmarks
+
+    rows = find_landmarks(str(model_dir), str(template), point, [str(t) for t in targets], unit=unit,
+                          backend=backend, pictures=None if out is None else str(out))
+    click.echo(f"template point: {', '.join(f'{v:.1f}' for v in rows[0]['template_mm'])} mm (RAS)")
+    click.echo(f"  {'target':<20} {'found (mm, RAS)':<28} {'found (voxel)':<26} similarity")
+    for r in rows:
+        mm = ", ".join(f"{v:.1f}" for v in r["point_mm"])
+        vox = ", ".join(f"{v:.1f}" for v in r["point_voxel"])
+        click.echo(f"  {r['name']:<20} {mm:<28} {vox:<26} {r['score']:.3f}")
+    if out is not None:
+        from medsim.errors import atomic_write_text
+
+        atomic_write_text(out / "landmarks.json", json.dumps({"unit_in": unit, "targets": rows}, indent=1))
+        click.echo(f"wrote {out}/landmarks.json and {len(rows)} picture(s)")
 
 
 def _medsim_cause(e: BaseException) -> MedsimError | OSError | None:

@@ -18,6 +18,7 @@ Coordinates are continuous voxel coordinates of the model grid (voxel ``k`` span
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy as np
 from medsim.runtime.errors import DeployError
 from medsim.runtime.geometry import AttentionGeometry
 
-__all__ = ["DenseEmbedding", "Match", "sample", "similarity_map", "match_point"]
+__all__ = ["DenseEmbedding", "Match", "sample", "similarity_map", "match_point", "find_landmarks", "planes_picture"]
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,138 @@ def match_point(template: Mapping[str, DenseEmbedding], point: Sequence[float],
     total /= sum(w.values())
     best = int(np.argmax(total))
     return Match(point=centres[best], score=float(total[best]), levels={k: float(v[best]) for k, v in on_fine.items()})
+
+
+# ------------------------------------------------------------------------------------ volumes → found points
+def _dense_geometries(manifest: Mapping[str, object], where: str) -> dict[str, AttentionGeometry]:
+    """The manifest's ``dense_geometry`` (one entry per dense output), or DeployError for a non-SAM export."""
+    geoms = manifest.get("dense_geometry")
+    if not isinstance(geoms, Mapping) or not geoms:
+        raise DeployError(f"{where}: the export has no dense embedding maps (dense_geometry); landmark search needs a "
+                          "SAM model (`medsim train bundles/ct_sam`, then `medsim export`)")
+    return {str(n): AttentionGeometry.from_dict(g) for n, g in geoms.items()}
+
+
+def _to_grid(point_world: np.ndarray, grid_affine: np.ndarray) -> np.ndarray:
+    """RAS mm → continuous voxel coordinates of the model grid (voxel k's centre at k + 0.5)."""
+    return (np.linalg.inv(grid_affine) @ np.append(point_world, 1.0))[:3] + 0.5
+
+
+def _to_world(point_grid: np.ndarray, grid_affine: np.ndarray) -> np.ndarray:
+    return (grid_affine @ np.append(np.asarray(point_grid, np.float64) - 0.5, 1.0))[:3]
+
+
+def find_landmarks(model_dir: str, template: str, point: Sequence[float], targets: Sequence[str], *,
+                   unit: str = "mm", backend: str = "auto", weights: Mapping[str, float] | None = None,
+                   pictures: str | None = None) -> list[dict[str, object]]:
+    """Where the template's ``point`` is in each target volume, with an exported SAM model (torch-free).
+
+    Args:
+        model_dir: the export (``medsim export`` of a ``ct_sam`` run: ``dense_geometry`` in its manifest).
+        template: a NIfTI file or DICOM series folder.
+        point: (x, y, z) in ``unit``: ``mm`` (world RAS coordinates, as a viewer shows them) or ``voxel`` (indices
+            of the template file's own array).
+        targets: NIfTI files or DICOM series folders.
+        pictures: a folder for ``<name>_landmark.png`` per target: the template point and the found point on the
+            three planes through them (axial, coronal, sagittal of the model grids, radiological display).
+
+    Returns:
+        one dict per target (in order): ``name`` (its case token), ``point_mm`` (RAS), ``point_voxel`` (indices of
+        the target file's array, fractional), ``score`` (mean cosine similarity over the levels), ``levels``; and
+        the template's own ``template_mm`` / ``template_grid``.
+
+    Raises:
+        DeployError: not a SAM export, an unreadable volume, or a point outside the template's model grid (the
+            model sees the part of the volume its preprocessing keeps: resampled and centre-cropped to its input).
+    """
+    from medsim.deploy.engine import open_engine
+    from medsim.deploy.tasks import case_names
+    from medsim.runtime.volume import model_grid, read_volume
+
+    if unit not in ("mm", "voxel"):
+        raise DeployError(f"unit must be 'mm' or 'voxel', got '{unit}'")
+    p = np.asarray(point, dtype=np.float64)
+    if p.shape != (3,) or not np.isfinite(p).all():
+        raise DeployError(f"point must be three finite numbers x,y,z, got {list(point)}")
+    with open_engine(model_dir, backend, batch_size=1) as engine:
+        geoms = _dense_geometries(engine.manifest, str(model_dir))
+        prep = engine.manifest["preprocessing"]
+
+        def levels(vol: str) -> tuple[dict[str, DenseEmbedding], np.ndarray, np.ndarray]:
+            grid, affine = model_grid(vol, prep)
+            out = engine.run(grid[None, None])
+            return {n: DenseEmbedding(out[n][0], g) for n, g in geoms.items()}, affine, grid
+
+        tpl, tpl_affine, tpl_grid = levels(template)
+        world = p if unit == "mm" else (read_volume(template)[1] @ np.append(p, 1.0))[:3]
+        on_grid = _to_grid(world, tpl_affine)
+        rows: list[dict[str, object]] = []
+        names = case_names(list(targets))
+        for name, target in zip(names, targets):
+            tgt, tgt_affine, tgt_grid = levels(target)
+            try:
+                m = match_point(tpl, on_grid, tgt, weights=weights)
+            except DeployError as e:
+                raise DeployError(f"{template}: the point {unit} {p.tolist()} — {e}") from None
+            found = _to_world(m.point, tgt_affine)
+            vox = (np.linalg.inv(read_volume(target)[1]) @ np.append(found, 1.0))[:3]
+            if pictures is not None:
+                planes_picture(tpl_grid, on_grid, tgt_grid, m.point, Path(pictures) / f"{name}_landmark.png",
+                               caption=f"similarity {m.score:.3f}")
+            rows.append({"name": name, "point_mm": found.round(3).tolist(), "point_voxel": vox.round(3).tolist(),
+                         "point_grid": m.point.tolist(), "score": m.score, "levels": m.levels,
+                         "template_mm": world.round(3).tolist(), "template_grid": on_grid.tolist()})
+    return rows
+
+
+def _planes(volume: np.ndarray, point: np.ndarray) -> list[tuple[np.ndarray, tuple[float, float]]]:
+    """Axial, coronal and sagittal slices of an (x, y, z) RAS volume through ``point`` (continuous coordinates),
+    radiological display (patient right on the image's left, superior up, anterior up / left), each with the
+    point's (row, column) in it."""
+    X, Y, Z = volume.shape
+    x, y, z = (np.asarray(point, np.float64) - 0.5)
+    i, j, k = (int(np.clip(round(v), 0, n - 1)) for v, n in zip((x, y, z), volume.shape))
+    return [(volume[::-1, ::-1, k].T, (Y - 1 - y, X - 1 - x)),   # axial: rows anterior → posterior
+            (volume[::-1, j, ::-1].T, (Z - 1 - z, X - 1 - x)),   # coronal: rows superior → inferior
+            (volume[i, ::-1, ::-1].T, (Z - 1 - z, Y - 1 - y))]   # sagittal: columns anterior → posterior
+
+
+def planes_picture(template: np.ndarray, template_point: np.ndarray, target: np.ndarray, found: np.ndarray,
+                   path: Path, *, size: int = 160, caption: str = "") -> Path:
+    """A PNG: top row the template's three planes through its point (green cross), bottom row the target's through
+    the found point (red cross). Volumes are model grids (x, y, z) in [0, 1] or any range (min–max scaled)."""
+    from PIL import Image, ImageDraw
+
+    from medsim.errors import atomic_path
+
+    tiles = []
+    for vol, pt, colour in ((template, template_point, (40, 220, 40)), (target, found, (240, 40, 40))):
+        lo, hi = float(vol.min()), float(vol.max())
+        row = []
+        for sl, (r, c) in _planes(vol, pt):
+            g = ((sl - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(sl)).clip(0, 255).astype(np.uint8)
+            img = Image.fromarray(g).convert("RGB")
+            scale = size / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.NEAREST)
+            d = ImageDraw.Draw(img)
+            cx, cy = (c + 0.5) * scale, (r + 0.5) * scale
+            d.line([(cx - 8, cy), (cx + 8, cy)], fill=colour, width=2)
+            d.line([(cx, cy - 8), (cx, cy + 8)], fill=colour, width=2)
+            row.append(img)
+        tiles.append(row)
+    w = sum(t.width for t in tiles[0]) + 4 * 4
+    h = sum(max(t.height for t in r) for r in tiles) + 3 * 4 + 16
+    sheet = Image.new("RGB", (w, h), "white")
+    y = 4
+    for r in tiles:
+        x = 4
+        for t in r:
+            sheet.paste(t, (x, y))
+            x += t.width + 4
+        y += max(t.height for t in r) + 4
+    ImageDraw.Draw(sheet).text((4, y), f"template (green) / found (red): axial, coronal, sagittal  {caption}",
+                               fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        sheet.save(tmp)
+    return path
