@@ -44,6 +44,12 @@ TINY = {"max_epochs": 1, "image_size": 32, "backbone": "resnet10", "widen_factor
         "train#output_handlers#0#_disabled_": True, "train#output_handlers#1#_disabled_": True}  # no TensorBoard, no progress bar
 
 
+@pytest.fixture
+def tiny_overrides() -> dict:
+    """A copy of the tiny recipe's bundle overrides (for tests that train their own tiny run of isic_dsl)."""
+    return dict(TINY)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(sample_root, tmp_path_factory) -> Path:
     """A finished run directory (config.json, best.pt, last.pt, split.json) trained through the bundle."""

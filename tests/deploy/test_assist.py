@@ -398,19 +398,18 @@ def test_config_errors_name_the_folders(model_dir, index_dir, tmp_path):
     assert isinstance(e.value, DeployError)
 
 
-def test_classify_a_model_with_logits(sample_root, tmp_path_factory):
+def test_classify_a_model_with_logits(sample_root, tmp_path_factory, tiny_overrides):
     """A classifier export (`--variant classifier`): probabilities are the softmax of the engine's logits, the label
     their argmax, and active learning's `auto` uncertainty is the classifier's normalised entropy."""
-    from conftest import BUNDLE, TINY
-
     from medsim.deploy.engine import EmbeddingEngine
     from medsim.deploy.tasks import build_index
     from medsim.engines.workflow import train_bundle
     from medsim.export.pipeline import export_run
 
     tmp = tmp_path_factory.mktemp("assist_cls")
-    train_bundle(BUNDLE, variant="classifier", dataset_dir=str(sample_root / "derm"), output_dir=str(tmp / "run"),
-                 overrides=dict(TINY))
+    bundle = Path(__file__).resolve().parents[2] / "bundles" / "isic_dsl"
+    train_bundle(bundle, variant="classifier", dataset_dir=str(sample_root / "derm"), output_dir=str(tmp / "run"),
+                 overrides=tiny_overrides)
     export_run(tmp / "run", tmp / "export", opt_batch=2)
     build_index(tmp / "export", tmp / "run" / "split.json", tmp / "index", progress=False)
     from medsim.data.splits import load_split
