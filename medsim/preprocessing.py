@@ -30,6 +30,11 @@ CT_ROI_SIZE = (96, 96, 96)
 CT_PIXDIM = (1.5, 1.5, 2.0)
 #: default CT window (HU) → [0, 1]
 HU_WINDOW = (-175.0, 250.0)
+#: MR volumes (no absolute intensity scale): their own (lower, upper) percentiles → [0, 1], clipped
+MR_PERCENTILES = (0.5, 99.5)
+#: ``intensity="auto"``: a volume with values below this is CT in HU (air is -1000) and gets the HU window; MR
+#: intensities are >= 0 and get the percentiles
+AUTO_CT_BELOW = -500.0
 CT_AXCODES = "RAS"
 #: MONAI ``Spacingd`` settings of the CT pipeline (image interpolation; labels use nearest)
 CT_SPACING = {"mode": "bilinear", "padding_mode": "border", "align_corners": False, "diagonal": False,
@@ -78,9 +83,6 @@ def describe(spec: Mapping[str, Any]) -> dict[str, Any]:
                          f"{', '.join(sorted(FACTORY_KINDS))}")
     if args.get("train"):
         raise ValueError("the deployed preprocessing is the eval pipeline (train=false), got train=true")
-    if args.get("intensity", "hu") != "hu":
-        raise ValueError(f"no preprocessing description for intensity={args.get('intensity')!r}: the torch-free "
-                         "runtime implements the HU window only (percentile scaling of MR volumes is training-side)")
     mask = bool(args.get("with_mask", False))
     load = ["LoadImaged"]
     desc: dict[str, Any] = {"kind": kind}
@@ -103,13 +105,22 @@ def describe(spec: Mapping[str, Any]) -> dict[str, Any]:
         desc["spatial_size"] = [int(v) for v in args.get("spatial_size", SPATIAL_SIZE_2D)]
         desc["resize_mode"] = RESIZE_MODE
     else:
-        desc["steps"] = [*load, "EnsureTyped", "Orientationd", "Spacingd", "ScaleIntensityRanged", "SpatialPadd",
+        intensity = str(args.get("intensity", "hu"))
+        scaling = {"hu": "ScaleIntensityRanged", "percentile": "ScaleIntensityRangePercentilesd",
+                   "auto": "CTorMRd"}.get(intensity)
+        if scaling is None:
+            raise ValueError(f"no preprocessing description for intensity={intensity!r} (hu, percentile or auto)")
+        desc["steps"] = [*load, "EnsureTyped", "Orientationd", "Spacingd", scaling, "SpatialPadd",
                          "CenterSpatialCropd", "EnsureTyped"]
         desc["mean"] = desc["std"] = None
         desc["axcodes"] = CT_AXCODES
         desc["pixdim"] = _floats(args.get("pixdim", CT_PIXDIM))
         desc["spacing"] = dict(CT_SPACING)
         desc["scale"] = {"from": _floats(args.get("hu_window", HU_WINDOW)), "to": [0.0, 1.0], "clip": True}
+        if intensity != "hu":  # MR: the volume's own percentiles → [0, 1], clipped ("auto": CT by its HU values)
+            desc["intensity"] = {"mode": intensity, "percentiles": _floats(args.get("percentiles", MR_PERCENTILES)),
+                                 "to": [0.0, 1.0], "clip": True, **({"ct_below": AUTO_CT_BELOW}
+                                                                     if intensity == "auto" else {})}
         desc["pad"] = dict(CT_PAD)
         desc["spatial_size"] = [int(v) for v in args.get("roi_size", CT_ROI_SIZE)]
         desc["recipe"] = _CT_RECIPE

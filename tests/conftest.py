@@ -61,6 +61,25 @@ def tiny_run(sample_root, tmp_path_factory) -> Path:
     return out
 
 
+SAM_TINY = {"max_epochs": 1, "image_size": [16, 16, 16], "backbone": "resnet10", "widen_factor": 0.25,
+            "global_dim": 16, "local_dim": 8, "n_points": 8, "n_hard": 8, "n_random": 8, "items_per_epoch": 2,
+            "train#output_handlers#0#_disabled_": True, "train#output_handlers#1#_disabled_": True}
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_run(sample_root, tmp_path_factory) -> Path:
+    """A finished tiny bundles/ct_sam run (16³ crops, ResNet10 ×0.25) on the sample CT, trained once a session."""
+    import torch
+
+    from medsim.engines.workflow import train_bundle
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("sam_run") / "run"
+    train_bundle(ROOT / "bundles" / "ct_sam", dataset_dir=str(sample_root / "ct"), output_dir=str(out),
+                 overrides=dict(SAM_TINY))
+    return out
+
+
 @pytest.fixture(scope="session")
 def loaded(tiny_run):
     from medsim.export.run import load_run

@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import Sequence
 
 # the constants of the pipelines live with the preprocessing spec, where export and the runtime read them too
-from medsim.preprocessing import (CT_AXCODES, CT_PAD, CT_PIXDIM, CT_ROI_SIZE, CT_SPACING, HU_WINDOW,
-                                  IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODE, RGB_SCALE, SPATIAL_SIZE_2D)
+from medsim.preprocessing import (AUTO_CT_BELOW, CT_AXCODES, CT_PAD, CT_PIXDIM, CT_ROI_SIZE, CT_SPACING, HU_WINDOW,
+                                  IMAGENET_MEAN, IMAGENET_STD, MR_PERCENTILES, RESIZE_MODE, RGB_SCALE,
+                                  SPATIAL_SIZE_2D)
 
 __all__ = ["rgb2d_transforms", "gray2d_transforms", "ct3d_transforms", "volume_loading", "make_transforms",
            "IMAGENET_MEAN", "IMAGENET_STD", "KINDS", "INTENSITIES", "MR_PERCENTILES", "AUTO_CT_BELOW"]
@@ -126,12 +127,9 @@ def gray2d_transforms(spatial_size: Sequence[int] = SPATIAL_SIZE_2D, *, train: b
 
 
 #: intensity scalings of 3-D volumes → [0, 1]: a fixed HU window (CT), the volume's own percentiles (MR, whose
-#: intensities have no absolute scale), or either chosen per volume ("auto": CT when it holds values below
-#: AUTO_CT_BELOW — air is -1000 HU, MR intensities are >= 0)
+#: intensities have no absolute scale: MR_PERCENTILES), or either chosen per volume ("auto": CT when it holds values
+#: below AUTO_CT_BELOW — air is -1000 HU, MR intensities are >= 0); constants in medsim.preprocessing
 INTENSITIES = ("hu", "percentile", "auto")
-AUTO_CT_BELOW = -500.0
-#: default percentiles (lower, upper) of :func:`volume_loading`'s ``"percentile"`` scaling
-MR_PERCENTILES = (0.5, 99.5)
 
 
 def volume_loading(keys: Sequence[str] = ("image",), modes: Sequence[str] = ("bilinear",), *,

@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 KNOWN_STEPS = {
     "rgb2d": {"LoadImaged", "EnsureTyped", "ToRGBd", "ScaleIntensityRanged", "Resized", "NormalizeIntensityd"},
     "gray2d": {"LoadImaged", "EnsureTyped", "ChannelMaxd", "ScaleIntensityd", "Resized"},
-    "ct3d": {"LoadImaged", "EnsureTyped", "Orientationd", "Spacingd", "ScaleIntensityRanged", "SpatialPadd",
-             "CenterSpatialCropd"},
+    "ct3d": {"LoadImaged", "EnsureTyped", "Orientationd", "Spacingd", "ScaleIntensityRanged",
+             "ScaleIntensityRangePercentilesd", "CTorMRd", "SpatialPadd", "CenterSpatialCropd"},
 }
 
 try:  # PIL is a hard requirement of reading images, but arrays alone need only NumPy

@@ -32,7 +32,8 @@ from medsim.files import check_pixel_count
 from medsim.runtime.errors import DeployError
 from medsim.runtime.transforms import scale_range
 
-__all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "preprocess_volume",
+__all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "scale_intensity",
+           "preprocess_volume",
            "model_grid", "label_to_grid", "NIFTI_SUFFIXES"]
 
 #: MONAI's tolerance for "this affine is unchanged" (monai.data.utils.AFFINE_TOL)
@@ -195,8 +196,28 @@ def _to_grid(source: str | os.PathLike, prep: dict[str, Any], *, mode: str
 def _model_input(source: str | os.PathLike, prep: dict[str, Any]
                  ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
     arr, original, affine = _to_grid(source, prep, mode=str((prep.get("spacing") or {}).get("mode", "bilinear")))
-    arr, shift = pad_crop(scale_range(arr, prep["scale"]), prep["spatial_size"], return_shift=True)
+    arr, shift = pad_crop(scale_intensity(arr, prep), prep["spatial_size"], return_shift=True)
     return arr.astype(np.float32, copy=False), original, _shifted(affine, shift)
+
+
+def scale_intensity(arr: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
+    """The manifest's intensity step: the HU window (``scale``), or with ``intensity.mode`` ``percentile`` the
+    volume's own (lower, upper) percentiles → [0, 1], clipped, like MONAI ``ScaleIntensityRangePercentiles``
+    (linear-interpolated percentiles; a constant volume → 0); ``auto`` takes the HU window when the volume has
+    values below ``intensity.ct_below`` and the percentiles otherwise."""
+    spec = prep.get("intensity") or {"mode": "hu"}
+    mode = str(spec.get("mode", "hu"))
+    if mode not in ("hu", "percentile", "auto"):
+        raise DeployError(f"manifest ct3d intensity mode '{mode}' is unknown to medsim.deploy (hu, percentile, auto)")
+    if mode == "hu" or (mode == "auto" and float(arr.min()) < float(spec.get("ct_below", -500.0))):
+        return scale_range(arr, prep["scale"])
+    lo, hi = (float(v) for v in spec.get("percentiles", (0.5, 99.5)))
+    a_min, a_max = (float(v) for v in np.percentile(arr.astype(np.float64), [lo, hi]))
+    b_min, b_max = (float(v) for v in spec.get("to", (0.0, 1.0)))
+    if a_max == a_min:  # MONAI: a constant range maps to b_min
+        return np.full(arr.shape, b_min, dtype=np.float32)
+    out = (arr.astype(np.float64) - a_min) / (a_max - a_min) * (b_max - b_min) + b_min
+    return np.clip(out, b_min, b_max).astype(np.float32) if spec.get("clip", True) else out.astype(np.float32)
 
 
 def preprocess_volume(source: str | os.PathLike, prep: dict[str, Any]) -> tuple[np.ndarray, tuple[int, ...]]:

@@ -8,23 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = {"max_epochs": 1, "image_size": [16, 16, 16], "backbone": "resnet10", "widen_factor": 0.25, "global_dim": 16,
-        "local_dim": 8, "n_points": 8, "n_hard": 8, "n_random": 8, "items_per_epoch": 2,
-        "train#output_handlers#0#_disabled_": True, "train#output_handlers#1#_disabled_": True}
 
 
 @pytest.fixture(scope="module")
-def sam(sample_root, tmp_path_factory):
+def sam(sample_root, tiny_sam_run, tmp_path_factory):
     import nibabel as nib
 
-    from medsim.engines.workflow import train_bundle
     from medsim.export.pipeline import export_run
 
     out = tmp_path_factory.mktemp("landmark")
-    train_bundle(ROOT / "bundles" / "ct_sam", dataset_dir=str(sample_root / "ct"), output_dir=str(out / "run"),
-                 overrides=dict(TINY))
-    export_run(out / "run", out / "export", opt_batch=1)
+    (out / "run").symlink_to(tiny_sam_run, target_is_directory=True)
+    export_run(tiny_sam_run, out / "export", opt_batch=1)
     ct = sample_root / "ct" / "ct.nii.gz"
     img = nib.load(str(ct))
     moved = np.array(img.affine)

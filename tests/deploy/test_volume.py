@@ -52,6 +52,32 @@ def test_sample_volume_matches_monai(sample_root):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("intensity", ["percentile", "auto"])
+def test_mr_percentile_and_auto_intensity_match_monai(sample_root, tmp_path, intensity):
+    """MR volumes (no HU scale): the runtime scales by the volume's own percentiles like MONAI's
+    ScaleIntensityRangePercentilesd; "auto" takes the HU window for the CT sample and the percentiles for an MR-like
+    volume (non-negative values)."""
+    import nibabel as nib
+
+    ct = sample_root / "ct" / "ct.nii.gz"
+    img = nib.load(str(ct))
+    mr = tmp_path / "mr.nii.gz"
+    rng = np.random.default_rng(0)
+    arr = np.asanyarray(img.dataobj).astype(np.float32)
+    _nifti(mr, (arr - arr.min()) * 3.7 + rng.gamma(2.0, 20.0, arr.shape).astype(np.float32), img.affine)
+    kw = dict(roi_size=(20, 28, 12), pixdim=(2.0, 1.2, 2.5), intensity=intensity, percentiles=(1.0, 98.0))
+    man = _manifest(**kw)
+    assert man["preprocessing"]["intensity"]["mode"] == intensity
+    for path in (mr, ct):
+        ours, ref = preprocess(path, man), _monai(path, **kw)
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+    if intensity == "auto":  # the CT sample got the HU window: same as an "hu" model
+        np.testing.assert_allclose(preprocess(ct, man), _monai(ct, roi_size=(20, 28, 12), pixdim=(2.0, 1.2, 2.5)),
+                                   atol=1e-5)
+    else:  # the percentile pipeline is not the HU one
+        assert not np.allclose(preprocess(ct, man), _monai(ct, roi_size=(20, 28, 12), pixdim=(2.0, 1.2, 2.5)))
+
+
 @pytest.mark.parametrize("case", ["flipped-LPS", "oblique", "permuted"])
 def test_orientation_and_oblique_resampling_match_monai(tmp_path, case):
     rng = np.random.default_rng(3)

@@ -10,22 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = {"max_epochs": 1, "image_size": [16, 16, 16], "backbone": "resnet10", "widen_factor": 0.25, "global_dim": 16,
-        "local_dim": 8, "n_points": 8, "n_hard": 8, "n_random": 8, "items_per_epoch": 2,
-        "train#output_handlers#0#_disabled_": True, "train#output_handlers#1#_disabled_": True}
 
 
 @pytest.fixture(scope="module")
-def sam_export(sample_root, tmp_path_factory):
-    from medsim.engines.workflow import train_bundle
+def sam_export(tiny_sam_run, tmp_path_factory):
     from medsim.export.onnx_export import export_onnx
 
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("sam_export")
-    train_bundle(ROOT / "bundles" / "ct_sam", dataset_dir=str(sample_root / "ct"), output_dir=str(out / "run"),
-                 overrides=dict(TINY))
-    return out, export_onnx(out / "run", out / "export")  # parity on the run's (validation) volume, atol 1e-4
+    out = tiny_sam_run.parent
+    return out, export_onnx(tiny_sam_run, tmp_path_factory.mktemp("sam_export") / "export")  # parity: atol 1e-4
 
 
 def test_dense_outputs_and_their_geometry_are_in_the_graph_and_manifest(sam_export):
