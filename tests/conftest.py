@@ -140,3 +140,45 @@ def deploy_check(tmp_path_factory):
         return got
 
     return check
+
+
+@pytest.fixture
+def adam_steps():
+    """``steps(model, loss_fn, batches, n, lr)``: ``n`` Adam steps cycling over ``batches`` of ``(views, target)``;
+    returns the losses and, for losses that record their terms, ``loss_fn.last`` after each step."""
+    import torch
+
+    def steps(model, loss_fn, batches, n, lr=3e-3):
+        opt = torch.optim.Adam(model.trainable_parameters(), lr=lr)
+        losses, terms = [], []
+        for step in range(n):
+            views, target = batches[step % len(batches)]
+            value = loss_fn(model(views), target)
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            losses.append(value.item())
+            terms.append(dict(getattr(loss_fn, "last", {})))
+        return losses, terms
+
+    return steps
+
+
+@pytest.fixture
+def monai_bundle_run():
+    """``run(bundle, dataset_dir, out, overrides, variant=None)``: ``python -m monai.bundle run`` on the bundle's
+    layered config files in a subprocess (cwd: ``out``'s parent); returns the ``CompletedProcess``."""
+    import json
+    import subprocess
+    import sys
+
+    from medsim.engines.workflow import _bundle_files
+
+    def run(bundle, dataset_dir, out, overrides, variant=None):
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+               json.dumps(_bundle_files(bundle, variant)), "--meta_file", str(bundle / "configs" / "metadata.json"),
+               "--bundle_root", str(bundle), "--dataset_dir", str(dataset_dir), "--output_dir", str(out),
+               *[x for k, v in overrides.items() for x in (f"--{k}", json.dumps(v))]]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=Path(out).parent, timeout=300)
+
+    return run

@@ -80,6 +80,9 @@ class PairedCrops3Dd(Randomizable, MapTransform):
         n_points: P, positive pairs per item.
         names: keys the two views are written to (the volume key is kept; :class:`GatherViewsd` drops it).
         pos_keys: keys of the (P, 3) point coordinates of view 0 and view 1.
+        scale_key: when set, also write view 1's zoom ``s`` (3,) under this key: with it the whole crop transform
+            is known, ``x_1 = s · x_0 + (pos_1 - s · pos_0)`` for any view-0 voxel coordinate ``x_0`` (PGL maps
+            boxes, not only points, between the views: :mod:`medsim.ssl.pgl`).
 
     Raises:
         ValueError: a non-3-D volume, or options outside their ranges (the message names the value).
@@ -88,7 +91,7 @@ class PairedCrops3Dd(Randomizable, MapTransform):
     def __init__(self, keys: str | Sequence[str] = "image", roi_size: Sequence[int] = (32, 32, 32), *,
                  scale_range: Sequence[float] = (0.8, 1.25), isotropic: bool = False, max_shift: float = 0.25,
                  n_points: int = 32, names: Sequence[str] = ("_view0", "_view1"),
-                 pos_keys: Sequence[str] = ("pos_0", "pos_1")):
+                 pos_keys: Sequence[str] = ("pos_0", "pos_1"), scale_key: str | None = None):
         MapTransform.__init__(self, keys)
         if len(self.keys) != 1:
             raise ValueError(f"PairedCrops3Dd crops one volume, got keys={list(self.keys)}")
@@ -103,7 +106,7 @@ class PairedCrops3Dd(Randomizable, MapTransform):
         if n_points < 1:
             raise ValueError(f"n_points must be >= 1, got n_points={n_points}")
         self.scale_range, self.isotropic, self.max_shift, self.n_points = (lo, hi), isotropic, max_shift, n_points
-        self.names, self.pos_keys = tuple(names), tuple(pos_keys)
+        self.names, self.pos_keys, self.scale_key = tuple(names), tuple(pos_keys), scale_key
         self._draw: dict[str, Any] = {}
 
     def randomize(self, data: Sequence[int]) -> None:
@@ -155,6 +158,8 @@ class PairedCrops3Dd(Randomizable, MapTransform):
         pos_0, pos_1 = self.points(img.shape[1:])
         d[self.pos_keys[0]] = torch.as_tensor(pos_0, dtype=torch.float32)
         d[self.pos_keys[1]] = torch.as_tensor(pos_1, dtype=torch.float32)
+        if self.scale_key:
+            d[self.scale_key] = torch.as_tensor(s, dtype=torch.float32)
         return d
 
 
@@ -179,7 +184,7 @@ def sam_view_transforms(roi_size: Sequence[int] = (32, 32, 32), *, pixdim: Seque
                         percentiles: tuple[float, float] = (0.5, 99.5), scale_range: Sequence[float] = (0.8, 1.25),
                         isotropic: bool = False, max_shift: float = 0.25, n_points: int = 32,
                         contrast: float = 0.3, brightness: float = 0.1, noise: float = 0.02, load: bool = True,
-                        views_key: str = VIEWS_KEY):
+                        views_key: str = VIEWS_KEY, scale_key: str | None = None):
     """SAM's paired views of a volume: ``{"image": path} → {"views": [(1, *roi) × 2], "pos_0": (P, 3),
     "pos_1": (P, 3)}`` (module docstring).
 
@@ -189,6 +194,7 @@ def sam_view_transforms(roi_size: Sequence[int] = (32, 32, 32), *, pixdim: Seque
             ``intensity="hu"`` for CT, ``"percentile"`` for MR).
         contrast, brightness, noise: the per-view intensity augmentation (0 switches a term off).
         load: ``False`` when ``image`` is already a loaded (C, X, Y, Z) volume on its final grid.
+        scale_key: also output view 1's zoom (3,) under this key (PGL's region boxes; :class:`PairedCrops3Dd`).
     """
     import monai.transforms as mt
 
@@ -199,7 +205,8 @@ def sam_view_transforms(roi_size: Sequence[int] = (32, 32, 32), *, pixdim: Seque
                                  percentiles=percentiles) if load else []),
                 mt.EnsureTyped("image", dtype="float32", track_meta=False),
                 PairedCrops3Dd("image", roi_size, scale_range=scale_range, isotropic=isotropic,
-                               max_shift=max_shift, n_points=n_points, names=names)]
+                               max_shift=max_shift, n_points=n_points, names=names,
+                               scale_key=scale_key)]
     for name in names:
         xs += _intensity_chain(name, contrast, brightness, noise)
     xs.append(GatherViewsd(names, views_key))

@@ -133,12 +133,17 @@ class EpochRecorder:
 
     Args:
         validator: the evaluator run by the ValidationHandler (its ``state.metrics``), or None.
-        select_metric: the validation metric that selects ``best.pt``; higher is better (``val_nmi``; classifiers
-            e.g. ``val_balanced_accuracy``). A name the validator does not report is an error naming those it does.
+        select_metric: the validation metric that selects ``best.pt`` (``val_nmi``; classifiers e.g.
+            ``val_balanced_accuracy``; self-supervised runs e.g. ``val_loss``). A name the validator does not report
+            is an error naming those it does.
+        select_mode: ``"max"`` (higher is better, the default) or ``"min"`` (a loss).
     """
 
-    def __init__(self, validator: Engine | None = None, select_metric: str = "val_nmi"):
+    def __init__(self, validator: Engine | None = None, select_metric: str = "val_nmi", select_mode: str = "max"):
+        from monai.utils import look_up_option
+
         self.validator, self.select_metric = validator, select_metric
+        self.sign = 1.0 if look_up_option(select_mode, ("max", "min")) == "max" else -1.0
         self.history: list[dict[str, Any]] = []
         self.best_selected = float("-inf")
         self.epoch_loss: list[float] = []
@@ -170,7 +175,7 @@ class EpochRecorder:
         if metrics and self.select_metric not in metrics:
             raise KeyError(f"select_metric '{self.select_metric}' is not among the validation metrics "
                            f"{sorted(metrics)}")
-        sel = float(metrics.get(self.select_metric, float("nan")))
+        sel = self.sign * float(metrics.get(self.select_metric, float("nan")))  # best_selected: sign · metric
         improved = bool(not np.isnan(sel) and sel >= self.best_selected)
         if improved:
             self.best_selected = sel

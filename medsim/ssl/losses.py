@@ -31,7 +31,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import nn
 
 __all__ = ["SSLLoss", "NTXentLoss", "MoCoLoss", "BYOLLoss", "SimSiamLoss", "BarlowTwinsLoss", "VICRegLoss",
-           "WMSELoss", "false_negative_mask", "barlow_twins_loss", "whiten", "FNC_MODES"]
+           "WMSELoss", "byol_regression", "target_tensors", "false_negative_mask", "barlow_twins_loss", "whiten", "FNC_MODES"]
 
 FNC_MODES = ("elimination",)
 AGGREGATIONS = ("max", "mean")
@@ -57,6 +57,20 @@ class SSLLoss(nn.Module):
 
     def compute_loss(self, pred: Mapping[str, Any]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def target_tensors(target: Any, keys: Sequence[str], owner: str, what: str, source: str) -> list[torch.Tensor]:
+    """The tensors ``target[k]`` for ``keys`` of a loss that reads more than labels from the batch's target (e.g. the
+    point correspondences of paired 3-D crops).
+
+    Raises:
+        ValueError: ``target`` is not a mapping holding every key; the message names ``owner`` (the loss),
+            ``what`` it reads and the ``source`` that provides it.
+    """
+    if not isinstance(target, Mapping) or any(k not in target for k in keys):
+        got = sorted(target) if isinstance(target, Mapping) else type(target).__name__
+        raise ValueError(f"{owner} reads {what} {list(keys)} from the target ({source}), got {got}")
+    return [torch.as_tensor(target[k]) for k in keys]
 
 
 def _check_fnc(fnc: str | None, k: int | None, threshold: float | None, aggregate: str) -> None:
@@ -183,6 +197,12 @@ def _negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(p, z, dim=1).mean()
 
 
+def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression term ``mean_b ||p̄_b - z̄'_b||² = 2 - 2 mean_b cos(p_b, z'_b)`` (Grill et al. 2020, Eq. 2)
+    of online predictions p and target projections z (B, P); z is detached (the target gets no gradient)."""
+    return 2 + 2 * _negative_cosine(p, z.detach())
+
+
 class BYOLLoss(SSLLoss):
     """BYOL (Grill et al. 2020): ``||p̄ - z̄'||² = 2 - 2 cos(p, z')`` of the online prediction and the target
     projection of the other view, symmetrised: L + L̃ for V = 2 (the paper's total); for V views
@@ -196,7 +216,7 @@ class BYOLLoss(SSLLoss):
     def compute_loss(self, pred: Mapping[str, Any]) -> torch.Tensor:
         p, z = pred["p"], pred["z_target"]
         pairs = list(itertools.permutations(range(len(p)), 2))
-        return 2 * sum(2 + 2 * _negative_cosine(p[i], z[j].detach()) for i, j in pairs) / len(pairs)
+        return 2 * sum(byol_regression(p[i], z[j]) for i, j in pairs) / len(pairs)
 
 
 class SimSiamLoss(SSLLoss):

@@ -179,11 +179,15 @@ class BYOL(JointEmbedding):
         self.target_encoder = _frozen_copy(self.encoder)
         self.target_projector = _frozen_copy(self.projector)
 
-    def forward(self, views: list[torch.Tensor]) -> dict:
-        self.check_views(views)
+    def update_target(self) -> None:
+        """The EMA step of every target module (training mode only): ``θ' ← τ θ' + (1 - τ) θ``."""
         if self.training:
             ema_update(self.target_encoder, self.encoder, self.momentum)
             ema_update(self.target_projector, self.projector, self.momentum)
+
+    def forward(self, views: list[torch.Tensor]) -> dict:
+        self.check_views(views)
+        self.update_target()
         p = [self.predictor(self.projector(self.embed(v))) for v in views]
         with torch.no_grad():
             z_target = [self.target_projector(self.embed(v, self.target_encoder)) for v in views]

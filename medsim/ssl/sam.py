@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsim.ssl.losses import SSLLoss
+from medsim.ssl.losses import SSLLoss, target_tensors
 from medsim.ssl.methods import JointEmbedding
 
-__all__ = ["SAM", "SAMLoss", "MapGrid", "map_grid", "sample_points", "cell_centres", "info_nce_logits",
+__all__ = ["SAM", "SAMLoss", "MapGrid", "map_grid", "geometry_grid", "sample_points", "cell_centres", "info_nce_logits",
            "match_points"]
 
 #: (centre of cell 0 in voxel-index coordinates, stride in voxels), per axis (x, y, z)
@@ -44,7 +44,12 @@ def map_grid(encoder: nn.Module, name: str, input_size: Sequence[int]) -> MapGri
     """The grid of the encoder's ``name`` map on an input of spatial ``input_size``: cell ``i`` of an axis is
     centred at voxel index ``origin + stride · i`` (from ``encoder.map_geometry``; its centres are continuous
     coordinates, voxel k spanning [k, k + 1), hence the - 0.5)."""
-    geom = encoder.map_geometry(name, tuple(int(v) for v in input_size))
+    return geometry_grid(encoder.map_geometry(name, tuple(int(v) for v in input_size)))
+
+
+def geometry_grid(geom: Any) -> MapGrid:
+    """A map's :class:`~medsim.nn.geometry.AttentionGeometry` as a :data:`MapGrid` in voxel-index coordinates
+    (the geometry's centres are continuous coordinates, voxel k spanning [k, k + 1): hence the - 0.5)."""
     return tuple(a.centre - 0.5 for a in geom.axes), tuple(float(a.stride) for a in geom.axes)
 
 
@@ -168,11 +173,8 @@ class SAMLoss(SSLLoss):
 
     def forward(self, pred: Mapping[str, Any], target: Mapping[str, Any] | torch.Tensor | None = None
                 ) -> torch.Tensor:
-        if not isinstance(target, Mapping) or any(k not in target for k in self.pos_keys):
-            got = sorted(target) if isinstance(target, Mapping) else type(target).__name__
-            raise ValueError(f"SAMLoss reads the point pairs {list(self.pos_keys)} from the target (the batch of "
-                             f"medsim.data.views3d.sam_view_transforms through views_prepare_batch), got {got}")
-        self._pos = [torch.as_tensor(target[k]) for k in self.pos_keys]
+        self._pos = target_tensors(target, self.pos_keys, "SAMLoss", "the point pairs", "the batch of "
+                                   "medsim.data.views3d.sam_view_transforms through views_prepare_batch")
         for p in self._pos:
             if p.ndim != 3 or p.shape[-1] != 3:
                 raise ValueError(f"point coordinates must be (B, P, 3), got shape {tuple(p.shape)}")

@@ -94,17 +94,8 @@ def test_monai_bundle_parses_the_same_config(sample_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_monai_bundle_run_trains_ct_sam(sample_root, tmp_path):
-    import subprocess
-    import sys
-
-    from medsim.engines.workflow import _bundle_files
-
+def test_monai_bundle_run_trains_ct_sam(sample_root, tmp_path, monai_bundle_run):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(_bundle_files(BUNDLE, None)),
-           "--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--bundle_root", str(BUNDLE),
-           "--dataset_dir", str(sample_root / "ct"), "--output_dir", str(out),
-           *[x for k, v in {**TINY, "max_epochs": 1}.items() for x in (f"--{k}", json.dumps(v))]]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = monai_bundle_run(BUNDLE, sample_root / "ct", out, {**TINY, "max_epochs": 1})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test point matching" in r.stdout and (out / "eval_test.json").is_file()

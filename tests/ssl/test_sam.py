@@ -150,7 +150,7 @@ def _tiny_sam():
     return SAMNet("resnet10", widen_factor=0.25, global_dim=16, local_dim=16, conv1_t_stride=1)
 
 
-def test_sam_trains_on_a_tiny_volume_and_positives_end_up_closer_than_negatives():
+def test_sam_trains_on_a_tiny_volume_and_positives_end_up_closer_than_negatives(adam_steps):
     """A few Adam steps on paired crops of one smooth synthetic volume: the loss goes down, and the positive pairs'
     local similarity ends above the mean similarity to the negatives (fresh crops, not those trained on)."""
     from medsim.data.views3d import sam_view_transforms
@@ -169,16 +169,7 @@ def test_sam_trains_on_a_tiny_volume_and_positives_end_up_closer_than_negatives(
 
     model = SAM(_tiny_sam())
     loss_fn = SAMLoss(temperature=0.5, n_hard=16, n_random=16)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
-    fixed = [batch() for _ in range(4)]
-    losses = []
-    for step in range(24):
-        views, target = fixed[step % 4]
-        value = loss_fn(model(views), target)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        losses.append(value.item())
+    losses, _ = adam_steps(model, loss_fn, [batch() for _ in range(4)], 24)
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     print(f"SAM loss first 4 steps {first:.3f} -> last 4 {last:.3f}")
     assert last < 0.8 * first
