@@ -15,7 +15,8 @@ pool (nested: the 1-volume set is inside the 2-volume set ...).
 3. Test: sliding-window inference on the whole held-back volumes, MONAI ``DiceMetric`` per organ (on the resampled
    grid, ``--pixdim``).
 
-    python benchmarks/pgl_segmentation.py --dataset-dir ../shared/data/mr_chaos --out benchmarks/results/pgl_segmentation
+    python benchmarks/pgl_segmentation.py --dataset-dir ../shared/data/mr_chaos \
+        --out benchmarks/results/pgl_segmentation
 
 ``run_benchmark(...)`` is the same as a function. Writes ``<out>.json`` (every run, every epoch, every volume's Dice;
 rewritten after each fine-tuning run, so an interrupted run leaves what it measured) and ``<out>.md``.
@@ -130,7 +131,9 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
                        [r.get("val_loss") for r in recs])
 
     # 2.-3. fine-tuning and test, the same budget for every start and N
-    train_tf = lambda: segmentation_transforms(roi_size, train=True, pixdim=pixdim, intensity="percentile")  # noqa: E731
+    def train_tf() -> Any:
+        return segmentation_transforms(roi_size, train=True, pixdim=pixdim, intensity="percentile")
+
     eval_tf = segmentation_transforms(roi_size, pixdim=pixdim, intensity="percentile")
     for n in n_labelled:
         for start, run_name in STARTS.items():

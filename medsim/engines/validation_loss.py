@@ -4,8 +4,8 @@ PGL bundles (``bundles/ct_pgl``).
 BYOL-style losses (Grill et al. 2020; PGL, Xie et al. 2020) regress the online prediction of one view onto the EMA
 target's projection of the other. On validation pairs (fixed seeds, the method in eval mode: no EMA step, BatchNorm
 on its running statistics) a lower loss means the online network predicts the target's representation of unseen
-volumes better. It is a moving reference — the target changes as training goes — so it is a heuristic for choosing an
-epoch, not a measure of downstream quality (that is the segmentation benchmark's job); it costs one forward pass of
+volumes better. It is a moving reference (the target changes as training goes), so it is a heuristic for choosing
+an epoch, not a measure of downstream quality (that is the segmentation benchmark's job); it costs one forward pass of
 the validation pairs per epoch.
 
 :class:`ValidationLoss` is an ignite ``Metric`` for MONAI's ``SupervisedEvaluator`` (``val_loss`` and, with

@@ -1,15 +1,16 @@
 """A 3-D segmentation network whose encoder is medsim's MONAI ResNet trunk, so self-supervised weights load into it.
 
 PGL (Xie et al., "PGL: Prior-Guided Local Self-supervised Learning for 3D Medical Image Segmentation", arXiv:2011.12640,
-2020) pretrains an encoder and fine-tunes it inside a U-Net-shaped segmentation network. Here the encoder is the very
-module a pretraining run trains, :func:`medsim.nn.backbones.make_backbone`'s ResNet trunk (``conv1, bn1, act,
-maxpool, layer1 … cut``, state_dict keys ``0.weight``, ``4.0.conv1.weight`` …, any ``widen_factor``), and the decoder
-is MONAI's own: ``monai.networks.nets.flexible_unet.UNetDecoder`` + ``SegmentationHead``, FlexibleUNet's decoder.
+2020) pretrains an encoder and fine-tunes it inside a U-Net-shaped segmentation network. Here the encoder is the
+very module a pretraining run trains, :func:`medsim.nn.backbones.make_backbone`'s ResNet trunk (``conv1, bn1, act,
+maxpool, layer1 … cut``, state_dict keys ``0.weight``, ``4.0.conv1.weight`` …, any ``widen_factor``), and the
+decoder is MONAI's own: ``monai.networks.nets.flexible_unet.UNetDecoder`` + ``SegmentationHead``, FlexibleUNet's decoder.
 
 Why not MONAI's ``FlexibleUNet(backbone="resnet18")`` itself: its ResNet encoder has a fixed width (64…512 channels,
 no ``widen_factor``), too heavy for the CPU budgets medsim trains on and not the trunk the SSL bundles pretrain; and
 MONAI's UNet / SegResNet have encoders of their own layout, into which a ResNet's weights do not load. Reusing
-FlexibleUNet's decoder over medsim's trunk keeps the pretrained tensors exactly (the trunk's state_dict keys are the pretraining encoder's).
+FlexibleUNet's decoder over medsim's trunk keeps the pretrained tensors exactly (the trunk's state_dict keys are the
+pretraining encoder's).
 
 Skip features (FlexibleUNet's contract, each level half the previous resolution): the input, the stem after its
 activation (stride 2), ``layer1`` after the max-pool (stride 4), ``layer2`` (8), ``layer3`` (16) [, ``layer4`` (32)].

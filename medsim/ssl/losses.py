@@ -31,7 +31,8 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import nn
 
 __all__ = ["SSLLoss", "NTXentLoss", "MoCoLoss", "BYOLLoss", "SimSiamLoss", "BarlowTwinsLoss", "VICRegLoss",
-           "WMSELoss", "byol_regression", "target_tensors", "false_negative_mask", "barlow_twins_loss", "whiten", "FNC_MODES"]
+           "WMSELoss", "byol_regression", "target_tensors", "false_negative_mask", "barlow_twins_loss", "whiten",
+           "FNC_MODES"]
 
 FNC_MODES = ("elimination",)
 AGGREGATIONS = ("max", "mean")

@@ -66,7 +66,8 @@ def test_pool_regions_averages_the_cells_under_the_lattice():
     maps = torch.randn(1, 5, 4, 4, 4)
     pts = torch.tensor([[[[4.0, 4.0, 4.0], [8.0, 4.0, 4.0]], [[0.0, 12.0, 8.0], [4.0, 12.0, 8.0]]]])  # (1, 2, 2, 3)
     got = pool_regions(maps, pts, GRID)
-    want = torch.stack([(maps[0, :, 1, 1, 1] + maps[0, :, 2, 1, 1]) / 2, (maps[0, :, 0, 3, 2] + maps[0, :, 1, 3, 2]) / 2])
+    want = torch.stack([(maps[0, :, 1, 1, 1] + maps[0, :, 2, 1, 1]) / 2,
+                        (maps[0, :, 0, 3, 2] + maps[0, :, 1, 3, 2]) / 2])
     assert torch.allclose(got[0], want, atol=1e-6)
 
 
