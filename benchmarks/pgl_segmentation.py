@@ -73,9 +73,14 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
                   backbone: str = "resnet18", widen_factor: float = 0.5, cut: str = "layer3",
                   pretrain_epochs: int = 10, pretrain_items: int = 16, pretrain_batch: int = 2,
                   pretrain_lr: float = 2e-4, ft_epochs: int = 10, ft_steps: int = 8, ft_batch: int = 2,
-                  ft_lr: float = 1e-3, amp: bool = False, seed: int = 0, command: str = "") -> dict[str, Any]:
+                  ft_lr: float = 1e-3, amp: bool = False, seed: int = 0, starts: Sequence[str] = tuple(STARTS),
+                  checkpoint: str = "best.pt", command: str = "") -> dict[str, Any]:
     """Pretrain (PGL, BYOL-3D), fine-tune every start on N labelled volumes, test Dice per organ; write
-    ``<out>.json`` / ``<out>.md`` and return the JSON document (module docstring)."""
+    ``<out>.json`` / ``<out>.md`` and return the JSON document (module docstring).
+
+    ``checkpoint``: which pretraining checkpoint starts the encoder (``best.pt``: selected on the validation loss;
+    ``last.pt``: after every epoch). ``starts``: a subset of :data:`STARTS`. A finished pretraining run in ``work``
+    is reused (``train_bundle`` resumes it: nothing left to train)."""
     import torch
 
     from medsim.data.segmentation import labelled_volumes, segmentation_transforms
@@ -103,7 +108,7 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
                                   "batch_size": pretrain_batch, "learning_rate": pretrain_lr},
                      "finetune": {"epochs": ft_epochs, "steps_per_epoch": ft_steps, "batch_size": ft_batch,
                                   "learning_rate": ft_lr, "loss": "monai DiceCELoss (softmax, one-hot labels)"},
-                     "amp_bf16": amp, "seed": seed},
+                     "amp_bf16": amp, "seed": seed, "pretrained_checkpoint": checkpoint},
         "pretraining": {}, "runs": []}
 
     # 1. pretraining, on the pretraining volumes only (no labels read)
@@ -136,10 +141,11 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
 
     eval_tf = segmentation_transforms(roi_size, pixdim=pixdim, intensity="percentile")
     for n in n_labelled:
-        for start, run_name in STARTS.items():
+        for start in starts:
+            run_name = STARTS[start]
             torch.manual_seed(seed)
             net = ResNetUNet(backbone, out_channels=max(label_names) + 1, cut=cut, widen_factor=widen_factor)
-            load_encoder(net, runs[run_name] if run_name else None)
+            load_encoder(net, runs[run_name] / checkpoint if run_name else None)
             t0 = time.time()
             hist = finetune_segmentation(net, parts["pool"][:n], train_tf(), max_epochs=ft_epochs,
                                          steps_per_epoch=ft_steps, batch_size=ft_batch, learning_rate=ft_lr, amp=amp,
@@ -169,7 +175,8 @@ def write(doc: dict[str, Any], out: Path) -> None:
              f"Data: `{doc['data']['dataset']}` ({doc['data']['n_volumes']} volumes), split by volume "
              f"(seed {doc['data']['split_seed']}): test {', '.join(doc['data']['test'])}; pretraining "
              f"{', '.join(doc['data']['pretrain'])}; labelled pool (first N used) "
-             f"{', '.join(doc['data']['labelled_pool'])}. Resampled to {doc['data']['pixdim_mm']} mm.", "",
+             f"{', '.join(doc['data']['labelled_pool'])}. Resampled to {doc['data']['pixdim_mm']} mm. Pretrained "
+             f"encoders start from each run's `{doc['settings'].get('pretrained_checkpoint', 'best.pt')}`.", "",
              "| N labelled | start | " + " | ".join(organs) + " | mean Dice |",
              "|---|---|" + "---|" * (len(organs) + 1)]
     for r in doc["runs"]:
@@ -211,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-steps", type=int, default=8, help="optimiser steps per fine-tuning epoch")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (pretraining and fine-tuning)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
+    ap.add_argument("--checkpoint", default="best.pt", choices=["best.pt", "last.pt"],
+                    help="the pretraining checkpoint that starts the encoder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     import torch
@@ -221,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     run_benchmark(args.dataset_dir, args.out, args.work, n_test=args.n_test, n_labelled=args.n_labelled,
                   pixdim=args.pixdim, roi_size=args.roi_size, pretrain_epochs=args.pretrain_epochs,
                   pretrain_items=args.pretrain_items, pretrain_lr=args.pretrain_lr, ft_epochs=args.ft_epochs,
-                  ft_steps=args.ft_steps, ft_lr=args.ft_lr,
+                  ft_steps=args.ft_steps, ft_lr=args.ft_lr, starts=args.starts, checkpoint=args.checkpoint,
                   amp=args.amp, command=command)
     return 0
 
