@@ -60,17 +60,17 @@ def test_a_doctored_pretrained_checkpoint_runs_nothing(tiny_run, tmp_path):
     assert not marker.exists()
 
 
-def test_a_bundle_starts_from_a_run_via_one_config_id(tiny_run, sample_root, tmp_path):
+def test_a_bundle_starts_from_a_run_via_one_config_id(tiny_run, sample_root, tmp_path, tiny_overrides):
     """isic_abe (another network, same trunk arguments) trained with -o pretrained=<isic_dsl run>: its trunk starts
     as the run's (checked with 0 epochs of change: lr 0)."""
-    from conftest import ROOT, TINY
+    from pathlib import Path
 
     from medsim.engines.workflow import train_bundle
     from medsim.export.run import load_run
 
     out = tmp_path / "abe"
-    ov = {**TINY, "pretrained": str(tiny_run), "learning_rate": 0.0, "n_learners": 2}
-    train_bundle(ROOT / "bundles" / "isic_abe", dataset_dir=str(sample_root / "derm"), output_dir=str(out), overrides=ov)
+    ov = {**tiny_overrides, "pretrained": str(tiny_run), "learning_rate": 0.0, "n_learners": 2}
+    train_bundle(Path(__file__).resolve().parents[2] / "bundles" / "isic_abe", dataset_dir=str(sample_root / "derm"), output_dir=str(out), overrides=ov)
     donor, got = load_run(tiny_run).network, load_run(out).network
     for (k, a), b in zip(donor.trunk.state_dict().items(), got.trunk.state_dict().values()):
         if "num_batches_tracked" in k or "running_" in k:
