@@ -2,8 +2,8 @@
 PGL bundles (``bundles/ct_pgl``).
 
 BYOL-style losses (Grill et al. 2020; PGL, Xie et al. 2020) regress the online prediction of one view onto the EMA
-target's projection of the other. On validation pairs (fixed seeds, the method in eval mode: no EMA step, BatchNorm
-on its running statistics) a lower loss means the online network predicts the target's representation of unseen
+target's projection of the other. On validation pairs (the same pairs every epoch with :class:`FixedDraws`; the method
+in eval mode: no EMA step, BatchNorm on its running statistics) a lower loss means the online network predicts the target's representation of unseen
 volumes better. It is a moving reference (the target changes as training goes), so it is a heuristic for choosing
 an epoch, not a measure of downstream quality (that is the segmentation benchmark's job); it costs one forward pass of
 the validation pairs per epoch.
@@ -27,7 +27,7 @@ from ignite.metrics import Metric
 
 from medsim.errors import atomic_write_text
 
-__all__ = ["ValidationLoss", "finish_validation_loss"]
+__all__ = ["ValidationLoss", "FixedDraws", "finish_validation_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,27 @@ class ValidationLoss(Metric):
 
     def compute(self) -> float:
         return self._sum / self._n if self._n else float("nan")
+
+
+class FixedDraws:
+    """Reseed a random transform at the start of every run of an engine (a MONAI ``val_handlers`` entry), so that each
+    validation sees the same random draws (the same crop pairs): epochs are then compared on the same pairs.
+
+    Args:
+        transform: the validation dataset's random transform (``set_random_state``).
+        seed: its seed at the start of every validation.
+    """
+
+    def __init__(self, transform: Any, seed: int = 0):
+        self.transform, self.seed = transform, int(seed)
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reseed)
+
+    def reseed(self, engine: Any = None) -> None:
+        self.transform.set_random_state(seed=self.seed % 2**32)
 
 
 def finish_validation_loss(output_dir: str | os.PathLike, method: torch.nn.Module, test_loader: Any,

@@ -102,6 +102,14 @@ def test_monai_bundle_parses_the_same_config(sample_root, tmp_path):
         assert wf.parser.get_parsed_content("train#record").sign == -1.0  # val_loss: lower is better
         batch = next(iter(trainer.data_loader))
         assert batch["pos_0"].shape == (2, 8, 3) and batch["scale"].shape == (2, 3) and len(batch["views"]) == 2
+        # validation: 4 crop pairs per validation volume, the same pairs at every validation
+        evaluator = wf.parser.get_parsed_content("validate#evaluator")
+        assert len(evaluator.data_loader.dataset) == 4
+        values = []
+        for _ in range(2):
+            evaluator.run()
+            values.append(evaluator.state.metrics["val_loss"])
+        assert values[0] == values[1] and values[0] > 0
 
 
 @pytest.mark.slow
