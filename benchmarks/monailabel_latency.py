@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "monailabel"))
-from client import LabelClient, serve  # noqa: E402  deploy/monailabel/client.py
+from client import LabelClient, concurrent_similar_cases, serve  # noqa: E402  deploy/monailabel/client.py
 
 from ham_recipe import command_line, write_results  # noqa: E402  benchmarks/ham_recipe.py
 
@@ -101,28 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         results[f"activelearning hybrid: first call (embeds {len(ids)} images)"] = stats([first])
         results["activelearning hybrid: later calls (cached)"] = stats(later)
         expected = {i: [h["id"] for h in c.similar_cases(i, k=5, params={"thumbnails": 0})["cases"]] for i in ids}
-        lat: list[float] = []
-        wrong: list[str] = []
-        lock = threading.Lock()
-
-        def client(seed: int) -> None:
-            cl = LabelClient(c.url)
-            r = np.random.default_rng(seed)
-            for _ in range(args.requests):
-                i = ids[int(r.integers(len(ids)))]
-                ms, got = timed(cl.similar_cases, i, k=5, params={"thumbnails": 0})
-                with lock:
-                    lat.append(ms)
-                    if [h["id"] for h in got["cases"]] != expected[i]:
-                        wrong.append(i)
-
-        threads = [threading.Thread(target=client, args=(s + 1,)) for s in range(args.clients)]
-        tc = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - tc
+        run = concurrent_similar_cases(c.url, ids, expected, clients=args.clients, requests=args.requests)
+        lat, wrong, wall = run["latencies_ms"], run["errors"], run["wall_s"]
         conc = stats(lat)
         conc.update(throughput_rps=round(len(lat) / wall, 1), wrong_answers=len(wrong), wall_s=round(wall, 1))
         results[f"similar_cases, {args.clients} concurrent clients x {args.requests}"] = conc

@@ -113,6 +113,43 @@ class LabelClient:
         raise TimeoutError(f"training still running after {timeout:.0f} s")
 
 
+def concurrent_similar_cases(url: str, ids: list[str], expected: dict[str, list[str]], *, clients: int = 8,
+                             requests: int = 20, k: int = 5) -> dict[str, Any]:
+    """``clients`` threads, each with its own :class:`LabelClient`, send ``requests`` similar-case requests (no
+    thumbnails) for random ``ids`` at once; every answer's case ids are checked against ``expected[id]``.
+
+    Returns ``{"latencies_ms": [...], "errors": ["id: what was wrong", ...], "wall_s": seconds}``."""
+    import random
+    import threading
+
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        c, rng = LabelClient(url), random.Random(seed)
+        for _ in range(requests):
+            i = rng.choice(ids)
+            t0 = time.perf_counter()
+            try:
+                got = [h["id"] for h in c.similar_cases(i, k=k, params={"thumbnails": 0})["cases"]]
+                problem = None if got == expected[i] else f"{i}: {got} != {expected[i]}"
+            except (LabelError, OSError, ValueError, KeyError) as e:
+                problem = f"{i}: {type(e).__name__}: {e}"
+            with lock:
+                lat.append((time.perf_counter() - t0) * 1000.0)
+                if problem:
+                    errors.append(problem)
+
+    threads = [threading.Thread(target=client, args=(s + 1,)) for s in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"latencies_ms": lat, "errors": errors, "wall_s": time.perf_counter() - t0}
+
+
 def _multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = []

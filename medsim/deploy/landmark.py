@@ -73,22 +73,14 @@ class Match:
 
 
 def _interp(values: np.ndarray, cells: np.ndarray) -> np.ndarray:
-    """Multilinear interpolation of ``values`` (C, *S) at fractional cell indices ``cells`` (N, ndim), clamped to
-    the grid (the edge cells' values are held outside the first/last centres) → (N, C)."""
+    """Multilinear interpolation of ``values`` (C, *S) at fractional cell indices ``cells`` (N, ndim), the edge
+    cells' values held outside the first/last centres (SciPy ``map_coordinates``, order 1, mode "nearest")
+    → (N, C)."""
+    from scipy.ndimage import map_coordinates
+
     v = np.asarray(values, dtype=np.float64)
-    shape = np.array(v.shape[1:])
-    c = np.clip(np.asarray(cells, dtype=np.float64), 0.0, shape - 1)
-    lo = np.floor(c).astype(np.int64)
-    lo = np.minimum(lo, np.maximum(shape - 2, 0))
-    frac = c - lo
-    out = np.zeros((len(c), v.shape[0]))
-    ndim = len(shape)
-    for corner in range(2 ** ndim):
-        bits = [(corner >> d) & 1 for d in range(ndim)]
-        idx = tuple(np.minimum(lo[:, d] + bits[d], shape[d] - 1) for d in range(ndim))
-        w = np.prod([frac[:, d] if bits[d] else 1.0 - frac[:, d] for d in range(ndim)], axis=0)
-        out += w[:, None] * v[(slice(None),) + idx].T
-    return out
+    c = np.asarray(cells, dtype=np.float64).T
+    return np.stack([map_coordinates(ch, c, order=1, mode="nearest") for ch in v], axis=1)
 
 
 def sample(emb: DenseEmbedding, points: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -183,36 +182,13 @@ def test_active_learning_returns_the_ranked_unlabelled_image(server, setup):
 def test_concurrent_clients_get_correct_answers(server, setup, capsys):
     """8 clients × 20 requests, similar cases of random study images: every answer equals the serial one. The
     latencies it saw are printed into the test log (`benchmarks/monailabel_latency.py` measures them properly)."""
-    import time
-
     ids = _ids(setup)
     expected = {i: [c["id"] for c in server.similar_cases(i, k=5)["cases"]] for i in ids}
-    errors: list[str] = []
-    ms: list[float] = []
+    from client import concurrent_similar_cases
 
-    def client(seed: int) -> None:
-        from client import LabelClient
-
-        c = LabelClient(server.url)
-        rng = np.random.default_rng(seed)
-        for _ in range(20):
-            i = ids[int(rng.integers(len(ids)))]
-            try:
-                t0 = time.perf_counter()
-                got = [h["id"] for h in c.similar_cases(i, k=5, params={"thumbnails": 0})["cases"]]
-                ms.append((time.perf_counter() - t0) * 1000)
-                if got != expected[i]:
-                    errors.append(f"{i}: {got} != {expected[i]}")
-            except Exception as e:  # noqa: BLE001 - collected and reported
-                errors.append(f"{i}: {e}")
-
-    threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    run = concurrent_similar_cases(server.url, ids, expected, clients=8, requests=20)
+    errors, ms, wall = run["errors"], run["latencies_ms"], run["wall_s"]
+    assert len(ms) == 160
     assert not errors, errors[:5]
     with capsys.disabled():
         print(f"\n[monailabel server] 8 clients x 20 similar_cases (tiny 32 px model, {len(ids)} study images): "
