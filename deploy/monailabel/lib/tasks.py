@@ -47,8 +47,12 @@ class ModelState:
     def current(self) -> tuple[str, str]:
         f = self.work / CURRENT
         if f.is_file():
-            doc = json.loads(f.read_text(encoding="utf-8"))
-            return str(doc["export"]), str(doc["index"])
+            try:
+                doc = json.loads(f.read_text(encoding="utf-8"))
+                return str(doc["export"]), str(doc["index"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise AssistConfigError(f"{f}: not a readable model pointer ({type(e).__name__}: {e}); delete it to go "
+                                        "back to the --conf export/index folders, or train again") from None
         return self._default
 
     def assistant(self) -> Assistant:
