@@ -508,18 +508,21 @@ def _point(ctx: click.Context, param: click.Parameter, value: str) -> tuple[floa
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write landmarks.json and a picture per target (<case token>_landmark.png) here.")
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True)
+@click.option("--crop", is_flag=True, default=False,
+              help="Search only the model's training-size centre crop of each volume (default: the whole volume).")
 @_threads_option(torch=False)
 def landmark(model_dir: Path, template: Path, point: tuple[float, float, float], unit: str, targets: tuple[Path, ...],
-             out: Path | None, backend: str) -> None:
+             out: Path | None, backend: str, crop: bool) -> None:
     """Find a template landmark in each TARGET volume with an exported SAM model (pixel-wise anatomical embeddings;
-    torch-free): the most similar point, its world (mm) and voxel coordinates and the similarity. Targets are
-    listed by case token (c-<16 hex>), never by file name."""
+    torch-free): the most similar point, its world (mm) and voxel coordinates and the similarity. The model embeds
+    each whole volume (resampled to its training spacing); targets are listed by case token (c-<16 hex>), never by
+    file name."""
     import json
 
     from medsim.deploy.landmark import find_landmarks
 
     rows = find_landmarks(str(model_dir), str(template), point, [str(t) for t in targets], unit=unit,
-                          backend=backend, pictures=None if out is None else str(out))
+                          backend=backend, pictures=None if out is None else str(out), crop=crop)
     click.echo(f"template point: {', '.join(f'{v:.1f}' for v in rows[0]['template_mm'])} mm (RAS)")
     click.echo(f"  {'target':<20} {'found (mm, RAS)':<28} {'found (voxel)':<26} similarity")
     for r in rows:

@@ -97,6 +97,8 @@ class EmbeddingEngine:
         inp = self.manifest["input"]
         self.input_name = str(inp.get("name", "image"))
         self.input_shape = tuple(int(d) for d in inp.get("shape", [])[1:] if not isinstance(d, str))
+        #: dense models (SAM) take any spatial size the export checked (manifest ``dynamic_spatial``), not on TensorRT
+        self.dynamic_spatial: dict | None = self.manifest.get("dynamic_spatial") or None
         self.providers: list[str] = []
         self._runner, self.backend = self._select(backend)
         self.output_names: list[str] = list(self._runner.output_names)
@@ -177,12 +179,26 @@ class EmbeddingEngine:
         if self._runner is None:
             raise DeployError(f"{self.model_dir}: the engine was closed")
         x = np.asarray(images, dtype=np.float32)
-        if x.ndim != len(self.input_shape) + 1 or (self.input_shape and tuple(x.shape[1:]) != self.input_shape):
+        if x.ndim != len(self.input_shape) + 1 or (self.input_shape and tuple(x.shape[1:]) != self.input_shape
+                                                   and not self._other_size_ok(x.shape[1:])):
             raise DeployError(f"{self.model_dir}: expected preprocessed images of shape (N, "
                               f"{', '.join(map(str, self.input_shape))}), got {x.shape}")
         if len(x) == 0:
             return self._empty()
         return run_batched(self._runner, x, self.batch_size)
+
+    def _other_size_ok(self, shape: tuple[int, ...]) -> bool:
+        """A (C, *S) input of another spatial size is valid for a dense export (``dynamic_spatial``: same channels,
+        each axis >= ``min_size`` and a multiple of ``multiple``); TensorRT engines keep their built size."""
+        spec = self.dynamic_spatial
+        if not spec or shape[:1] != self.input_shape[:1]:
+            return False
+        if self.backend == "tensorrt":
+            raise DeployError(f"{self.model_dir}: the TensorRT engine is built for inputs of "
+                              f"{list(self.input_shape)}; for other sizes (a whole volume) use the onnxruntime "
+                              "backend (--backend ort-cpu or ort-cuda)")
+        m = int(spec.get("multiple", 1))
+        return all(n >= int(lo) and n % m == 0 for n, lo in zip(shape[1:], spec.get("min_size", [])))
 
     def preprocess(self, image: ImageSource) -> np.ndarray:
         """One image → (C, x, y) float32 as the model expects (see :func:`medsim.deploy.preprocess`)."""

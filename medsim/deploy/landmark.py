@@ -144,6 +144,16 @@ def _dense_geometries(manifest: Mapping[str, object], where: str) -> dict[str, A
     return {str(n): AttentionGeometry.from_dict(g) for n, g in geoms.items()}
 
 
+def _sized(geometry: AttentionGeometry, input_size: Sequence[int], cells: Sequence[int]) -> AttentionGeometry:
+    """``geometry`` (the manifest's, at the training size) for an input of ``input_size`` whose map has ``cells``:
+    the same centres and strides (checked at export, ``dynamic_spatial``), the output's own cell counts."""
+    from medsim.runtime.geometry import AxisGeometry
+
+    return AttentionGeometry(tuple(int(v) for v in input_size),
+                             tuple(AxisGeometry(int(c), a.centre, a.stride, a.receptive_field)
+                                   for a, c in zip(geometry.axes, cells)))
+
+
 def _to_grid(point_world: np.ndarray, grid_affine: np.ndarray) -> np.ndarray:
     """RAS mm → continuous voxel coordinates of the model grid (voxel k's centre at k + 0.5)."""
     return (np.linalg.inv(grid_affine) @ np.append(point_world, 1.0))[:3] + 0.5
@@ -155,7 +165,7 @@ def _to_world(point_grid: np.ndarray, grid_affine: np.ndarray) -> np.ndarray:
 
 def find_landmarks(model_dir: str, template: str, point: Sequence[float], targets: Sequence[str], *,
                    unit: str = "mm", backend: str = "auto", weights: Mapping[str, float] | None = None,
-                   pictures: str | None = None) -> list[dict[str, object]]:
+                   pictures: str | None = None, crop: bool = False) -> list[dict[str, object]]:
     """Where the template's ``point`` is in each target volume, with an exported SAM model (torch-free).
 
     Args:
@@ -166,6 +176,9 @@ def find_landmarks(model_dir: str, template: str, point: Sequence[float], target
         targets: NIfTI files or DICOM series folders.
         pictures: a folder for ``<name>_landmark.png`` per target: the template point and the found point on the
             three planes through them (axial, coronal, sagittal of the model grids, radiological display).
+        crop: search the model's training crop of each volume (resampled and centre-cropped to its input size)
+            instead of the whole volume. Exports with ``dynamic_spatial`` (every SAM export since it existed)
+            embed whole volumes by default; older exports can only crop.
 
     Returns:
         one dict per target (in order): ``name`` (its case token), ``point_mm`` (RAS), ``point_voxel`` (indices of
@@ -173,12 +186,13 @@ def find_landmarks(model_dir: str, template: str, point: Sequence[float], target
         the template's own ``template_mm`` / ``template_grid``.
 
     Raises:
-        DeployError: not a SAM export, an unreadable volume, or a point outside the template's model grid (the
-            model sees the part of the volume its preprocessing keeps: resampled and centre-cropped to its input).
+        DeployError: not a SAM export, an unreadable volume, a volume too large for a whole-volume grid, or a
+            point outside the template's model grid (with ``crop``, or an export without ``dynamic_spatial``, the
+            model sees only its centre crop of each volume).
     """
     from medsim.deploy.engine import open_engine
     from medsim.deploy.tasks import case_names
-    from medsim.runtime.volume import model_grid, read_volume
+    from medsim.runtime.volume import model_grid, read_volume, whole_grid
 
     if unit not in ("mm", "voxel"):
         raise DeployError(f"unit must be 'mm' or 'voxel', got '{unit}'")
@@ -188,11 +202,16 @@ def find_landmarks(model_dir: str, template: str, point: Sequence[float], target
     with open_engine(model_dir, backend, batch_size=1) as engine:
         geoms = _dense_geometries(engine.manifest, str(model_dir))
         prep = engine.manifest["preprocessing"]
+        whole = None if crop else engine.dynamic_spatial
 
         def levels(vol: str) -> tuple[dict[str, DenseEmbedding], np.ndarray, np.ndarray]:
-            grid, affine = model_grid(vol, prep)
+            if whole:
+                grid, affine = whole_grid(vol, prep, multiple=int(whole["multiple"]), min_size=whole["min_size"])
+            else:
+                grid, affine = model_grid(vol, prep)
             out = engine.run(grid[None, None])
-            return {n: DenseEmbedding(out[n][0], g) for n, g in geoms.items()}, affine, grid
+            return {n: DenseEmbedding(out[n][0], _sized(g, grid.shape, out[n].shape[2:]))
+                    for n, g in geoms.items()}, affine, grid
 
         tpl, tpl_affine, tpl_grid = levels(template)
         world = p if unit == "mm" else (read_volume(template)[1] @ np.append(p, 1.0))[:3]

@@ -10,7 +10,11 @@ The exported graph has one input and a fixed tuple of outputs::
     local      float32 (batch, Dl, *Sl)   L2-normalised over channels; where their cells sit on the input:
                                           manifest.json["dense_geometry"][name] (strides, centres)
 
-The batch axis is dynamic (named ``batch``); the spatial size is fixed to the run's ``image_size``.
+The batch axis is dynamic (named ``batch``); the spatial size is fixed to the run's ``image_size``, except for
+dense models (SAM), whose spatial axes are dynamic too (``x``/``y``/``z`` on the input, ``<output>_x`` … on the maps):
+a landmark search embeds the whole volume, not the training crop. The export checks that at a second, larger size
+(onnxruntime vs PyTorch, and each map's cell centres and strides unchanged, so the manifest's ``dense_geometry``
+holds for every size: only the cell counts change) and records it as ``manifest.json["dynamic_spatial"]``.
 
 Exporters (``torch.onnx.export``, torch 2.13): ``"dynamo"`` (``torch.export`` + onnxscript) emits opset >= 18
 only — asked for 17 it fails to down-convert MONAI ResNet's ``ReduceMean`` and silently keeps 18 — so
@@ -38,7 +42,7 @@ from medsim.preprocessing import describe
 from medsim.export.run import LoadedRun, load_run, preprocess_items, sha256_file, split_images
 
 __all__ = ["OUTPUT_ORDER", "DENSE_OUTPUTS", "INPUT_NAME", "MODEL_NAME", "ExportWrapper", "export_onnx", "export_module",
-           "check_parity", "ort_session", "run_onnx", "onnx_output_shapes"]
+           "check_parity", "check_dynamic_spatial", "ort_session", "run_onnx", "onnx_output_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +93,7 @@ def _pick_exporter(exporter: str, opset: int) -> str:
 
 
 def export_module(network: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, opset: int = 17,
-                  exporter: str = "auto") -> dict[str, Any]:
+                  exporter: str = "auto", dynamic_spatial: bool = False) -> dict[str, Any]:
     """Export ``network`` (an Embedder) to ``path`` as one self-contained ONNX file (written in place: callers
     wanting atomicity pass a temporary path).
 
@@ -98,6 +102,8 @@ def export_module(network: nn.Module, example: torch.Tensor, path: str | os.Path
         example: (B, C, *S) example batch, B >= 2 (a batch of 1 would be specialised by ``torch.export``).
         opset: ONNX opset of the default domain.
         exporter: ``auto`` / ``dynamo`` / ``legacy`` (see the module docstring).
+        dynamic_spatial: make the spatial axes of the input and of every output with spatial axes dynamic too
+            (dense models: the size is then the caller's to check, see :func:`check_dynamic_spatial`).
 
     Returns:
         ``{"output_names", "output_shapes" (from PyTorch, batch of ``example``), "opset" (actual), "exporter"}``.
@@ -116,12 +122,15 @@ def export_module(network: nn.Module, example: torch.Tensor, path: str | os.Path
     path = Path(path)
     kw: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": names, "opset_version": opset,
                           "verbose": False}
+    axes = {n: _dynamic_axes(n, len(shapes[n]) if n in shapes else example.ndim, dynamic_spatial)
+            for n in [INPUT_NAME, *names]}
     if kind == "dynamo":
-        kw.update(dynamo=True, external_data=False, optimize=True,
-                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        dims = {0: torch.export.Dim("batch", min=1)}
+        if dynamic_spatial:
+            dims.update({a: torch.export.Dim(axes[INPUT_NAME][a], min=2) for a in range(2, example.ndim)})
+        kw.update(dynamo=True, external_data=False, optimize=True, dynamic_shapes=(dims,))
     else:
-        kw.update(dynamo=False, do_constant_folding=True,
-                  dynamic_axes={n: {0: "batch"} for n in [INPUT_NAME, *names]})
+        kw.update(dynamo=False, do_constant_folding=True, dynamic_axes=axes)
     chatter = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), torch.no_grad():
@@ -137,7 +146,7 @@ def export_module(network: nn.Module, example: torch.Tensor, path: str | os.Path
         raise ExportError(f"{path}: the exporter wrote external data ({', '.join(extra)}); the model must be one "
                           "file")
     model = onnx.load(str(path))
-    _fix_output_shapes(model, names, shapes)
+    _fix_output_shapes(model, names, shapes, axes)
     if model.ByteSize() > _PROTO_LIMIT:
         raise ExportError(f"{path}: model larger than 2 GB cannot be one self-contained ONNX file")
     onnx.save_model(model, str(path))
@@ -147,14 +156,27 @@ def export_module(network: nn.Module, example: torch.Tensor, path: str | os.Path
     return {"output_names": names, "output_shapes": shapes, "opset": int(actual), "exporter": kind}
 
 
-def _fix_output_shapes(model: Any, names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Declare every output as ("batch", *static dims measured in PyTorch) (the TorchScript exporter leaves
-    symbolic names such as 'Divembedding_dim_1' where shapes went through F.normalize)."""
+def _dynamic_axes(name: str, ndim: int, spatial: bool) -> dict[int, str]:
+    """The named dynamic axes of a graph input/output of ``ndim`` dimensions: ``batch``, and with ``spatial`` the
+    axes after the channel one (``x``/``y``/``z`` on the input, ``<name>_x`` … on an output)."""
+    axes = {0: "batch"}
+    if spatial and ndim > 2:
+        prefix = "" if name == INPUT_NAME else f"{name}_"
+        axes.update({a: prefix + "xyzw"[a - 2] for a in range(2, ndim)})
+    return axes
+
+
+def _fix_output_shapes(model: Any, names: Sequence[str], shapes: dict[str, tuple[int, ...]],
+                       axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Declare every output as ("batch", *static dims measured in PyTorch), the dynamic ones (``axes``) by name
+    (the TorchScript exporter leaves symbolic names such as 'Divembedding_dim_1' where shapes went through
+    F.normalize)."""
     for out in model.graph.output:
         if out.name not in shapes:
             continue
         dims = out.type.tensor_type.shape.dim
-        want = ["batch", *shapes[out.name][1:]]
+        named = (axes or {}).get(out.name, {0: "batch"})
+        want = [named.get(i, v) for i, v in enumerate(["batch", *shapes[out.name][1:]])]
         while len(dims) < len(want):
             dims.add()
         for d, w in zip(dims, want):
@@ -256,6 +278,58 @@ def check_parity(onnx_path: str | os.PathLike, network: nn.Module, images: np.nd
             "max_abs_diff": worst, "by_batch": by_batch}
 
 
+def check_dynamic_spatial(onnx_path: str | os.PathLike, network: nn.Module, image: np.ndarray,
+                          names: Sequence[str], *, atol: float = 1e-4, threads: int | None = None
+                          ) -> dict[str, Any]:
+    """Prove that a dense model exported with dynamic spatial axes holds at another size: ``image`` (1, C, *S)
+    grown by 1, 2, 3 … × ``multiple`` voxels along successive axes (reflected; ``multiple`` = the coarsest map's
+    stride), run through onnxruntime and PyTorch (every output within ``atol``), and every dense map's cell centres
+    and strides there equal to those at ``S`` with the cell count of the ONNX output (so ``dense_geometry`` with the
+    output's own cell counts places the cells of any size).
+
+    Returns:
+        the manifest's ``dynamic_spatial``: ``{"axes", "multiple", "min_size", "checked_size", "max_abs_diff"}``.
+
+    Raises:
+        ExportParityError: an output differs beyond ``atol`` at the grown size; ExportError: the geometry moves
+            with the size (then only the training size can be used).
+    """
+    x = np.ascontiguousarray(np.asarray(image, dtype=np.float32)[:1])
+    size = [int(v) for v in x.shape[2:]]
+    dense = [n for n in names if n in DENSE_OUTPUTS]
+    geoms = {n: network.map_geometry(n, size) for n in dense}
+    multiple = int(max(max(a.stride for a in g.axes) for g in geoms.values()))
+    grown = [n + multiple * (k + 1) for k, n in enumerate(size)]
+    xg = np.pad(x, [(0, 0), (0, 0)] + [(0, g - n) for g, n in zip(grown, size)], mode="reflect")
+    sess = ort_session(onnx_path, threads=threads)
+    got = run_onnx(sess, xg, batch=1, names=list(names))
+    with torch.no_grad():
+        ref = network.eval()(torch.from_numpy(xg))
+    diffs = {}
+    for n in names:
+        r = ref[n].numpy()
+        if got[n].shape != r.shape:
+            raise ExportParityError(f"{onnx_path}: output '{n}' is {got[n].shape} in onnxruntime but {r.shape} in "
+                                    f"PyTorch on a {grown} input", output=n, diff=float("inf"), atol=atol, batch=1)
+        diffs[n] = float(np.abs(got[n].astype(np.float64) - r).max()) if r.size else 0.0
+        if not diffs[n] <= atol:
+            raise ExportParityError(f"{onnx_path}: output '{n}' differs from PyTorch by {diffs[n]:.3g} (atol "
+                                    f"{atol:g}) on a {grown} input (dynamic spatial axes); do not deploy this file",
+                                    output=n, diff=diffs[n], atol=atol, batch=1)
+    for n, g in geoms.items():
+        h = network.map_geometry(n, grown)
+        same = all(abs(a.centre - b.centre) < 1e-6 and a.stride == b.stride for a, b in zip(g.axes, h.axes))
+        if not same or list(h.grid) != list(got[n].shape[2:]):
+            raise ExportError(f"{type(network).__name__}: the cells of '{n}' move with the input size ({g.to_dict()} "
+                              f"at {size}, {h.to_dict()} at {grown}, ONNX grid {list(got[n].shape[2:])}); the "
+                              "export cannot serve other sizes")
+    return {"axes": ["x", "y", "z"][: len(size)], "multiple": multiple, "min_size": size, "checked_size": grown,
+            "max_abs_diff": diffs,
+            "convention": "inputs of any spatial size >= min_size that is a multiple of `multiple` (zero-padded at "
+                          "the far end: the grid's affine is unchanged); each dense map keeps the centres and "
+                          "strides of dense_geometry, its cell count is its output's shape"}
+
+
 def _parity_inputs(run: LoadedRun, parity_images: Any, n_max: int) -> tuple[np.ndarray, str]:
     if parity_images is None:
         x, _, split = split_images(run, "validation", limit=n_max)
@@ -320,16 +394,19 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
         example = example.repeat(2, *([1] * (example.ndim - 1)))
 
     geometry = _attention_geometry(run.network, images.shape[2:])
+    dense = hasattr(run.network, "map_geometry")  # dense maps (SAM): any spatial size, see the module docstring
     final = out / MODEL_NAME
     tmp = out / f".{final.stem}.tmp{os.getpid()}.onnx"
     try:
-        info = export_module(run.network, example, tmp, opset=opset, exporter=exporter)
+        info = export_module(run.network, example, tmp, opset=opset, exporter=exporter, dynamic_spatial=dense)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as e:  # noqa: BLE001 - onnx raises ValidationError / InferenceError
             raise ExportError(f"{final}: onnx.checker rejected the exported model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
         parity = check_parity(tmp, run.network, images, batch_sizes=sorted({1, int(batch)}), atol=atol)
+        spatial = (check_dynamic_spatial(tmp, run.network, images[:1], info["output_names"], atol=atol)
+                   if dense else None)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -360,6 +437,7 @@ def export_onnx(run_or_checkpoint: str | os.PathLike | LoadedRun, out_dir: str |
         "attention_resolution": [int(v) for v in shapes["attention"][2:]],
         **({"attention_geometry": geometry.to_dict()} if geometry is not None else {}),
         **_dense_geometry(run.network, images.shape[2:], info["output_names"], shapes),
+        **({"dynamic_spatial": spatial} if spatial else {}),
         "classes": list(run.classes),
         "n_classes": len(run.classes),
         "preprocessing": describe(run.record["eval_preprocessing"]),

@@ -34,7 +34,7 @@ from medsim.runtime.transforms import scale_range
 
 __all__ = ["read_volume", "reorient", "resample_to_spacing", "output_grid", "pad_crop", "scale_intensity",
            "preprocess_volume",
-           "model_grid", "label_to_grid", "NIFTI_SUFFIXES"]
+           "model_grid", "whole_grid", "label_to_grid", "NIFTI_SUFFIXES", "MAX_WHOLE_VOXELS"]
 
 #: MONAI's tolerance for "this affine is unchanged" (monai.data.utils.AFFINE_TOL)
 _AFFINE_TOL = 1e-3
@@ -231,6 +231,33 @@ def model_grid(source: str | os.PathLike, prep: dict[str, Any]) -> tuple[np.ndar
     mask or heatmap at the model's input resolution needs to sit on the original scan in any NIfTI viewer."""
     arr, _, affine = _model_input(source, prep)
     return arr, affine
+
+
+#: a whole-volume model grid larger than this is refused (float32: 1 GiB for the input alone)
+MAX_WHOLE_VOXELS = 256**3
+
+
+def whole_grid(source: str | os.PathLike, prep: dict[str, Any], *, multiple: int, min_size: Sequence[int],
+               max_voxels: int = MAX_WHOLE_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+    """The whole volume on the model grid, not the training crop: read, orient, resample and scale as
+    :func:`model_grid`, then zero-pad at the far end of each axis to at least ``min_size`` and a multiple of
+    ``multiple`` (an export's ``dynamic_spatial``). The padding leaves voxel 0 where it was, so the returned 4×4
+    affine (voxel → RAS mm) is the resampled volume's own.
+
+    Raises:
+        DeployError: the grid would exceed ``max_voxels`` (the message names the file and the grid size).
+    """
+    arr, _, affine = _to_grid(source, prep, mode=str((prep.get("spacing") or {}).get("mode", "bilinear")))
+    m = max(int(multiple), 1)
+    want = [max(int(lo), n) for n, lo in zip(arr.shape, min_size)]
+    want = [-(-n // m) * m for n in want]
+    if int(np.prod(want)) > max_voxels:
+        raise DeployError(f"{source}: the whole volume is {want} voxels on the model grid (spacing "
+                          f"{list(prep['pixdim'])} mm), more than {max_voxels}; crop the scan to the region of "
+                          "interest, or search the model's centre crop only (`medsim landmark --crop`)")
+    arr = scale_intensity(arr, prep)
+    arr = np.pad(arr, [(0, w - n) for w, n in zip(want, arr.shape)], mode="constant")
+    return np.ascontiguousarray(arr, dtype=np.float32), affine
 
 
 def label_to_grid(source: str | os.PathLike, prep: dict[str, Any]) -> np.ndarray:

@@ -30,17 +30,39 @@ def sam(sample_root, tiny_sam_run, tmp_path_factory):
     return out, ct
 
 
-def _local_centre_mm(export: Path, ct: Path, cell) -> np.ndarray:
+def _grid(export: Path, ct: Path, *, crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The model grid find_landmarks embeds: the whole volume (default) or the training crop."""
+    import json
+
+    from medsim.runtime.volume import model_grid, whole_grid
+
+    m = json.loads((export / "manifest.json").read_text())
+    if crop:
+        return model_grid(ct, m["preprocessing"])
+    dyn = m["dynamic_spatial"]
+    return whole_grid(ct, m["preprocessing"], multiple=dyn["multiple"], min_size=dyn["min_size"])
+
+
+def _local_centre_mm(export: Path, ct: Path, cell, *, crop: bool = False) -> np.ndarray:
     """World mm of the centre of local cell ``cell`` on the model grid of ``ct``."""
     import json
 
-    from medsim.runtime.volume import model_grid
-
-    m = json.loads((export / "manifest.json").read_text())
-    g = m["dense_geometry"]["local"]
-    _, affine = model_grid(ct, m["preprocessing"])
+    g = json.loads((export / "manifest.json").read_text())["dense_geometry"]["local"]
+    _, affine = _grid(export, ct, crop=crop)
     cont = np.array(g["centre"]) + np.array(g["stride"]) * np.array(cell)
     return (affine @ np.append(cont - 0.5, 1.0))[:3]
+
+
+def _monai_whole(run, path: Path, dyn: dict):
+    """MONAI's preprocessing of the whole volume: the run's eval transform without its pad + centre crop, then
+    SpatialPad to the training size and DivisiblePad to ``multiple``, both at the far end (the reference for the
+    runtime's whole_grid)."""
+    import monai.transforms as mt
+
+    steps = [t for t in run.transform.transforms if not isinstance(t, (mt.SpatialPadd, mt.CenterSpatialCropd))]
+    pipeline = mt.Compose([*steps[:-1], mt.SpatialPadd("image", spatial_size=dyn["min_size"], method="end"),
+                           mt.DivisiblePadd("image", k=dyn["multiple"], method="end"), steps[-1]])
+    return pipeline({"image": str(path)})["image"]
 
 
 def test_a_point_is_found_in_its_own_scan_and_in_the_moved_copy(sam):
@@ -66,7 +88,7 @@ def test_a_point_is_found_in_its_own_scan_and_in_the_moved_copy(sam):
 
 
 def test_equals_the_pytorch_models_nearest_neighbour(sam):
-    """Local level only, template point at a local cell centre: the found cell is the argmax of the dot product of
+    """Training-crop search (``crop=True``), local level only, template point at a local cell centre: the found cell is the argmax of the dot product of
     that cell's PyTorch embedding with every local cell of the target's PyTorch map (MONAI preprocessing)."""
     import torch
 
@@ -87,11 +109,53 @@ def test_equals_the_pytorch_models_nearest_neighbour(sam):
         q = t_local[(slice(None),) + cell]
         sim = torch.einsum("d,dxyz->xyz", q, g_local)
         best = np.unravel_index(int(sim.argmax()), sim.shape)
-        p = _local_centre_mm(out / "export", ct, cell)
-        row = find_landmarks(str(out / "export"), str(ct), p, [str(target)], weights={"local": 1.0, "global": 0.0})[0]
+        p = _local_centre_mm(out / "export", ct, cell, crop=True)
+        row = find_landmarks(str(out / "export"), str(ct), p, [str(target)], weights={"local": 1.0, "global": 0.0},
+                             crop=True)[0]
         want = np.array(geo["centre"]) + np.array(geo["stride"]) * np.array(best)
         np.testing.assert_allclose(row["point_grid"], want, atol=1e-6)
         assert row["score"] == pytest.approx(float(sim.max()), abs=1e-4)
+
+
+def test_whole_volume_grid_equals_monai_and_a_point_outside_the_crop_is_found(sam):
+    """The whole-volume grid equals MONAI's preprocessing without the crop (to 1e-5), and a template point outside
+    the training crop (refused with --crop) is found where PyTorch's nearest neighbour on the whole target is."""
+    import json
+
+    import torch
+
+    from medsim.deploy.landmark import find_landmarks
+    from medsim.export.run import load_run
+    from medsim.runtime.errors import DeployError
+
+    out, ct = sam
+    m = json.loads((out / "export" / "manifest.json").read_text())
+    run = load_run(out / "run")
+    net = run.network.eval()
+    target = out / "noisy.nii.gz"
+    t_arr, _ = _grid(out / "export", ct)
+    ref = _monai_whole(run, ct, m["dynamic_spatial"])
+    assert tuple(ref.shape[1:]) == t_arr.shape and t_arr.shape != (16, 16, 16)
+    np.testing.assert_allclose(t_arr, np.asarray(ref[0]), atol=1e-5)
+    crop_arr, _ = _grid(out / "export", ct, crop=True)
+    with torch.no_grad():
+        t_local = net(ref[None])["local"][0]
+        g_local = net(_monai_whole(run, target, m["dynamic_spatial"])[None])["local"][0]
+    geo = m["dense_geometry"]["local"]
+    # a local cell of the whole grid whose centre is outside the crop
+    crop_lo = (np.array(t_arr.shape) - np.array(crop_arr.shape)) // 2
+    cell = tuple(int(v) for v in np.array(t_local.shape[1:]) - 1)
+    centre = np.array(geo["centre"]) + np.array(geo["stride"]) * np.array(cell)
+    assert (centre > crop_lo + np.array(crop_arr.shape)).any()
+    p = _local_centre_mm(out / "export", ct, cell)
+    with pytest.raises(DeployError, match="outside"):
+        find_landmarks(str(out / "export"), str(ct), p, [str(target)], crop=True)
+    row = find_landmarks(str(out / "export"), str(ct), p, [str(target)], weights={"local": 1.0, "global": 0.0})[0]
+    sim = torch.einsum("d,dxyz->xyz", t_local[(slice(None),) + cell], g_local)
+    best = np.unravel_index(int(sim.argmax()), sim.shape)
+    np.testing.assert_allclose(row["point_grid"], np.array(geo["centre"]) + np.array(geo["stride"]) * np.array(best),
+                               atol=1e-6)
+    assert row["score"] == pytest.approx(float(sim.max()), abs=1e-4)
 
 
 def test_a_classification_export_is_refused(exported):
@@ -133,3 +197,23 @@ def test_cli_prints_the_found_points_and_writes_json_and_pictures(sam, tmp_path,
         main(["landmark", "--model", str(out / "export"), "--template", str(ct), "--point", "9999,0,0", *targets])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "outside" in err and "Traceback" not in err
+
+
+def test_engine_takes_checked_sizes_only_and_a_huge_volume_is_refused(sam):
+    """A dense export runs inputs of other sizes that are multiples of its coarsest stride (and >= the training
+    size); other shapes, and a whole-volume grid over the voxel cap, are refused with messages naming them."""
+    import json
+
+    from medsim.deploy.engine import open_engine
+    from medsim.runtime.errors import DeployError
+    from medsim.runtime.volume import whole_grid
+
+    out, ct = sam
+    with open_engine(str(out / "export"), "ort-cpu", batch_size=1) as engine:
+        assert engine.run(np.zeros((1, 1, 24, 16, 32), np.float32))["local"].shape[2:] == (12, 8, 16)
+        for bad in [(1, 1, 20, 16, 16), (1, 1, 8, 16, 16), (1, 2, 16, 16, 16)]:
+            with pytest.raises(DeployError, match="expected preprocessed images"):
+                engine.run(np.zeros(bad, np.float32))
+    m = json.loads((out / "export" / "manifest.json").read_text())
+    with pytest.raises(DeployError, match="ct.nii.gz.*voxels on the model grid.*--crop"):
+        whole_grid(ct, m["preprocessing"], multiple=8, min_size=[16, 16, 16], max_voxels=1000)
