@@ -238,7 +238,10 @@ def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: st
 @click.option("--checkpoint", default="best.pt", show_default=True, help="best.pt (validation-selected) or last.pt")
 @_threads_option(torch=True)
 def evaluate(run_dir: Path, split: str, checkpoint: str) -> None:
-    """Retrieval and clustering metrics of a run on one split; writes eval_<split>.json and .md."""
+    """Retrieval and clustering metrics of a run on one split; writes eval_<split>.json and .md.
+
+    Runs of unlabelled volumes get their bundle's label-free evaluation on fixed view pairs instead (ct_sam: point
+    matching; ct_pgl: the method's loss); one that records none is refused (exit 2)."""
     from medsim.engines.workflow import evaluate_run
     from medsim.metrics.retrieval import metrics_table
 

@@ -22,7 +22,7 @@ import numpy as np
 from medsim.errors import DataError, MedsimError, atomic_write_text
 
 __all__ = ["split_items", "save_split", "load_split", "copy_split", "local_paths_file", "LOCAL_SUFFIX", "grouping_key",
-           "SPLIT_KEYS", "GROUP_ALIASES"]
+           "check_reused_split", "SPLIT_KEYS", "GROUP_ALIASES"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +232,47 @@ def load_split(path: str | os.PathLike, *, dataset_dir: str | os.PathLike | None
                 if f in it:
                     it[f] = absolute(it[f])
     return doc
+
+
+def check_reused_split(split_file: str | os.PathLike, doc: dict[str, Any], *, source: str | os.PathLike, by: str,
+                       max_items: int | None = None, found: Sequence[str | os.PathLike] | None = None) -> None:
+    """A run directory's split (``doc``, :func:`load_split` of ``split_file``) is reused (resumes, shared benchmark
+    splits) only for the data it was made from: another dataset folder ``source``, grouping ``by`` or subset size —
+    or, given ``found`` (the cases the dataset holds now, e.g. its volumes), cases of the split that are gone from
+    it or cases it has that the split lacks — would silently train and report on the old data.
+
+    Raises:
+        MedsimError: naming ``split_file`` and every difference (the missing / extra cases by their path in the
+            dataset folder).
+    """
+    meta = doc.get("meta") or {}
+    source = str(Path(source).resolve())
+    had = {"dataset": meta.get("source"), "split_by": meta.get("by"), "max_items": meta.get("max_items", max_items)}
+    want = {"dataset": source, "split_by": by, "max_items": max_items}
+    if had["dataset"] is not None and Path(str(had["dataset"])).resolve() == Path(source):
+        had["dataset"] = source
+    elif had["dataset"] is None and meta.get("source_token"):  # split.local.json not here: compare the tokens
+        from medsim.data.phi import project_anonymizer
+
+        same = project_anonymizer()(source, "d") == meta["source_token"]
+        had["dataset"] = source if same else "another dataset"
+    if had["split_by"] is not None and by in ("group", "lesion_id") and had["split_by"] in ("group", "lesion_id"):
+        had["split_by"] = by  # aliases of the same key
+    diff = [f"{k} {had[k]!r} (asked: {want[k]!r})" for k in want if had[k] is not None and had[k] != want[k]]
+    if found is not None:  # the cases, by their path in their dataset folder (a moved copy is the same data)
+        root = Path(str(meta.get("dataset_dir") or source)).resolve()
+        listed = {Path(os.path.relpath(Path(it["image"]).resolve(), root)).as_posix()
+                  for k in SPLIT_KEYS for it in doc.get(k, []) if isinstance(it.get("image"), str)}
+        now = {Path(os.path.relpath(Path(f).resolve(), source)).as_posix() for f in found}
+        for what, names in (("in the split but not in the dataset", listed - now),
+                            ("in the dataset but not in the split", now - listed)):
+            if names:
+                shown = sorted(names)
+                diff.append(f"{len(shown)} case(s) {what}: {', '.join(shown[:5])}"
+                            + (f" and {len(shown) - 5} more" if len(shown) > 5 else ""))
+    if diff:
+        raise MedsimError(f"{split_file}: this run directory holds a split made for other data — {'; '.join(diff)}; "
+                          "train into a new directory (--output DIR) or delete this one to start over")
 
 
 def _read_json(p: Path, missing: str) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 
 from medsim.errors import MedsimError
 
-__all__ = ["find_volumes", "volume_datalists"]
+__all__ = ["find_volumes", "volume_datalists", "split_lists"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def find_volumes(dataset_dir: str | os.PathLike) -> list[Path]:
 def volume_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os.PathLike, *,
                      fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> dict[str, Any]:
     """Split the volumes of ``dataset_dir`` (default: the embedded sample's ``ct/`` volume) by volume and save the
-    split to ``output_dir/split.json`` (reused when it is already there).
+    split to ``output_dir/split.json`` (reused when it is already there and made from the same volumes: another
+    folder, or volumes removed or added since, is refused — :func:`medsim.data.splits.check_reused_split`).
 
     With fewer than three volumes every volume trains and the validation and test lists are the training list
     (``meta["held_out"] = False`` in the split file): a smoke run, not a measurement.
@@ -72,7 +73,7 @@ def volume_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
     Returns ``{"training", "validation", "test": [{"image": path, "label": -1, "index": i}], "held_out": bool}``
     (label -1: unlabelled).
     """
-    from medsim.data.splits import load_split, save_split
+    from medsim.data.splits import check_reused_split, load_split, save_split
 
     out = Path(output_dir)
     split_file = out / "split.json"
@@ -80,8 +81,8 @@ def volume_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
         from medsim.data.sample import ensure_sample
 
         dataset_dir = ensure_sample() / "ct"
+    volumes = find_volumes(dataset_dir)
     if not split_file.is_file():
-        volumes = find_volumes(dataset_dir)
         order = np.random.default_rng(seed).permutation(len(volumes))
         held_out = len(volumes) >= 3
         if held_out:
@@ -100,7 +101,16 @@ def volume_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
         save_split(splits, split_file, dataset_dir=dataset_dir,
                    meta={"source": str(Path(dataset_dir).resolve()), "kind": "volume", "by": "volume",
                          "fractions": list(fractions), "seed": seed, "held_out": held_out})
+        return split_lists(load_split(split_file))
     doc = load_split(split_file)
+    check_reused_split(split_file, doc, source=dataset_dir, by="volume", found=volumes)
+    return split_lists(doc)
+
+
+def split_lists(doc: dict[str, Any]) -> dict[str, Any]:
+    """The datalists of a volume split (:func:`medsim.data.splits.load_split`'s document): ``{"training",
+    "validation", "test": [{"image", "label": -1, "index"}], "held_out"}``; a split that held nothing out
+    (``meta["held_out"] = False``) validates and tests on its training volumes."""
     held_out = bool(doc["meta"].get("held_out", True))
     lists = {k: [{"image": it["image"], "label": -1, "index": i} for i, it in enumerate(doc.get(k, []))]
              for k in ("training", "validation", "test")}

@@ -7,31 +7,35 @@ compared with ``pos_1``, the exact answer. :class:`CorrespondenceMetric` reports
 
 - ``mode="accuracy"``: the fraction of points found within ``tolerance`` voxels (default: the local map's stride,
   i.e. the neighbouring cells) — higher is better, the bundle's model-selection metric ``val_match``;
-- ``mode="error"``: the mean distance; ``mode="median"``: the median distance.
+- ``mode="error"``: the mean distance; ``mode="median"``: the median distance;
+- ``mode="all"``: all three with the tolerance and the number of points (the test report's numbers).
 
-:func:`finish_correspondence` is the bundle's finalize step: the best checkpoint on the test list, written to
-``eval_test.json``.
+:func:`finish_correspondence` is the bundle's finalize step: the best checkpoint on the test pairs, written to
+``eval_test.json`` / ``.md`` (:func:`medsim.engines.view_pairs.finish_pairs`, which ``medsim evaluate`` runs too).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from ignite.metrics import Metric
 
-from medsim.errors import atomic_write_text
 from medsim.ssl.sam import match_points
+
+if TYPE_CHECKING:
+    from medsim.engines.view_pairs import FixedDraws
 
 __all__ = ["CorrespondenceMetric", "correspondence_errors", "finish_correspondence"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("accuracy", "error", "median")
+MODES = ("accuracy", "error", "median", "all")
+#: the key of each single-number mode in the ``"all"`` summary
+_SUMMARY_KEY = {"accuracy": "match", "error": "error", "median": "median_error"}
 
 
 def _pred_target(o: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
@@ -52,7 +56,8 @@ class CorrespondenceMetric(Metric):
     ``views_prepare_batch``).
 
     Args:
-        mode: ``"accuracy"`` (fraction within ``tolerance``), ``"error"`` (mean) or ``"median"`` distance.
+        mode: ``"accuracy"`` (fraction within ``tolerance``), ``"error"`` (mean) or ``"median"`` distance, or
+            ``"all"``: ``{"match", "error", "median_error", "tolerance", "n_points"}``.
         tolerance: voxels of view 1; default the local map's largest stride.
     """
 
@@ -73,40 +78,29 @@ class CorrespondenceMetric(Metric):
         if self._tolerance is None:
             self._tolerance = float(max(pred["grid"]["local"][1][1]))
 
-    def compute(self) -> float:
+    def compute(self) -> float | dict[str, Any]:
         errors = torch.cat(self._errors) if self._errors else torch.zeros(0)
-        if not len(errors):
-            return float("nan")
-        if self.mode == "accuracy":
-            return float((errors <= self._tolerance).float().mean())
-        return float(errors.mean() if self.mode == "error" else errors.median())
+        nan = float("nan")
+        summary = {"match": float((errors <= self._tolerance).float().mean()) if len(errors) else nan,
+                   "error": float(errors.mean()) if len(errors) else nan,
+                   "median_error": float(errors.median()) if len(errors) else nan,
+                   "tolerance": self._tolerance, "n_points": int(len(errors))}
+        return summary if self.mode == "all" else summary[_SUMMARY_KEY[self.mode]]
 
 
 def finish_correspondence(output_dir: str | os.PathLike, method: torch.nn.Module, test_loader: Any,
                           device: str | torch.device, *, prepare_batch: Callable, inferer: Callable | None = None,
-                          selected_by: str = "val_match") -> dict[str, float]:
-    """After training: load ``best.pt``'s network (the encoder) into ``method.encoder``, find every test pair's
-    points and write ``eval_test.json`` (``match`` accuracy, mean and median ``error`` in view-1 voxels, ``n_points``).
-    """
-    from medsim.engines.runs import load_weights
+                          draws: FixedDraws | None = None, selected_by: str = "val_match") -> dict[str, Any]:
+    """After training: load ``best.pt`` (else ``last.pt``) into ``method``, find every test pair's points (the
+    pairs reseeded by ``draws``, a :class:`~medsim.engines.view_pairs.FixedDraws`, as ``medsim evaluate`` draws
+    them) and write ``eval_test.json`` / ``.md``: ``match`` accuracy, mean and median ``error`` in view-1 voxels,
+    ``tolerance``, ``n_points``."""
+    from medsim.engines.view_pairs import evaluation_metrics, finish_pairs
 
     out = Path(output_dir)
-    best = out / "best.pt"
-    if best.is_file():
-        load_weights(method.encoder, best)
-    method.eval()
-    errors, tolerance = [], None
-    with torch.no_grad():
-        for batch in test_loader:
-            views, target = prepare_batch(batch, device)
-            pred = inferer(views, method) if inferer is not None else method(views)
-            errors.append(correspondence_errors(pred, target).cpu())
-            tolerance = float(max(pred["grid"]["local"][1][1]))
-    e = torch.cat(errors)
-    res = {"match": float((e <= tolerance).float().mean()), "error": float(e.mean()), "median_error":
-           float(e.median()), "tolerance": tolerance, "n_points": int(len(e)), "selected_by": selected_by,
-           "units": "voxels of view 1"}
-    atomic_write_text(out / "eval_test.json", json.dumps(res, indent=1))
-    print(f"test point matching {res['match']:.3f} within {tolerance:g} voxels, mean error {res['error']:.2f} "
-          f"(best checkpoint by {selected_by}; {out})")
+    ckpt = next((out / n for n in ("best.pt", "last.pt") if (out / n).is_file()), None)
+    res = finish_pairs(out, method, test_loader, device, evaluation_metrics("correspondence"), checkpoint=ckpt,
+                       prepare_batch=prepare_batch, inferer=inferer, draws=draws, selected_by=selected_by)
+    print(f"test point matching {res['match']:.3f} within {res['tolerance']:g} voxels, mean error "
+          f"{res['error']:.2f} voxels of view 1 (checkpoint selected by {selected_by}; {out})")
     return res

@@ -38,9 +38,12 @@ logger = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
 RUN_RECORD_FORMAT = 1
 
-#: modules whose classes/functions a run record may name: medsim's own networks and transform factories
-_TARGET_MODULES = ("medsim.nn", "medsim.data.transforms")
-_TARGET_RE = re.compile(r"^medsim\.(nn|data\.transforms)(\.[A-Za-z_]\w*)+$")
+#: modules whose classes/functions a run record may name: medsim's own networks (and the self-supervised methods
+#: and losses wrapped around them), transform factories and the view-pair factory of the label-free evaluations
+_TARGET_MODULES = ("medsim.nn", "medsim.ssl", "medsim.data.transforms", "medsim.data.views3d")
+_TARGET_RE = re.compile(r"^medsim\.(nn|ssl|data\.transforms|data\.views3d)(\.[A-Za-z_]\w*)+$")
+#: the factories of medsim.data.views3d a run record may name
+_VIEW_FACTORIES = ("sam_view_transforms",)
 #: strings MONAI's config parser would evaluate ($ expression), import (% macro) or resolve (@ reference)
 _EXPRESSION_PREFIXES = ("$", "%", "@")
 
@@ -86,19 +89,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- run record
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, *, fits: str = "the run's network"
-                 ) -> None:
-    """Load ``checkpoint``'s ``network`` state_dict into ``network``, weights-only (nothing in the file runs).
+def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike, *, fits: str = "the run's network",
+                 key: str = "network") -> None:
+    """Load ``checkpoint``'s ``key`` state_dict (``network``; ``ssl``: a self-supervised method's encoder, heads
+    and target) into ``network``, weights-only (nothing in the file runs).
 
     Raises:
-        MedsimError: the file is not a weights-only checkpoint, has no ``network`` state_dict, or its weights do
+        MedsimError: the file is not a weights-only checkpoint, has no ``key`` state_dict, or its weights do
             not fit ``network`` (the message names the file and ``fits``, the network it was meant for).
     """
     state = load_checkpoint(checkpoint)
-    if not isinstance(state.get("network"), dict):
-        raise MedsimError(f"{checkpoint}: no 'network' state_dict in the checkpoint (keys: {sorted(state)[:8]})")
+    if not isinstance(state.get(key), dict):
+        raise MedsimError(f"{checkpoint}: no '{key}' state_dict in the checkpoint (keys: {sorted(state)[:8]})")
     try:
-        network.load_state_dict(state["network"])
+        network.load_state_dict(state[key])
     except RuntimeError as e:
         raise MedsimError(f"{checkpoint}: weights do not fit {fits} ({str(e).splitlines()[0]})") from e
 
@@ -147,19 +151,21 @@ def _locate(target: str, where: str) -> Any:
         raise MedsimError(f"{where}: {target!r} is not a medsim network class or transform factory (no module "
                           f"{module_name} in this medsim)") from e
     obj = getattr(module, name, None)
-    # a network is an nn.Module class defined in medsim.nn; a transform is one of the preprocessing factories —
+    # a network is an nn.Module class defined in medsim.nn (or a self-supervised method / loss of medsim.ssl around
+    # one); a transform is one of the preprocessing or view-pair factories —
     # nothing else (no helper function that takes a reader name or a path and does something with it)
     from torch import nn
 
     from medsim.preprocessing import FACTORY_KINDS
 
     is_network = (isinstance(obj, type) and issubclass(obj, nn.Module)
-                  and str(getattr(obj, "__module__", "")).startswith("medsim.nn"))
-    is_factory = (module_name == "medsim.data.transforms" and name in FACTORY_KINDS
-                  and getattr(obj, "__module__", "") == "medsim.data.transforms")
+                  and str(getattr(obj, "__module__", "")).startswith(("medsim.nn", "medsim.ssl")))
+    factories = {"medsim.data.transforms": tuple(FACTORY_KINDS), "medsim.data.views3d": _VIEW_FACTORIES}
+    is_factory = (name in factories.get(module_name, ()) and getattr(obj, "__module__", "") == module_name)
     if not (is_network or is_factory):
+        listed = ", ".join(f"{m}.{{{'|'.join(f)}}}" for m, f in factories.items())
         raise MedsimError(f"{where}: {target!r} is not a medsim network class or transform factory (allowed: "
-                          f"nn.Module classes of medsim.nn, medsim.data.transforms.{{{', '.join(FACTORY_KINDS)}}})")
+                          f"nn.Module classes of medsim.nn and medsim.ssl, {listed})")
     return obj
 
 
@@ -260,12 +266,32 @@ def record_from_parser(parser: Any, *, bundle: str | os.PathLike, variant: str |
               "eval_preprocessing": resolved_spec(parser, "eval#preprocessing"),
               "image_size": value("image_size"), "eval_batch_size": int(value("eval_batch_size", 64)),
               "classes": [str(c) for c in value("classes", [])], "mode": value("mode"),
-              "select_metric": value("select_metric", "val_nmi")}
+              "select_metric": value("select_metric", "val_nmi"), "evaluation": _evaluation_spec(parser)}
     try:
         json.dumps(record)
     except TypeError as e:
         raise MedsimError(f"the run record of {bundle} is not plain JSON ({e})") from e
     return record
+
+
+def _evaluation_spec(parser: Any) -> dict[str, Any] | None:
+    """What ``medsim evaluate`` runs on a label-free bundle's run (``None`` for the others: retrieval metrics): the
+    config's ``evaluation`` (``kind``, the ``seed`` of the fixed pairs) with the self-supervised method's arguments
+    other than its encoder (the record's ``network``), the view pairs' transform and, for ``validation_loss``, the
+    loss — as plain specs (:func:`medsim.engines.view_pairs.evaluate_pairs_run`). ``parser`` is a copy: the
+    method's ``encoder`` is dropped from it."""
+    if "evaluation" not in parser:
+        return None
+    ev = parser.get_parsed_content("evaluation")
+    method = parser.get("ssl")
+    if not isinstance(ev, dict) or not isinstance(method, dict):
+        raise MedsimError("config id 'evaluation' needs {kind, seed} and an 'ssl' method component")
+    parser["ssl"] = {k: v for k, v in method.items() if k != "encoder"}
+    spec = {"kind": str(ev["kind"]), "seed": int(ev["seed"]), "method": resolved_spec(parser, "ssl"),
+            "views": resolved_spec(parser, "views")}
+    if spec["kind"] == "validation_loss":
+        spec["loss"] = resolved_spec(parser, "loss")
+    return spec
 
 
 def load_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -293,6 +319,6 @@ def load_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
                           "use the medsim version that wrote it, or re-train with this one")
     for key in ("network", "eval_preprocessing"):
         check_plain_spec(rec[key], f"{p}#{key}")
-    for key in ("image_size", "eval_batch_size", "classes"):
+    for key in ("image_size", "eval_batch_size", "classes", "evaluation"):
         check_plain_spec(rec.get(key), f"{p}#{key}")
     return rec

@@ -9,14 +9,14 @@ an epoch, not a measure of downstream quality (that is the segmentation benchmar
 the validation pairs per epoch.
 
 :class:`ValidationLoss` is an ignite ``Metric`` for MONAI's ``SupervisedEvaluator`` (``val_loss`` and, with
-``term=``, one term of a loss that records them in ``last``, e.g. PGL's ``global`` / ``local``).
-:func:`finish_validation_loss` is the bundles' finalize step: the selected checkpoint's loss on the test volumes,
-written to ``eval_test.json``.
+``term=``, one term of a loss that records them in ``last``, e.g. PGL's ``global`` / ``local``; ``term="all"``:
+the total and every term). :func:`finish_validation_loss` is the bundles' finalize step: the selected checkpoint's
+loss on the test volumes, written to ``eval_test.json`` / ``.md`` (:func:`medsim.engines.view_pairs.finish_pairs`,
+which ``medsim evaluate`` runs too). :class:`FixedDraws` lives in :mod:`medsim.engines.view_pairs`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 from ignite.metrics import Metric
 
-from medsim.errors import atomic_write_text
+from medsim.engines.view_pairs import FixedDraws
 
 __all__ = ["ValidationLoss", "FixedDraws", "finish_validation_loss"]
 
@@ -47,7 +47,8 @@ class ValidationLoss(Metric):
 
     Args:
         loss: the training loss object (called without gradients).
-        term: ``None`` for the total, else a key of ``loss.last`` after each call.
+        term: ``None`` for the total, a key of ``loss.last`` after each call, or ``"all"``: ``{"loss": total,
+            **terms, "n_items"}``.
     """
 
     def __init__(self, loss: Callable[..., torch.Tensor], term: str | None = None,
@@ -56,72 +57,41 @@ class ValidationLoss(Metric):
         super().__init__(output_transform=output_transform)
 
     def reset(self) -> None:
-        self._sum, self._n = 0.0, 0
+        self._sums: dict[str, float] = {}
+        self._n = 0
 
     def update(self, output: tuple[Mapping[str, Any], Any]) -> None:
         pred, target = output
         with torch.no_grad():
             value = self.loss(pred, target)
-        if self.term is not None:
-            last = getattr(self.loss, "last", {})
-            if self.term not in last:
-                raise KeyError(f"{type(self.loss).__name__} records no term '{self.term}' (has {sorted(last)})")
-            value = last[self.term]
+        last = getattr(self.loss, "last", {})
+        if self.term not in (None, "all") and self.term not in last:
+            raise KeyError(f"{type(self.loss).__name__} records no term '{self.term}' (has {sorted(last)})")
         n = _batch_size(pred)
-        self._sum += float(value) * n
+        for k, v in {"loss": value, **last}.items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v) * n
         self._n += n
 
-    def compute(self) -> float:
-        return self._sum / self._n if self._n else float("nan")
-
-
-class FixedDraws:
-    """Reseed a random transform at the start of every run of an engine (a MONAI ``val_handlers`` entry), so that each
-    validation sees the same random draws (the same crop pairs): epochs are then compared on the same pairs.
-
-    Args:
-        transform: the validation dataset's random transform (``set_random_state``).
-        seed: its seed at the start of every validation.
-    """
-
-    def __init__(self, transform: Any, seed: int = 0):
-        self.transform, self.seed = transform, int(seed)
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reseed)
-
-    def reseed(self, engine: Any = None) -> None:
-        self.transform.set_random_state(seed=self.seed % 2**32)
+    def compute(self) -> float | dict[str, Any]:
+        means = {k: v / self._n for k, v in self._sums.items()} if self._n else {"loss": float("nan")}
+        if self.term == "all":
+            return {**means, "n_items": self._n}
+        return means.get(self.term or "loss", float("nan"))
 
 
 def finish_validation_loss(output_dir: str | os.PathLike, method: torch.nn.Module, test_loader: Any,
                            device: str | torch.device, *, prepare_batch: Callable, loss: Callable[..., torch.Tensor],
-                           inferer: Callable | None = None, state_key: str = "ssl",
+                           inferer: Callable | None = None, draws: FixedDraws | None = None, state_key: str = "ssl",
                            selected_by: str = "val_loss") -> dict[str, Any]:
     """After training: load the selected checkpoint (``best.pt``, else ``last.pt``) into ``method`` (its
     ``state_key`` entry: encoder, heads and target), compute the loss (and its ``last`` terms) over the test
-    pairs and write ``eval_test.json``."""
-    from medsim.engines.runs import load_checkpoint
+    pairs (reseeded by ``draws``, as ``medsim evaluate`` draws them) and write ``eval_test.json`` / ``.md``."""
+    from medsim.engines.view_pairs import evaluation_metrics, finish_pairs
 
     out = Path(output_dir)
     ckpt = next((out / n for n in ("best.pt", "last.pt") if (out / n).is_file()), None)
-    if ckpt is not None:
-        method.load_state_dict(load_checkpoint(ckpt)[state_key])
-    method.eval()
-    total, terms, n = 0.0, {}, 0
-    with torch.no_grad():
-        for batch in test_loader:
-            views, target = prepare_batch(batch, device)
-            pred = inferer(views, method) if inferer is not None else method(views)
-            b = _batch_size(pred)
-            total += float(loss(pred, target)) * b
-            for k, v in getattr(loss, "last", {}).items():
-                terms[k] = terms.get(k, 0.0) + float(v) * b
-            n += b
-    res = {"loss": total / max(n, 1), **{k: v / max(n, 1) for k, v in terms.items()}, "n_items": n,
-           "checkpoint": ckpt.name if ckpt else None, "selected_by": selected_by}
-    atomic_write_text(out / "eval_test.json", json.dumps(res, indent=1))
+    res = finish_pairs(out, method, test_loader, device, evaluation_metrics("validation_loss", loss),
+                       checkpoint=ckpt, prepare_batch=prepare_batch, inferer=inferer, draws=draws,
+                       selected_by=selected_by, state_key=state_key)
     print(f"test loss {res['loss']:.4f} of the checkpoint selected by {selected_by} ({out})")
     return res

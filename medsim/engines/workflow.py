@@ -35,7 +35,7 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
     ``max_items`` keeps a stratified random subset (for quick runs and benchmarks), drawn before splitting.
     """
     from medsim.data.prepare import load_checked
-    from medsim.data.splits import grouping_key, load_split, save_split, split_items
+    from medsim.data.splits import check_reused_split, grouping_key, load_split, save_split, split_items
 
     out = Path(output_dir)
     split_file = out / "split.json"
@@ -45,8 +45,7 @@ def bundle_datalists(dataset_dir: str | os.PathLike | None, output_dir: str | os
         dataset_dir = ensure_sample() / "derm"
     if split_file.is_file():
         doc = load_split(split_file)
-        meta = doc["meta"]
-        _check_same_request(split_file, meta, source=str(Path(dataset_dir).resolve()), by=by, max_items=max_items)
+        check_reused_split(split_file, doc, source=dataset_dir, by=by, max_items=max_items)
         logger.debug("reusing split %s", split_file)  # evaluated more than once per run by MONAI's workflow
     else:
         src, _ = load_checked(dataset_dir, layout=layout, lenient=lenient, report_path=out / "skipped.json",
@@ -88,27 +87,6 @@ def datalists_from_split(split: dict[str, Any] | str | os.PathLike) -> dict[str,
                         **({"mask": it["mask"]} if "mask" in it else {}), **{k: str(it[k]) for k in keep}}
                        for i, it in enumerate(doc.get(key, []))]
     return result
-
-
-def _check_same_request(split_file: Path, meta: dict[str, Any], *, source: str, by: str,
-                        max_items: int | None) -> None:
-    """A run directory's split.json is reused (resumes, shared benchmark splits) only for the data it was made
-    from: another dataset, grouping or subset size would silently train and report on the old one."""
-    had = {"dataset": meta.get("source"), "split_by": meta.get("by"), "max_items": meta.get("max_items", max_items)}
-    want = {"dataset": source, "split_by": by, "max_items": max_items}
-    if had["dataset"] is not None and Path(str(had["dataset"])).resolve() == Path(source):
-        had["dataset"] = source
-    elif had["dataset"] is None and meta.get("source_token"):  # split.local.json not here: compare the tokens
-        from medsim.data.phi import project_anonymizer
-
-        same = project_anonymizer()(str(Path(source).resolve()), "d") == meta["source_token"]
-        had["dataset"] = source if same else "another dataset"
-    if had["split_by"] is not None and by in ("group", "lesion_id") and had["split_by"] in ("group", "lesion_id"):
-        had["split_by"] = by  # aliases of the same key
-    diff = [f"{k} {had[k]!r} (asked: {want[k]!r})" for k in want if had[k] is not None and had[k] != want[k]]
-    if diff:
-        raise MedsimError(f"{split_file}: this run directory holds a split made for other data — {'; '.join(diff)}; "
-                          "train into a new directory (--output DIR) or delete this one to start over")
 
 
 def _stratified_subset(items: list[dict], n: int, seed: int) -> list[dict]:
@@ -293,6 +271,8 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
         load_checkpoint(out / "last.pt")  # refuse a doctored/corrupt checkpoint before touching the folder
     t0 = time.time()
     wf.initialize()
+    if "datalists" in wf.parser:  # the split (made, or reused and checked against the data) before any write
+        wf.parser.get_parsed_content("datalists")
     record = record_from_parser(wf.parser, bundle=bundle, variant=variant, overrides=user_ov)  # resolves the split
     old = out / RUN_RECORD
     if old.is_file() and (out / "last.pt").is_file():
@@ -431,7 +411,14 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
     """Evaluate a finished run on one split of its own ``split.json``; writes ``eval_<split>.json`` and ``.md``.
 
     The network and eval preprocessing are rebuilt from the run's ``run.json`` (plain values, medsim classes only)
-    and the weights loaded weights-only: nothing in the run folder is executed.
+    and the weights loaded weights-only: nothing in the run folder is executed. A run of a label-free bundle
+    (``run.json#evaluation``: ``ct_sam``, ``ct_pgl``) gets its own evaluation on fixed view pairs of the split's
+    volumes (:func:`medsim.engines.view_pairs.evaluate_pairs_run`: point matching, or the method's loss) instead of
+    retrieval metrics, which need labels.
+
+    Raises:
+        MedsimError: the run folder is incomplete, or its data are unlabelled and it records no label-free
+            evaluation (retrieval and clustering scores would be computed on label -1).
     """
     from medsim.engines.runs import build_spec, load_run_record
 
@@ -440,10 +427,21 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", checkpoint:
         if not f.is_file():
             raise MedsimError(f"{f}: not found — is {run} a finished `medsim train` run directory?")
     record = load_run_record(run)
+    if record.get("evaluation") is not None:
+        from medsim.engines.view_pairs import evaluate_pairs_run
+
+        return evaluate_pairs_run(run, record, split=split, checkpoint=checkpoint)
+    datalists = datalists_from_split(run / "split.json")
+    cases = [it for key in ("training", "validation", "test") for it in datalists[key]]
+    if cases and all(it["label"] == -1 for it in cases):
+        raise MedsimError(f"{run}: its data are unlabelled (every label in split.json is -1), so retrieval and "
+                          "clustering metrics (NMI, R@k) would mean nothing, and its run.json records no label-free "
+                          f"evaluation (bundle {record.get('bundle')!r}); runs of ct_sam / ct_pgl trained with this "
+                          "medsim record one — re-train to evaluate")
     network = build_spec(record["network"], f"{run / 'run.json'}#network")
     transform = build_spec(record["eval_preprocessing"], f"{run / 'run.json'}#eval_preprocessing")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate_network(network.to(device), run, datalists_from_split(run / "split.json"), transform, device,
+    return evaluate_network(network.to(device), run, datalists, transform, device,
                             split=split, checkpoint=checkpoint, batch_size=int(record.get("eval_batch_size", 64)),
                             seed=seed)
 

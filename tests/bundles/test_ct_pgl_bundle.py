@@ -82,6 +82,27 @@ def test_the_pretrained_encoder_loads_exactly_into_the_segmentation_network(pgl_
     assert all(torch.equal(net.trunk.state_dict()[k], v) for k, v in trained.items())
 
 
+def test_evaluate_reports_the_loss_on_the_test_pairs_not_nmi(pgl_run, tmp_path, capsys):
+    """`medsim evaluate` on a ct_pgl / byol3d run: the method's loss on the test split's fixed pairs (the numbers of
+    training's final test), written as eval_test.json / .md; no retrieval score on unlabelled volumes."""
+    import shutil
+
+    from medsim.cli import main
+
+    variant, out, res = pgl_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(run)])
+    printed = capsys.readouterr()
+    assert e.value.code == 0, printed.err
+    assert "nmi" not in printed.out.lower() and "R@1" not in printed.out and "loss" in printed.out
+    got = json.loads((run / "eval_test.json").read_text())
+    assert got["split"] == "test" and got["checkpoint"] == "best.pt" and got["n_items"] == 1 and "nmi" not in got
+    assert got["loss"] == pytest.approx(res["loss"], abs=1e-5)
+    assert ("local" in got) == (variant is None) and "loss" in (run / "eval_test.md").read_text()
+
+
 def test_monai_bundle_parses_the_same_config(sample_root, tmp_path):
     from monai.bundle import ConfigWorkflow
     from monai.engines import SupervisedTrainer
