@@ -209,18 +209,32 @@ def data_prepare(source: Path | None, layout: str, image_column: str | None, lab
               help="Override a config id, e.g. -o train#trainer#max_epochs=1 or -o max_k=4 (repeatable).")
 @click.option("--allow-expressions", is_flag=True,
               help="Let -o values be MONAI expressions ($...) or macros (%...), which run code; off by default.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes on this machine (torchrun underneath: gloo on CPU, NCCL on GPUs). Each "
+                   "takes 1/N of every batch; losses and updates equal one process with the whole batch. Several "
+                   "machines: start `torchrun ... -m medsim.cli train ...` on each (README 'Scaling out').")
 @_threads_option(torch=True)
 def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: str | None, lenient: bool,
-          overrides: tuple[str, ...], allow_expressions: bool) -> None:
+          overrides: tuple[str, ...], allow_expressions: bool, nproc: int) -> None:
     """Train BUNDLE (e.g. bundles/isic_dsl); prints test NMI and R@1 of the best validation checkpoint.
 
     A run directory that holds last.pt resumes from it."""
-    from medsim.engines.workflow import parse_overrides, train_bundle
+    from medsim.engines.distributed import is_main_process, launched_by_torchrun
+    from medsim.engines.workflow import parse_overrides, run_torchrun, train_bundle
 
     ov = parse_overrides(overrides, allow_expressions=allow_expressions)
+    if nproc > 1 and not launched_by_torchrun():
+        args = ["train", str(bundle), *(["--variant", variant] if variant else []),
+                *(["--dataset-dir", dataset_dir] if dataset_dir else []), *(["--output", output] if output else []),
+                *(["--lenient"] if lenient else []), *[a for o in overrides for a in ("-o", o)],
+                *(["--allow-expressions"] if allow_expressions else [])]
+        run_torchrun(bundle, variant, ov, nproc, args)
+        return
     if lenient:
         ov["lenient"] = True
     summary = train_bundle(bundle, variant=variant, dataset_dir=dataset_dir, output_dir=output, overrides=ov)
+    if not is_main_process():
+        return
     click.echo(f"run: {summary['output_dir']} ({summary['seconds']} s)")
     if summary.get("epochs_trained") == 0 and (Path(summary["output_dir"]) / "last.pt").is_file():
         click.echo("nothing trained: this run folder was already complete (see the warning above); the result below "

@@ -229,6 +229,10 @@ class Checkpointer:
         return payload
 
     def save(self, engine: Engine) -> None:
+        from medsim.engines.distributed import is_main_process
+
+        if not is_main_process():  # several processes: rank 0 writes; every rank loads on resume
+            return
         payload = self._payload(engine)
         atomic_torch_save(payload, self.save_dir / "last.pt")
         if self.record is not None and self.record.history and self.record.current.get("improved"):
@@ -278,7 +282,9 @@ class MetricsLogger:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if not self.record.history:
+        from medsim.engines.distributed import is_main_process
+
+        if not self.record.history or not is_main_process():
             return
         rec = self.record.current
         rec["seconds"] = self.record.seconds()

@@ -91,14 +91,20 @@ def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Cal
             re-normalised (as :class:`~medsim.engines.trainer.SubspaceRoutingLoss` trains it); scores of the other
             neurons are 0 before scaling. None: the loss on the whole embedding.
 
-    No optimiser step is made and parameter gradients are cleared afterwards.
+    No optimiser step is made and parameter gradients are cleared afterwards. In a multi-process run
+    (:mod:`medsim.engines.distributed`) each rank scores every world-size-th batch and the sums are all-reduced:
+    the scores of one process that scored every batch. ``network`` must be the unwrapped module (not DDP).
     """
+    from medsim.engines.distributed import all_reduce_sum, rank, world_size
+
     was_training = network.training
     network.eval()
     total, n = None, 0
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
+        if b % world_size() != rank():  # several processes: each scores its share of the batches, summed below
+            continue
         x, y = batch["image"].to(device), torch.as_tensor(batch["label"]).to(device)
         out = network(x)
         raw = out["embedding"]
@@ -115,6 +121,11 @@ def neuron_scores(network: torch.nn.Module, loader: Iterable[dict], loss_fn: Cal
         n += raw.shape[0]
     network.zero_grad(set_to_none=True)
     network.train(was_training)
+    if world_size() > 1:  # every rank takes part, with zeros when its share produced no gradient
+        dev = next(network.parameters()).device  # NCCL reduces device tensors
+        total = all_reduce_sum(torch.zeros(int(network.embedding_dim), device=dev) if total is None else total)
+        n = int(all_reduce_sum(torch.tensor(float(n), device=dev)).item())
+        total = None if n == 0 else total
     if total is None or n == 0:
         raise RuntimeError("no batch produced a loss with gradients: cannot score neurons")
     s = (total / n).abs()

@@ -29,6 +29,7 @@ from monai.inferers import Inferer
 from monai.utils import look_up_option
 
 from medsim.engines.batches import BatchLoss
+from medsim.engines.distributed import broadcast_module, broadcast_object, is_distributed, is_main_process, unwrap
 from medsim.engines.handlers import EpochRecorder
 from medsim.engines.sampling import ClusterBatchSampler
 from medsim.engines.subspaces import (CLUSTER_FEATURES, SubspaceState, cluster_counts, cluster_features, equal_slices,
@@ -300,23 +301,24 @@ class SubspaceHandler:
         if st.k == 1 and dataset is not None:  # one cluster: nothing to embed (single learners, DSL before a split)
             st.assignment = np.zeros(len(dataset), dtype=np.int64)
             return cluster_counts(st.assignment, 1)
-        feats, index = cluster_features(engine.network, self.cluster_loader, engine.state.device,
-                                        self.cluster_features, st.learners)
-        n = int(index.max()) + 1
-        asg = np.zeros(n, dtype=np.int64)
-        if st.k > 1:
-            labels, _ = kmeans(feats, st.k, seed=self.seed + epoch)
-            asg[index] = labels
-            if st.assignment.shape == asg.shape and st.assignment.max(initial=0) > 0:
-                asg = match_clusters(st.assignment, asg, st.k)  # learners keep their data across re-clusterings
-        st.assignment = asg
-        return cluster_counts(asg, st.k)
+        asg = None
+        if is_main_process():  # several processes: rank 0 embeds and clusters, every rank routes with its result
+            feats, index = cluster_features(unwrap(engine.network), self.cluster_loader, engine.state.device,
+                                            self.cluster_features, st.learners)
+            asg = np.zeros(int(index.max()) + 1, dtype=np.int64)
+            if st.k > 1:
+                labels, _ = kmeans(feats, st.k, seed=self.seed + epoch)
+                asg[index] = labels
+                if st.assignment.shape == asg.shape and st.assignment.max(initial=0) > 0:
+                    asg = match_clusters(st.assignment, asg, st.k)  # learners keep their data across re-clusterings
+        st.assignment = broadcast_object(asg)
+        return cluster_counts(st.assignment, st.k)
 
     def started(self, engine: Engine) -> None:
         st = self.subspaces
         if engine.state.epoch > 0:  # resumed: the Checkpointer restored learners and assignment
             return
-        dim = engine.network.embedding_dim
+        dim = unwrap(engine.network).embedding_dim
         st.learners = equal_slices(dim, self.k) if self.mode == "mml" else [list(range(dim))]
         sizes = self._recluster(engine, 0)
         logger.info("start: %s with K=%d learners of %s neurons; clusters %s", self.mode, st.k,
@@ -350,6 +352,8 @@ class SubspaceHandler:
                     st.assignment = np.zeros_like(st.assignment)
                     why = "splitting stopped" if stopped else f"last {left} epoch{'s' if left > 1 else ''}"
                     events.append(f"final fine-tune of the whole embedding on all data ({why})")
+        if is_distributed():  # rank 0's state is the run's (every rank decided alike on the same inputs)
+            st.load_state_dict(broadcast_object(st.state_dict()))
         rec["events"] = events
         for e in events:  # MetricsLogger's epoch line shows them at INFO
             logger.debug("epoch %d: %s", epoch, e)
@@ -367,7 +371,8 @@ class SubspaceHandler:
         sampler = getattr(self.score_loader, "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        scores = neuron_scores(engine.network, self.score_loader, self.loss_function, engine.state.device,
+        net = unwrap(engine.network)
+        scores = neuron_scores(net, self.score_loader, self.loss_function, engine.state.device,
                                max_batches=self.score_batches, neurons=st.learners[-1])
         parts = split_learner(st, scores, threshold=self.threshold, min_neurons=self.min_neurons,
                               quantile=self.quantile)
@@ -383,10 +388,11 @@ class SubspaceHandler:
             return (f"no split: {why}; retry at the next plateau (attempt {st.failed_splits} of "
                     f"{self.max_failed_splits})")
         keep, reset = parts
-        index = torch.as_tensor(reset, device=engine.network.embed.weight.device)
-        engine.network.reset_neurons(index)
+        index = torch.as_tensor(reset, device=net.embed.weight.device)
+        net.reset_neurons(index)
+        broadcast_module(net.embed)  # rank 0's fresh neurons on every rank
         if self.reset_optimizer:
-            for param in (engine.network.embed.weight, engine.network.embed.bias):
+            for param in (net.embed.weight, net.embed.bias):
                 for value in engine.optimizer.state.get(param, {}).values():
                     if torch.is_tensor(value) and value.shape == param.shape:
                         value[index] = 0

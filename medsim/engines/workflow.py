@@ -208,13 +208,29 @@ def _train_files(bundle: Path) -> list[Path]:
 
 
 #: config files of a bundle that are not training variants
-NOT_VARIANTS = ("train", "metadata", "evaluate", "inference", "logging")
+NOT_VARIANTS = ("train", "metadata", "evaluate", "inference", "logging", "multi_gpu_train")
+#: the model-zoo file layered last when ``torchrun`` starts the training on several processes
+MULTI_GPU = "multi_gpu_train.json"
 
 
 def bundle_variants(bundle: str | os.PathLike) -> list[str]:
     """The variants of a bundle: every ``configs/*.json`` layered on its training config (``classifier``, ``mml``,
     ``nodiv`` ...), found in the folder rather than listed anywhere."""
     return sorted(p.stem for p in (Path(bundle) / "configs").glob("*.json") if p.stem not in NOT_VARIANTS)
+
+
+def _multi_gpu_file(bundle: Path) -> Path:
+    """The bundle's ``configs/multi_gpu_train.json`` (the model-zoo convention), or the one its metadata names
+    (``config_files#multi_gpu_train``, relative to ``configs/``: bundles layered on another share its file)."""
+    meta = _metadata_file(bundle)
+    named = None
+    if meta.is_file():
+        named = (json.loads(meta.read_text(encoding="utf-8")).get("config_files") or {}).get("multi_gpu_train")
+    path = (bundle / "configs" / (named if isinstance(named, str) else MULTI_GPU)).resolve()
+    if not path.is_file():
+        raise MedsimError(f"{bundle}: no configs/{MULTI_GPU}, so it cannot train on several processes "
+                          "(`--nproc 1`, or add the file: see bundles/isic_dsl/configs/multi_gpu_train.json)")
+    return path
 
 
 def _bundle_files(bundle: Path, variant: str | None) -> list[str]:
@@ -229,6 +245,10 @@ def _bundle_files(bundle: Path, variant: str | None) -> list[str]:
             raise MedsimError(f"{bundle}: no variant '{variant}' (available: {', '.join(options)})"
                               + (f"; did you mean '{close[0]}'?" if close else ""))
         files.append(str(v))
+    from medsim.engines.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        files.append(str(_multi_gpu_file(bundle)))
     return files
 
 
@@ -244,8 +264,10 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
     """
     from monai.bundle import ConfigWorkflow
 
+    from medsim.engines.distributed import barrier, init_distributed, is_main_process
     from medsim.engines.runs import RUN_RECORD, load_checkpoint, record_from_parser
 
+    init_distributed()  # under torchrun: join the group before the config builds samplers and DDP (no-op otherwise)
     bundle = Path(bundle)
     ov = dict(overrides or {})
     _check_overrides(bundle, variant, ov)
@@ -271,19 +293,23 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
         load_checkpoint(out / "last.pt")  # refuse a doctored/corrupt checkpoint before touching the folder
     t0 = time.time()
     wf.initialize()
+    if not is_main_process():  # several processes: rank 0 makes the split and writes the run record first
+        barrier()
     if "datalists" in wf.parser:  # the split (made, or reused and checked against the data) before any write
         wf.parser.get_parsed_content("datalists")
     record = record_from_parser(wf.parser, bundle=bundle, variant=variant, overrides=user_ov)  # resolves the split
     old = out / RUN_RECORD
     if old.is_file() and (out / "last.pt").is_file():
         _check_same_network(old, record)
-    atomic_write_text(old, json.dumps(record, indent=1))
-    config = dict(wf.parser.get())
-    config["dataset_dir"] = "(kept in split.local.json: folder names can carry patient names)"
-    for key, value in user_ov.items():  # never save an expression into a run folder: record what it resolved to
-        if _has_expression(value):
-            config = _set_id(config, key, record["overrides"].get(key))
-    atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))
+    if is_main_process():
+        atomic_write_text(old, json.dumps(record, indent=1))
+        config = dict(wf.parser.get())
+        config["dataset_dir"] = "(kept in split.local.json: folder names can carry patient names)"
+        for key, value in user_ov.items():  # never save an expression into a run folder: record what it resolved to
+            if _has_expression(value):
+                config = _set_id(config, key, record["overrides"].get(key))
+        atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))
+        barrier()
     logged = _epochs_logged(out)
     wf.run()
     wf.finalize()
@@ -294,6 +320,33 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
     if test.is_file():
         summary.update(json.loads(test.read_text()))
     return summary
+
+
+def run_torchrun(bundle: str | os.PathLike, variant: str | None, overrides: dict[str, Any], nproc: int,
+                 cli_args: Sequence[str]) -> None:
+    """``medsim train --nproc N``: check what can be checked here (the overrides, the bundle's
+    ``multi_gpu_train.json``), then run ``python -m torch.distributed.run --standalone --nproc_per_node N -m
+    medsim.cli <cli_args>`` and wait. Each worker is an ordinary ``medsim train`` that finds torchrun's environment
+    (:func:`medsim.engines.distributed.launched_by_torchrun`) and layers ``multi_gpu_train.json``.
+
+    Raises:
+        MedsimError: a refused override, a bundle without ``multi_gpu_train.json``, or workers that failed (their
+            own messages are printed above; the exit code is torchrun's).
+    """
+    import subprocess
+    import sys
+
+    bundle = Path(bundle)
+    _check_overrides(bundle, variant, dict(overrides))
+    _multi_gpu_file(bundle)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
+           "-m", "medsim.cli", *cli_args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    logger.info("starting %d training processes: %s", nproc, " ".join(cmd[1:]))
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise MedsimError(f"training on {nproc} processes failed (torchrun exit code {rc}); the workers' messages "
+                          "are above")
 
 
 def _set_id(config: dict[str, Any], config_id: str, value: Any) -> dict[str, Any]:

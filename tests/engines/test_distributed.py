@@ -1,0 +1,85 @@
+"""Data-parallel training (``medsim train --nproc 2``: torchrun, gloo on CPU) equals one process that sees the whole
+batch: the same epoch losses, validation metrics, DSL decisions and final weights (issue 15).
+
+BatchNorm is frozen in these runs (``freeze_bn=true``): ``torch.nn.SyncBatchNorm`` runs on CUDA only, so on CPU each
+process would normalise with its half of the batch — the one thing that is not the one-process computation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _train(tmp: Path, name: str, data: Path, overrides: dict, nproc: int, variant: str | None) -> Path:
+    out = tmp / name
+    cmd = [sys.executable, "-m", "medsim.cli", "train", str(ROOT / "bundles" / "isic_dsl"), "--dataset-dir", str(data),
+           "--output", str(out), "--allow-expressions", "--nproc", str(nproc), "--threads", "1",
+           *(["--variant", variant] if variant else [])]
+    for k, v in overrides.items():
+        cmd += ["-o", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return out
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "last.pt", map_location="cpu", weights_only=True)["network"]
+
+
+def _assert_same_run(one: Path, two: Path, *, atol: float) -> list[dict]:
+    h1, h2 = _history(one), _history(two)
+    assert len(h1) == len(h2) > 0
+    for a, b in zip(h1, h2):
+        assert a["loss"] == pytest.approx(b["loss"], abs=atol, rel=1e-4), (a["epoch"], a["loss"], b["loss"])
+        for key in ("val_nmi", "val_R@1", "K", "learner_neurons", "cluster_sizes", "events", "phase"):
+            if key in a:
+                assert a[key] == (pytest.approx(b[key], abs=1e-4) if isinstance(a[key], float) else b[key]), key
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    worst = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1 if w1[k].is_floating_point())
+    print(f"largest weight difference after {len(h1)} epochs: {worst:.2e}")
+    assert worst <= atol
+    assert (two / "run.json").is_file() and (two / "best.pt").is_file() and (two / "eval_test.json").is_file()
+    return h2
+
+
+BASE = {"max_epochs": 2, "image_size": 32, "backbone": "resnet10", "widen_factor": 0.25, "embedding_dim": 32,
+        "batch_size": 16, "m_per_class": 4, "eval_batch_size": 32, "freeze_bn": True,
+        "train#preprocessing#train": False,  # no random augmentation: both runs see the same pixels
+        "train#output_handlers#0#_disabled_": True, "train#output_handlers#1#_disabled_": True}
+
+
+@pytest.mark.slow
+def test_margin_loss_on_two_processes_equals_one_process_with_the_global_batch(sample_root, tmp_path):
+    """Margin loss over the global batch (pairs span the two processes), no random miner: equal losses per epoch,
+    equal validation NMI and equal weights after two epochs."""
+    ov = {**BASE, "metric_loss#miner": None}
+    one = _train(tmp_path, "one", sample_root / "derm", ov, 1, "margin")
+    two = _train(tmp_path, "two", sample_root / "derm", ov, 2, "margin")
+    _assert_same_run(one, two, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_dsl_through_a_split_on_two_processes_equals_one_process(sample_root, tmp_path):
+    """DSL with a split forced at the first plateau: the neuron scores (all-reduced over the processes' score
+    batches), the split, rank 0's re-clustering and the routed per-learner losses give the one-process run."""
+    ov = {**BASE, "metric_loss#miner": None, "max_epochs": 4, "patience": 1, "split_min_delta": 1.0,
+          "min_neurons": 4, "finetune_epochs": 1}
+    one = _train(tmp_path, "one", sample_root / "derm", ov, 1, None)
+    two = _train(tmp_path, "two", sample_root / "derm", ov, 2, None)
+    hist = _assert_same_run(one, two, atol=5e-5)
+    assert max(h["K"] for h in hist) >= 2, [h.get("events") for h in hist]
