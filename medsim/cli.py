@@ -380,6 +380,40 @@ def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, r
 _BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
 
 
+class _SearchBackendOption(click.Option):
+    """``--backend NAME``, or ``--backend triton URL``: a Triton server's address as the next argument (stored as
+    ``triton=URL``, which may also be given as one word)."""
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for opt in self.opts:  # click has no public hook for a value of two words: wrap the option's handler
+            handler = parser._long_opt.get(opt)
+            if handler is not None:
+                def process(value: str, state: Any, store: Any = handler.process) -> None:
+                    if value == "triton" and state.rargs and not state.rargs[0].startswith("-"):
+                        value = f"triton={state.rargs.pop(0)}"
+                    store(value, state)
+
+                handler.process = process
+
+
+def _search_backend(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in _BACKEND.choices:
+        return value
+    if value.startswith("triton="):
+        from medsim.deploy.triton_client import parse_url
+        from medsim.runtime.errors import DeployError
+
+        try:
+            parse_url(value[len("triton="):])
+        except DeployError as e:
+            raise click.BadParameter(str(e)) from None
+        return value
+    if value == "triton":
+        raise click.BadParameter("triton needs the server's URL: --backend triton http://HOST:8000")
+    raise click.BadParameter(f"'{value}' is not one of {', '.join(_BACKEND.choices)}, triton URL")
+
+
 @cli.command("search")
 @click.option("--index", "index_dir", type=click.Path(path_type=Path, exists=True), required=True,
               help="Index folder (or its case_index.json).")
@@ -393,7 +427,10 @@ _BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
               help="Export folder (default: the one the index was built with).")
 @click.option("--html", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the results as pictures: an HTML page, or one PNG grid when the name ends in .png.")
-@click.option("--backend", type=_BACKEND, default="auto", show_default=True)
+@click.option("--backend", cls=_SearchBackendOption, callback=_search_backend, default="auto", show_default=True,
+              metavar="[auto|tensorrt|ort-cuda|ort-cpu|triton URL]",
+              help="Where queries are embedded: a local backend, or a Triton server serving the export's "
+                   "OUT/triton repository (triton http://HOST:8000).")
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
               help="Model to embed queries with (default: the one the index was built with).")
 @click.option("--exclude-self", is_flag=True,

@@ -74,7 +74,7 @@ class EmbeddingEngine:
 
     def __init__(self, model_dir: str | os.PathLike, *, backend: str = "auto", batch_size: int = 32,
                  model: str | None = None, threads: int | None = None, device_id: int = 0):
-        if backend not in BACKENDS:
+        if backend not in BACKENDS and not str(backend).startswith("triton="):  # triton=URL: a Triton server
             import difflib
 
             close = difflib.get_close_matches(str(backend), BACKENDS, n=1, cutoff=0.4)
@@ -111,6 +111,10 @@ class EmbeddingEngine:
 
     # ------------------------------------------------------------------------------------------- selection
     def _select(self, backend: str) -> tuple[Any, str]:
+        if backend.startswith("triton="):  # the server runs the model it holds (medsim.deploy.triton_client)
+            from medsim.deploy.triton_client import triton_runner
+
+            return triton_runner(backend, self.manifest, self.model_dir), "triton"
         if backend == "auto" and not (self._plan_listed and self.plan_path.is_file()):
             logger.debug("TensorRT skipped: no engine file listed in the manifest (%s)", self.plan_path)
         elif backend in ("auto", "tensorrt"):
