@@ -219,7 +219,7 @@ def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: st
     """Train BUNDLE (e.g. bundles/isic_dsl); prints test NMI and R@1 of the best validation checkpoint.
 
     A run directory that holds last.pt resumes from it."""
-    from medsim.engines.distributed import is_main_process, launched_by_torchrun
+    from medsim.engines.distributed import launch_rank, launched_by_torchrun
     from medsim.engines.workflow import parse_overrides, run_torchrun, train_bundle
 
     ov = parse_overrides(overrides, allow_expressions=allow_expressions)
@@ -233,7 +233,7 @@ def train(bundle: Path, variant: str | None, dataset_dir: str | None, output: st
     if lenient:
         ov["lenient"] = True
     summary = train_bundle(bundle, variant=variant, dataset_dir=dataset_dir, output_dir=output, overrides=ov)
-    if not is_main_process():
+    if launch_rank() != 0:  # several processes: rank 0 reports
         return
     click.echo(f"run: {summary['output_dir']} ({summary['seconds']} s)")
     if summary.get("epochs_trained") == 0 and (Path(summary["output_dir"]) / "last.pt").is_file():

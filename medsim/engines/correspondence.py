@@ -95,6 +95,10 @@ def finish_correspondence(output_dir: str | os.PathLike, method: torch.nn.Module
     pairs reseeded by ``draws``, a :class:`~medsim.engines.view_pairs.FixedDraws`, as ``medsim evaluate`` draws
     them) and write ``eval_test.json`` / ``.md``: ``match`` accuracy, mean and median ``error`` in view-1 voxels,
     ``tolerance``, ``n_points``."""
+    from medsim.nn.collectives import is_main_process
+
+    if not is_main_process():  # several processes: rank 0 evaluates and writes; the others wait at the barrier
+        return {}
     from medsim.engines.view_pairs import evaluation_metrics, finish_pairs
 
     out = Path(output_dir)

@@ -17,8 +17,8 @@ checkpoints are those of one process that sees the whole batch:
   (the backward of the gather brings each slice ``world_size`` gradient copies, which DDP's averaging divides back).
 - :class:`RankZeroValidation` — validation runs on rank 0 only (the full validation set, one process) and its
   metrics are broadcast, so model selection and DSL's plateau rule see the same numbers everywhere.
-- :func:`broadcast_object` / :func:`broadcast_module` / :func:`all_reduce_sum` — for the decisions made on rank 0
-  (DSL's re-clustering and split) and the state every rank must then share.
+- the collectives of :mod:`medsim.nn.collectives` (re-exported here) — for the decisions made on rank 0 (DSL's
+  re-clustering and split) and the state every rank must then share.
 
 Everything is a no-op in a single process, so the same bundle code runs with and without ``torchrun``.
 """
@@ -35,9 +35,13 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
+from medsim.nn.collectives import (all_reduce_sum, broadcast_module, broadcast_object, gather_batch, is_distributed,
+                                   is_main_process, rank, shard, world_size)
+
 __all__ = ["DistInfo", "init_distributed", "is_distributed", "rank", "world_size", "is_main_process", "unwrap",
            "wrap_ddp", "RankBatchSampler", "GlobalBatchLoss", "RankZeroValidation", "broadcast_object",
-           "broadcast_module", "all_reduce_sum", "barrier", "finalize_distributed", "launched_by_torchrun", "shard"]
+           "broadcast_module", "all_reduce_sum", "barrier", "finalize_distributed", "launched_by_torchrun",
+           "launch_rank", "shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +62,18 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or no process group): the process that writes checkpoints, logs and run records."""
-    return rank() == 0
+
+
+def launch_rank() -> int:
+    """This process's rank as ``torchrun`` set it (``RANK``; 0 without torchrun) — valid before the process group
+    exists and after it is destroyed."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
@@ -171,20 +172,15 @@ class RankBatchSampler(torch.utils.data.Sampler[list[int]]):
         return getattr(self.batch_sampler, name)
 
 
-def _gather(x: Any) -> Any:
-    """All ranks' ``x`` concatenated on dim 0 in rank order; tensors that need a gradient keep it."""
+def _gather(x: Any, shared: Sequence[str] = ()) -> Any:
+    """All ranks' batch entries of ``x`` (tensors, nested in mappings / lists) concatenated in rank order; mapping
+    entries named in ``shared`` (model state such as MoCo's ``queue``, the same on every rank) are kept as they are."""
     if torch.is_tensor(x) and x.ndim >= 1:
-        if x.requires_grad:
-            from torch.distributed.nn.functional import all_gather
-
-            return torch.cat(all_gather(x), dim=0)
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
+        return gather_batch(x)
     if isinstance(x, Mapping):
-        return {k: _gather(v) for k, v in x.items()}
+        return {k: v if k in shared else _gather(v, shared) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_gather(v) for v in x)
+        return type(x)(_gather(v, shared) for v in x)
     return x
 
 
@@ -194,17 +190,20 @@ class GlobalBatchLoss(torch.nn.Module):
     autograd for the outputs — and ``loss`` is called once on the result. In one process it is ``loss`` itself.
 
     The wrapped loss's own state (``set_epoch``, checkpointed state) is reached through ``routed``/attributes, so
-    :class:`~medsim.engines.handlers.TrainingHooks` and the Checkpointer treat it as the loss it wraps.
+    :class:`~medsim.engines.handlers.TrainingHooks` and the Checkpointer treat it as the loss it wraps. Output
+    entries named in ``shared`` are model state, not batch rows (MoCo's ``queue``: every rank holds the same one,
+    since the method enqueues the gathered keys), and pass unchanged.
     """
 
-    def __init__(self, loss: torch.nn.Module):
+    def __init__(self, loss: torch.nn.Module, shared: Sequence[str] = ("queue",)):
         super().__init__()
         self.loss = loss
+        self.shared = tuple(shared)
 
     def forward(self, pred: Any, target: Any) -> torch.Tensor:
         if not is_distributed():
             return self.loss(pred, target)
-        return self.loss(_gather(pred), _gather(target))
+        return self.loss(_gather(pred, self.shared), _gather(target, self.shared))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -219,32 +218,10 @@ class GlobalBatchLoss(torch.nn.Module):
         return self.loss.load_state_dict(state, strict=strict)
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` of rank ``src`` on every rank (pickled by ``torch.distributed`` between this run's own processes;
-    nothing read from disk)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
-def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Every parameter and buffer of ``module`` from rank ``src`` (e.g. after rank 0 re-initialised neurons)."""
-    if not is_distributed():
-        return
-    with torch.no_grad():
-        for t in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(t.data, src=src)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` over the ranks (a copy; ``x`` itself in one process)."""
-    if not is_distributed():
-        return x
-    y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y
 
 
 class RankZeroValidation:
@@ -271,7 +248,3 @@ class RankZeroValidation:
         if not is_main_process():
             self.validator.state.metrics = metrics
 
-
-def shard(items: Sequence[Any]) -> list[Any]:
-    """This rank's share of ``items`` (every world-size-th, starting at its rank); all of them in one process."""
-    return list(items)[rank()::world_size()]

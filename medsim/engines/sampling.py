@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["ClusterBatchSampler", "BATCH_SHARES"]
+__all__ = ["ClusterBatchSampler", "ShuffleBatchSampler", "BATCH_SHARES"]
 
 #: how the epoch's batches are shared between clusters (``batches_per_cluster`` may also be an int)
 BATCH_SHARES = ("proportional", "equal")
@@ -121,3 +121,42 @@ class ClusterBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return int(sum(self._quota(self._clusters()).values()))
+
+
+class ShuffleBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of ``batch_size`` dataset indices, drawn from (``seed``, epoch) only — the label-free
+    bundles' sampler when several processes train (each takes its slice of every batch:
+    :class:`~medsim.engines.distributed.RankBatchSampler`), where a DataLoader's ``shuffle=True`` would draw from
+    each process's own RNG. A resumed run draws the same batches.
+
+    Args:
+        n: dataset size.
+        batch_size: items per batch (the last incomplete batch is dropped).
+        seed: base seed; :meth:`set_epoch` each epoch (the trainer's hooks do).
+        num_samples: items per epoch (default ``n``); with ``replacement`` drawn independently (like
+            ``torch.utils.data.RandomSampler(replacement=True, num_samples=...)``), otherwise a permutation.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, num_samples: int | None = None,
+                 replacement: bool = False):
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.num_samples = int(num_samples) if num_samples is not None else self.n
+        if not replacement and self.num_samples > self.n:
+            raise ValueError(f"num_samples={self.num_samples} > n={self.n} needs replacement=True")
+        self.replacement = bool(replacement)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        idx = (rng.integers(0, self.n, size=self.num_samples) if self.replacement
+               else rng.permutation(self.n)[: self.num_samples])
+        for b in range(len(self)):
+            yield [int(i) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size

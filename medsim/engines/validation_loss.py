@@ -86,6 +86,10 @@ def finish_validation_loss(output_dir: str | os.PathLike, method: torch.nn.Modul
     """After training: load the selected checkpoint (``best.pt``, else ``last.pt``) into ``method`` (its
     ``state_key`` entry: encoder, heads and target), compute the loss (and its ``last`` terms) over the test
     pairs (reseeded by ``draws``, as ``medsim evaluate`` draws them) and write ``eval_test.json`` / ``.md``."""
+    from medsim.nn.collectives import is_main_process
+
+    if not is_main_process():  # several processes: rank 0 evaluates and writes; the others wait at the barrier
+        return {}
     from medsim.engines.view_pairs import evaluation_metrics, finish_pairs
 
     out = Path(output_dir)

@@ -121,6 +121,10 @@ def finish_training(output_dir: str | os.PathLike, network: torch.nn.Module, tes
                     selected_by: str = "val_nmi") -> dict[str, float]:
     """After training: load ``best.pt`` (chosen on the validation metric ``selected_by``), evaluate on the test
     split, write ``eval_test.json`` / ``eval_test.md`` and print NMI and R@1 (and accuracy for classifiers)."""
+    from medsim.nn.collectives import is_main_process
+
+    if not is_main_process():  # several processes: rank 0 evaluates and writes; the others wait at the barrier
+        return {}
     from medsim.engines.reports import write_eval_report
 
     out = Path(output_dir)
@@ -277,6 +281,8 @@ def train_bundle(bundle: str | os.PathLike, *, variant: str | None = None, datas
         ov["dataset_dir"] = str(Path(dataset_dir).resolve())
     if output_dir is not None:
         ov["output_dir"] = str(Path(output_dir).resolve())
+    if not is_main_process():  # several processes: progress bars and TensorBoard on rank 0 only
+        ov["train#output_handlers"] = []
     quiet = logging.getLogger("monai.bundle.workflows")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # medsim's CLI configures logging itself; skip the bundle's logging.conf

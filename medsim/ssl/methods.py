@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsim.nn.collectives import gather_batch
+
 __all__ = ["projection_head", "JointEmbedding", "SimCLR", "MoCoV2", "BYOL", "SimSiam", "BarlowTwins", "VICReg",
            "WMSE", "ema_update"]
 
@@ -153,12 +155,16 @@ class MoCoV2(JointEmbedding):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """Write ``keys`` (B, P) over the oldest queue entries (ring buffer)."""
-        k = self.queue.shape[0]
-        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % k
-        keys = keys.detach().to(self.queue.dtype)  # under bf16 autocast the keys come in bf16
-        self.queue[idx] = keys[-k:] if keys.shape[0] > k else keys
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % k)
+        """Write ``keys`` (B, P) over the oldest queue entries (ring buffer). In a data-parallel run the keys of
+        every process are gathered first, in rank order (MoCo's ``concat_all_gather``), so every process holds the
+        queue of one process that saw the whole batch. A batch larger than the queue keeps its last K keys."""
+        keys = gather_batch(keys.detach()).to(self.queue.dtype)  # under bf16 autocast the keys come in bf16
+        k, n = self.queue.shape[0], keys.shape[0]
+        if n > k:
+            keys = keys[-k:]
+        idx = (self.queue_ptr + n - keys.shape[0] + torch.arange(keys.shape[0], device=keys.device)) % k
+        self.queue[idx] = keys
+        self.queue_ptr.copy_((self.queue_ptr + n) % k)
 
 
 class BYOL(JointEmbedding):

@@ -83,3 +83,53 @@ def test_dsl_through_a_split_on_two_processes_equals_one_process(sample_root, tm
     two = _train(tmp_path, "two", sample_root / "derm", ov, 2, None)
     hist = _assert_same_run(one, two, atol=5e-5)
     assert max(h["K"] for h in hist) >= 2, [h.get("events") for h in hist]
+
+
+@pytest.mark.slow
+def test_moco_on_two_processes_keeps_one_queue_and_equals_one_process(tmp_path):
+    """MoCo v2 with a queue smaller than the keys it sees: two gloo processes (DDP, InfoNCE over the gathered
+    global batch, keys of both processes enqueued in rank order) give the one-process losses, the same queue on
+    both ranks and the one-process queue and weights."""
+    worker = Path(__file__).with_name("ddp_moco_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for nproc, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        launch = [sys.executable, str(worker)] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+        res = subprocess.run([*launch, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-4000:]
+    one = torch.load(f"{tmp_path / 'one'}.rank0", weights_only=True)
+    r0, r1 = (torch.load(f"{tmp_path / 'two'}.rank{r}", weights_only=True) for r in (0, 1))
+    np.testing.assert_allclose(r0["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+    assert r0["queue_ptr"] == r1["queue_ptr"] == one["queue_ptr"] == (4 * 8) % 24
+    torch.testing.assert_close(r0["queue"], r1["queue"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["queue"], one["queue"], rtol=1e-5, atol=1e-6)
+    for k, v in one["weights"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(r0["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+SMALL = {"max_epochs": 1, "image_size": 32, "backbone": "resnet10", "widen_factor": 0.25, "batch_size": 16,
+         "eval_batch_size": 32, "embedding_dim": 16}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle, data, variant, extra", [
+    ("isic_abe", "derm", None, {"n_learners": 2}),                     # layered on isic_dsl's multi-GPU file
+    ("derm_ssl", "derm", "moco", {"queue_size": 32}),                  # label-free: shuffled global batches
+    ("ct_sam", "ct", None, {"image_size": [16, 16, 16], "embedding_dim": 32, "global_dim": 16, "local_dim": 8,
+                            "n_points": 8, "n_hard": 8, "n_random": 8, "items_per_epoch": 4, "batch_size": 2}),
+])
+def test_every_family_trains_on_two_processes(sample_root, tmp_path, bundle, data, variant, extra):
+    """One epoch of each bundle family on 2 gloo processes: the run folder is complete, written once (rank 0:
+    one metrics line per epoch, one run record, the final evaluation)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "medsim.cli", "train", str(ROOT / "bundles" / bundle), "--dataset-dir",
+           str(sample_root / data), "--output", str(out), "--nproc", "2", *(["--variant", variant] if variant else [])]
+    for k, v in {**SMALL, **extra}.items():
+        cmd += ["-o", f"{k}={json.dumps(v)}"]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert len(_history(out)) == 1
+    assert (out / "run.json").is_file() and (out / "last.pt").is_file() and (out / "eval_test.json").is_file()
+    assert sum(line.startswith("run: ") for line in res.stdout.splitlines()) == 1  # printed by rank 0 only
