@@ -352,9 +352,19 @@ def index() -> None:
                    "in any layout (HAM10000, ISIC 2019, class folders, CSV, DICOM, NIfTI), or a folder of images.")
 @click.option("--split", default="training", show_default=True, help="Which split of the JSON to index.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Index folder.")
-@click.option("--kind", type=click.Choice(["flat", "ivfpq", "hnsw"]), default="flat", show_default=True)
+@click.option("--kind", type=click.Choice(["flat", "ivfpq", "hnsw", "ondisk", "sharded"]), default="flat",
+              show_default=True, help="flat: exact; ivfpq, hnsw: approximate, in memory; ondisk: IVF lists in a "
+              "memory-mapped .ivfdata file (collections larger than RAM); sharded: IVF shards searched in parallel.")
 @click.option("--refine", type=click.IntRange(min=0), default=0, show_default=True,
               help="ivfpq: re-rank REFINE·k PQ candidates by exact distance (keeps the full vectors; 0: off).")
+@click.option("--nlist", type=click.IntRange(min=1), default=None,
+              help="IVF kinds: inverted lists (default: about 4·sqrt(cases)).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None,
+              help="IVF kinds: lists searched per query by default (saved with the index; CaseIndex default 16).")
+@click.option("--codes", type=click.Choice(["flat", "pq"]), default=None,
+              help="ondisk, sharded: store the float vectors (flat, the default; exact when every list is probed) or "
+                   "PQ codes (dim/2 bytes per case).")
+@click.option("--shards", type=click.IntRange(min=1), default=None, help="sharded: number of shards (default 4).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"]), default="auto",
               show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
@@ -362,14 +372,16 @@ def index() -> None:
 @click.option("--shareable", is_flag=True,
               help="Write no cases.local.json (each case token's image path on this machine) next to the index.")
 @_threads_option(torch=False)
-def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, refine: int, backend: str,
-                precision: str, shareable: bool) -> None:
+def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, refine: int, nlist: int | None,
+                nprobe: int | None, codes: str | None, shards: int | None, backend: str, precision: str,
+                shareable: bool) -> None:
     """Embed the cases of DATA and save a faiss index of case tokens, labels and hashed groups (no file name or
     patient id in it). The image paths go to OUT/cases.local.json, for this machine only (--shareable: not at
     all)."""
     from medsim.deploy.tasks import build_index
 
-    extra = {"refine": refine} if refine else {}
+    extra = {k: v for k, v in (("refine", refine or None), ("nlist", nlist), ("nprobe", nprobe), ("codes", codes),
+                               ("shards", shards)) if v is not None}
     r = build_index(model_dir, data, out, split=split, kind=kind, backend=backend, progress=sys.stderr.isatty(),
                     precision=precision, local_paths=not shareable, **extra)
     click.echo(f"indexed {r['cases']} cases ({r['kind']}, {r['backend']}) -> {r['index']}")

@@ -10,6 +10,12 @@ every stored vector, a stable ``int64`` id and a JSON-serialisable *case record*
     index.save("cases/")                            # case_index.json + index-<sha256>.faiss
     index = CaseIndex.load("cases/", expected_model_id="isic-dsl-1.2.0")
 
+Collections too large for memory (10M+ cases) use ``kind="ondisk"`` (inverted lists in a memory-mapped
+``.ivfdata`` file) or ``kind="sharded"`` (``faiss.IndexShards`` over IVF shards), see
+:mod:`medsim.deploy.index_scale`, built in batches from an ``(N, D)`` memmap or an iterator of blocks::
+
+    index = CaseIndex.build("cases/", np.load("emb.npy", mmap_mode="r"), kind="ondisk", model_id="isic-dsl-1.2.0")
+
 Scores: ``metric="ip"`` (the default) is cosine similarity — vectors and queries are L2-normalised on the way in,
 hits are sorted by decreasing score; ``metric="l2"`` returns *squared* Euclidean distances, sorted increasingly.
 
@@ -19,12 +25,12 @@ inside functions) faiss. Keep it that way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +39,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from medsim import __version__ as _medsim_version
-from medsim.runtime.errors import DeployError
+from medsim.deploy.index_files import META_FILE, CaseIndexError, load_faiss, read_faiss, verify_file, write_faiss
 from medsim.errors import atomic_write_text
 
 __all__ = ["CaseIndex", "CaseIndexError", "ModelMismatchError", "Hit", "KINDS", "METRICS", "META_FILE",
@@ -41,17 +47,19 @@ __all__ = ["CaseIndex", "CaseIndexError", "ModelMismatchError", "Hit", "KINDS", 
 
 log = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivfpq", "hnsw")
+KINDS = ("flat", "ivfpq", "hnsw", "ondisk", "sharded")
 METRICS = ("ip", "l2")
-#: the metadata file of a saved index (records, ids, parameters, checksum of the faiss file)
-META_FILE = "case_index.json"
 _FORMAT = "medsim-case-index"
 #: 2: an ``ivfpq`` index with ``refine`` is one ``IndexIDMap2(IndexRefineFlat(IndexIVFPQ))`` file (version 1 kept
 #: the exact vectors in a separate ``refine-*.faiss`` file; such indexes are converted when loaded)
 _FORMAT_VERSION = 2
 _INDEX_GLOB = "index-*.faiss"
 
-Kind = Literal["flat", "ivfpq", "hnsw"]
+Kind = Literal["flat", "ivfpq", "hnsw", "ondisk", "sharded"]
+#: kinds whose quantizer is trained before the first add (the IVF kinds)
+_TRAINED_KINDS = ("ivfpq", "ondisk", "sharded")
+#: kinds built from IVF parts (medsim.deploy.index_scale)
+_SCALE_KINDS = ("ondisk", "sharded")
 Metric = Literal["ip", "l2"]
 
 #: record keys that carry a patient identifier in clear (compared after lower-casing and dropping ``_``/``-``/spaces)
@@ -63,12 +71,6 @@ _PHI_KEYS = {
 #: record keys that may hold an identifier only as a keyed hash (``medsim.data.phi.Anonymizer``: ``p-<16 hex>``)
 _HASHED_KEYS = ("patient", "study", "series", "group", "id")
 _TOKEN = re.compile(r"^[a-z]+-[0-9a-f]{16}$")
-
-
-class CaseIndexError(DeployError):
-    """A case index cannot be built, saved or loaded: the message names the file (if any) and the reason.
-
-    A :class:`~medsim.errors.MedsimError` (via :class:`~medsim.deploy.DeployError`): the CLI exits with code 2."""
 
 
 class ModelMismatchError(CaseIndexError):
@@ -83,15 +85,6 @@ class Hit:
     id: int
     score: float
     record: Mapping[str, Any]
-
-
-def _faiss():
-    try:
-        import faiss  # noqa: PLC0415 - lazy on purpose: importing medsim.deploy must stay cheap
-    except ImportError as exc:  # pragma: no cover - faiss is installed wherever the tests run
-        raise CaseIndexError("faiss is not installed: install faiss-cpu (or faiss-gpu on a GPU host), "
-                             "e.g. `pip install medsim[cpu]`") from exc
-    return faiss
 
 
 def default_nlist(n: int) -> int:
@@ -110,16 +103,33 @@ def default_m_pq(dim: int) -> int:
     return 1  # pragma: no cover
 
 
+class _NoRecords(Sequence):
+    """``n`` empty case records, all the same ``{}`` (``add(..., records=None)``): 10M cases without records cost
+    no 10M dicts."""
+
+    _EMPTY: dict[str, Any] = {}
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return _NoRecords(len(range(*i.indices(self.n))))
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self._EMPTY
+
+
+def _chain_first(first: np.ndarray, rest: Any) -> Any:
+    yield first
+    yield from rest
+
+
 def _shape_str(a: np.ndarray) -> str:
     return f"{tuple(a.shape)} {a.dtype}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _utc_now() -> str:
@@ -151,6 +161,12 @@ class CaseIndex:
             ``IndexRefineFlat`` with ``k_factor=refine`` inside an ``IndexIDMap2``. PQ distances are approximate,
             so the true neighbours are often found but mis-ordered: re-ranking 4·k candidates lifted recall@10
             from 0.93 to 0.998 on 1M × 128 in benchmarks/faiss_indexes.py.
+        codes: ``ondisk`` and ``sharded``: what the inverted lists store, ``"flat"`` (the default: the float32
+            vectors, ``4·dim`` bytes per case; with ``nprobe = nlist`` the search is exact) or ``"pq"`` (``m_pq``
+            bytes per case at ``nbits=8``, approximate distances).
+        shards: ``sharded``: number of IVF shards ``faiss.IndexShards`` searches in parallel (default 4).
+        shard_size: ``ondisk``: vectors held in memory before a shard is written to a temporary file (the lists of
+            all shards are merged into the index's ``.ivfdata`` file when it is saved).
         model_id: id of the model (and version) that produced the embeddings; :meth:`load` refuses an index
             built by another model.
         use_gpu: ``"auto"`` (use every GPU faiss sees, when there is one and the kind has a GPU version),
@@ -167,8 +183,8 @@ class CaseIndex:
 
     def __init__(self, dim: int, *, kind: Kind = "flat", metric: Metric = "ip", nlist: int | None = None,
                  m_pq: int | None = None, nbits: int = 8, hnsw_m: int = 32, ef_construction: int = 120,
-                 ef_search: int = 64, nprobe: int = 16, refine: int = 0, model_id: str,
-                 use_gpu: bool | str = "auto"):
+                 ef_search: int = 64, nprobe: int = 16, refine: int = 0, codes: str | None = None,
+                 shards: int | None = None, shard_size: int = 1_000_000, model_id: str, use_gpu: bool | str = "auto"):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if kind not in KINDS:
@@ -183,8 +199,15 @@ class CaseIndex:
             raise ValueError(f"nbits must be in 1..16, got {nbits}")
         if nlist is not None and nlist < 1:
             raise ValueError(f"nlist must be positive, got {nlist}")
+        for name, value in (("codes", codes), ("shards", shards)):
+            if value is not None and kind not in _SCALE_KINDS:
+                raise ValueError(f"{name}={value!r} applies to kind='ondisk' or 'sharded' only, not {kind!r}")
+        codes = "flat" if codes is None else codes
+        shards = 4 if shards is None else shards
+        if codes not in ("flat", "pq"):
+            raise ValueError(f"codes must be 'flat' (float32 vectors) or 'pq' (product-quantised), got {codes!r}")
         for name, value in (("hnsw_m", hnsw_m), ("ef_construction", ef_construction), ("ef_search", ef_search),
-                            ("nprobe", nprobe)):
+                            ("nprobe", nprobe), ("shards", shards), ("shard_size", shard_size)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
         if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 0:
@@ -199,13 +222,17 @@ class CaseIndex:
         self.metric: str = metric
         self.model_id = model_id
         self.nlist = nlist
-        self.m_pq = m_pq if m_pq is not None else (default_m_pq(self.dim) if kind == "ivfpq" else None)
+        self.codes = codes if kind in _SCALE_KINDS else None
+        pq = kind == "ivfpq" or self.codes == "pq"
+        self.m_pq = m_pq if m_pq is not None else (default_m_pq(self.dim) if pq else None)
         self.nbits = int(nbits)
         self.hnsw_m = int(hnsw_m)
         self.ef_construction = int(ef_construction)
         self.ef_search = int(ef_search)
         self.nprobe = int(nprobe)
         self.refine = int(refine)
+        self.shards = int(shards)
+        self.shard_size = int(shard_size)
         self.created = _utc_now()
         #: free-form JSON metadata saved with the index (``medsim index build`` stores the export folder as
         #: ``model_dir``); checked like records: no identifier in clear
@@ -218,14 +245,18 @@ class CaseIndex:
         self._gpu_index: Any = None
         #: positions -> ids of the GPU replica of a refine index (faiss' IndexIDMap2 wraps only empty indexes)
         self._gpu_ids: np.ndarray | None = None
-        self._index: Any = None if kind == "ivfpq" else self._new_index()
+        #: the IVF parts of an ``ondisk`` or ``sharded`` index (None before training and for the other kinds)
+        self._parts: Any = None
+        #: seconds spent in each step of :meth:`build` (``train_s``, ``add_s``, ``save_s``); empty otherwise
+        self.build_timings: dict[str, float] = {}
+        self._index: Any = None if kind in _TRAINED_KINDS else self._new_index()
 
     # ------------------------------------------------------------------ construction helpers
 
     def _resolve_gpu(self, use_gpu: bool | str) -> bool:
         if use_gpu is False:
             return False
-        faiss = _faiss()
+        faiss = load_faiss()
         n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if n == 0:
             if use_gpu is True:
@@ -233,15 +264,16 @@ class CaseIndex:
                                      "(faiss-cpu) or no CUDA device is visible; install faiss-gpu on a GPU host, "
                                      "or pass use_gpu='auto' or False")
             return False
-        if self.kind == "hnsw":
+        if self.kind in ("hnsw", *_SCALE_KINDS):
             (log.warning if use_gpu is True else log.info)(
-                "faiss has no GPU version of HNSW: the hnsw case index stays on the CPU")
+                "faiss has no GPU version of %s: the %s case index stays on the CPU",
+                "HNSW" if self.kind == "hnsw" else "on-disk or sharded IVF lists", self.kind)
             return False
         log.info("case index (%s) will search on %d GPU(s)", self.kind, n)
         return True
 
     def _faiss_metric(self) -> int:
-        faiss = _faiss()
+        faiss = load_faiss()
         return faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
 
     @property
@@ -258,17 +290,22 @@ class CaseIndex:
             return f"IDMap2,HNSW{self.hnsw_m}"
         if nlist is None:
             return None
+        if self.kind in _SCALE_KINDS:
+            from medsim.deploy.index_scale import ivf_factory
+
+            return ivf_factory(nlist, self.codes, self.m_pq, self.nbits)
         ivfpq = f"IVF{nlist},PQ{self.m_pq}x{self.nbits}np"
         return f"IDMap2,{ivfpq},RFlat" if self.refine else ivfpq
 
     @property
     def _marks_removals(self) -> bool:
-        """True where faiss cannot delete (HNSW, IndexRefine): removed ids are tombstoned and filtered."""
-        return self.kind == "hnsw" or bool(self.refine)
+        """True where faiss cannot delete (HNSW, IndexRefine, saved on-disk lists): removed ids are tombstoned and
+        filtered."""
+        return self.kind in ("hnsw", "ondisk") or bool(self.refine)
 
     def _new_index(self, factory: str | None = None) -> Any:
         """A fresh, empty CPU index from ``factory`` (default :attr:`factory_string`; untrained for ``ivfpq``)."""
-        faiss = _faiss()
+        faiss = load_faiss()
         index = faiss.index_factory(self.dim, factory or self.factory_string, self._faiss_metric())
         if self.kind == "hnsw":
             hnsw = faiss.downcast_index(index.index).hnsw
@@ -284,7 +321,7 @@ class CaseIndex:
         """An empty CPU index of the same structure and training as the current one (for :meth:`compact`)."""
         if self.kind != "ivfpq":
             return self._new_index()
-        faiss = _faiss()
+        faiss = load_faiss()
         base = faiss.clone_index(faiss.extract_index_ivf(self._index))  # trained quantizer and codebooks
         base.reset()
         return self._wrap_refine(base) if self.refine else base
@@ -292,7 +329,7 @@ class CaseIndex:
     def _wrap_refine(self, base: Any) -> Any:
         """``IndexIDMap2(IndexRefineFlat(base))`` with ``k_factor=refine``; the same object as the factory string
         ``"IDMap2,<base>,RFlat"`` builds, around an existing (trained, empty) base."""
-        faiss = _faiss()
+        faiss = load_faiss()
         refine = faiss.IndexRefineFlat(base)
         refine.k_factor = float(self.refine)
         return faiss.IndexIDMap2(refine)
@@ -405,31 +442,35 @@ class CaseIndex:
 
     @property
     def min_train_size(self) -> int:
-        """Fewest vectors the first :meth:`add` / :meth:`train` accepts: ``max(2**nbits, nlist)`` for ``ivfpq``
-        (``nlist`` defaults to a size-dependent count that is always satisfiable), 0 for the other kinds."""
-        return max(2 ** self.nbits, self.nlist or 1) if self.kind == "ivfpq" and self._index is None else 0
+        """Fewest vectors the first :meth:`add` / :meth:`train` accepts: ``max(2**nbits, nlist)`` for PQ codes
+        (``ivfpq``, ``codes="pq"``), ``nlist`` for flat IVF codes (``nlist`` defaults to a size-dependent count that
+        is always satisfiable), 0 for the other kinds or once trained."""
+        if self.kind not in _TRAINED_KINDS or self._index is not None:
+            return 0
+        return max(2 ** self.nbits if self.m_pq else 1, self.nlist or 1)
 
     def train(self, vectors: Any) -> "CaseIndex":
-        """Train the ``ivfpq`` quantizers on ``vectors`` ``(N, D)`` (a representative sample of the cases; at
-        least ``2**nbits`` rows and ``nlist`` rows). No-op for ``flat`` and ``hnsw``. Returns ``self``."""
-        if self.kind != "ivfpq":
+        """Train the IVF quantizers (``ivfpq``, ``ondisk``, ``sharded``) on ``vectors`` ``(N, D)`` (a
+        representative sample of the cases; at least :attr:`min_train_size` rows). No-op for ``flat`` and ``hnsw``.
+        Returns ``self``."""
+        if self.kind not in _TRAINED_KINDS:
             log.debug("%s index needs no training", self.kind)
             return self
         if len(self) or (self._index is not None and self._index.ntotal):
-            raise CaseIndexError("the ivfpq case index already holds vectors; retraining would invalidate their "
-                                 "codes — build a new index instead")
+            raise CaseIndexError(f"the {self.kind} case index already holds vectors; retraining would invalidate "
+                                 "their codes — build a new index instead")
         x = self._matrix(vectors, "training vectors")
         self._train(x)
         return self
 
     def _train(self, x: np.ndarray) -> None:
-        faiss = _faiss()
+        faiss = load_faiss()
         n = x.shape[0]
-        need = 2 ** self.nbits
+        need = 2 ** self.nbits if self.m_pq else 1
         nlist = self.nlist if self.nlist is not None else default_nlist(n)
         if n < max(need, nlist):
             raise ValueError(
-                f"ivfpq needs at least max(2**nbits={need}, nlist={nlist}) training vectors, got {n}: add or "
+                f"{self.kind} needs at least max(2**nbits={need}, nlist={nlist}) training vectors, got {n}: add or "
                 f"train() with more cases, lower nbits, or use kind='flat' (exact and fast for small collections)")
         factory = self._factory_string(nlist)
         index = self._new_index(factory)
@@ -437,8 +478,9 @@ class CaseIndex:
         # bounded training cost: at most 64 points per centroid, fewer iterations than faiss' default 25
         ivf.cp.max_points_per_centroid = 64
         ivf.cp.niter = 20
-        ivf.pq.cp.max_points_per_centroid = 64
-        ivf.pq.cp.niter = 15
+        if self.m_pq:
+            ivf.pq.cp.max_points_per_centroid = 64
+            ivf.pq.cp.niter = 15
         t0 = time.perf_counter()
         # 1) the coarse quantizer (k-means in D dimensions) with all threads ...
         clustering = faiss.Clustering(self.dim, nlist, ivf.cp)
@@ -455,22 +497,32 @@ class CaseIndex:
             faiss.omp_set_num_threads(threads)
         log.info("trained %s on %d vectors in %.1f s", factory, n, time.perf_counter() - t0)
         self.nlist = nlist
+        if self.kind in _SCALE_KINDS:
+            from medsim.deploy.index_scale import IVFParts
+
+            self._parts = IVFParts.from_trained(self.kind, index, shards=self.shards, shard_size=self.shard_size)
+            index = self._parts.searcher()
         self._index = index
         self._gpu_index = None
 
-    def add(self, vectors: Any, records: Sequence[Mapping[str, Any]], *, ids: Any = None) -> np.ndarray:
+    def add(self, vectors: Any, records: Sequence[Mapping[str, Any]] | None = None, *, ids: Any = None
+            ) -> np.ndarray:
         """Add ``N`` cases: ``vectors`` ``(N, D)`` float32 and one record (JSON-serialisable dict, no identifier in
-        clear) per vector. ``ids`` (``(N,)`` int64, new and unique) defaults to the next free ids. An untrained
-        ``ivfpq`` index is trained on these vectors first. Returns the ``(N,)`` int64 ids. Nothing is added when
-        any input is invalid (ValueError)."""
+        clear) per vector, or ``records=None``: empty records (one shared ``{}``: large collections whose cases
+        are known by id alone). ``ids`` (``(N,)`` int64, new and unique) defaults to the next free ids. An
+        untrained IVF index is trained on these vectors first. Returns the ``(N,)`` int64 ids. Nothing is added
+        when any input is invalid (ValueError)."""
         x = self._matrix(vectors, "vectors")
         n = x.shape[0]
+        if records is None:
+            records = _NoRecords(n)
         if isinstance(records, (Mapping, str, bytes)) or not hasattr(records, "__len__"):
             raise ValueError(f"records must be a list of {n} dicts (one per vector), got {type(records).__name__}")
         if len(records) != n:
             raise ValueError(f"got {len(records)} records for {n} vectors of shape {_shape_str(x)}; "
                              f"give exactly one record per vector")
-        recs = [self._check_record(i, r) for i, r in enumerate(records)]
+        recs = records if isinstance(records, _NoRecords) else [self._check_record(i, r) for i, r in
+                                                                 enumerate(records)]
         if ids is None:
             new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         else:
@@ -490,12 +542,129 @@ class CaseIndex:
         if self._index is None:
             self._train(x)
         t0 = time.perf_counter()
-        self._index.add_with_ids(x, new_ids)
+        if self._parts is not None:
+            self._parts.add(x, new_ids)
+            self._index = self._parts.searcher()
+        else:
+            self._index.add_with_ids(x, new_ids)
         log.debug("added %d vectors to the %s case index in %.2f s", n, self.kind, time.perf_counter() - t0)
         self._records.update(zip(new_ids.tolist(), recs))
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         self._gpu_index = None
         return new_ids
+
+    def add_batches(self, vectors: Any, records: Sequence[Mapping[str, Any]] | None = None, *, ids: Any = None,
+                    chunk_size: int = 65_536, progress: bool = False) -> np.ndarray:
+        """:meth:`add` block by block: ``vectors`` is an ``(N, D)`` array or ``np.memmap`` (read ``chunk_size`` rows
+        at a time, so a memmap is never all in memory) or an iterable of ``(n_i, D)`` blocks; ``records`` and
+        ``ids`` (optional) are sliced alongside. A tqdm bar counts cases when ``progress``. An ``ondisk`` index keeps
+        at most ``shard_size`` vectors' codes in memory (full shards go to temporary files until :meth:`save`).
+        Returns the ``(N,)`` int64 ids. A block that fails validation raises ValueError; the blocks before it stay
+        added (in memory: a saved index changes only with :meth:`save`)."""
+        from tqdm.auto import tqdm
+
+        from medsim.deploy.index_scale import iter_chunks
+
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        total = int(vectors.shape[0]) if hasattr(vectors, "shape") and len(vectors.shape) else None
+        for name, given in (("records", records), ("ids", ids)):
+            if given is not None and total is not None and len(given) != total:
+                raise ValueError(f"got {len(given)} {name} for {total} vectors")
+        out: list[np.ndarray] = []
+        start = 0
+        with tqdm(total=total, desc=f"indexing ({self.kind})", unit="case", unit_scale=True, disable=not progress,
+                  leave=False) as bar:
+            for block in iter_chunks(vectors, int(chunk_size)):
+                m = int(np.shape(block)[0]) if np.ndim(block) else 1
+                recs = None if records is None else records[start:start + m]
+                block_ids = None if ids is None else np.asarray(ids)[start:start + m]
+                try:
+                    out.append(self.add(block, recs, ids=block_ids))
+                except ValueError as exc:
+                    raise ValueError(f"rows {start}-{start + m - 1} of the vectors: {exc}") from None
+                start += m
+                bar.update(m)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    @classmethod
+    def build(cls, path: str | os.PathLike, vectors: Any, records: Sequence[Mapping[str, Any]] | None = None, *,
+              ids: Any = None, chunk_size: int = 65_536, train_size: int | None = None, seed: int = 0,
+              progress: bool = False, **params: Any) -> "CaseIndex":
+        """Build a case index from ``vectors`` and save it to the folder ``path``; returns it.
+
+        ``vectors``: an ``(N, D)`` float32 array or ``np.memmap`` — read in blocks of ``chunk_size`` rows, never all
+        at once — or an iterable of ``(n_i, D)`` blocks. ``params``: the :class:`CaseIndex` arguments
+        (``model_id``, ``kind``, ``nlist``, ...). IVF kinds are trained first, on ``train_size`` rows (default
+        ``64 · nlist``, faiss' cap on points per centroid, at least :attr:`min_train_size`), drawn at random
+        (``seed``) from an array, or the first rows of an iterable; ``nlist`` defaults to :func:`default_nlist` of
+        ``N`` (of the training rows for an iterable). Then :meth:`add_batches` and :meth:`save`.
+
+        Nothing is written to ``path`` before the index is complete: temporary shards go to a folder beside it,
+        removed on success and on any error (an interrupted build leaves neither an index nor temporary files; a
+        killed process can leave a ``.<name>.building-*`` or ``.<name>.saving-*`` folder, never read, to delete).
+        The returned index's :attr:`build_timings` holds the seconds spent training, adding and saving."""
+        from medsim.deploy.index_scale import iter_chunks, sibling_tempdir
+
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise CaseIndexError(f"{root}: cannot build a case index there: it is a file, not a directory")
+        if hasattr(vectors, "shape"):
+            if len(vectors.shape) != 2:
+                raise ValueError(f"expected (N, D) float32 vectors, got shape {tuple(vectors.shape)}")
+            n, dim = (int(v) for v in vectors.shape)
+            blocks: Any = vectors
+        else:
+            n = None
+            it = iter_chunks(vectors, chunk_size)
+            head = next(it, None)
+            if head is None or head.ndim != 2:
+                raise ValueError("vectors: the iterable yielded no (n, D) block")
+            dim = int(head.shape[1])
+            blocks = _chain_first(head, it)
+        index = cls(dim, **params)
+        staging = sibling_tempdir(root, "building")
+        t = [time.perf_counter()]
+        try:
+            if index.kind in _TRAINED_KINDS:
+                blocks = index._train_for_build(blocks, n, train_size, seed)
+                if index._parts is not None:
+                    index._parts.spill_parent = staging
+            t.append(time.perf_counter())
+            index.add_batches(blocks, records, ids=ids, chunk_size=chunk_size, progress=progress)
+            t.append(time.perf_counter())
+            index.save(root)
+            t.append(time.perf_counter())
+            index.build_timings = dict(zip(("train_s", "add_s", "save_s"), np.diff(t).tolist()))
+            log.info("built %s in %s (%s)", index, root, ", ".join(f"{k} {v:.1f}" for k, v in
+                                                                    index.build_timings.items()))
+        finally:
+            if index._parts is not None:
+                index._parts.cleanup()
+                index._parts.spill_parent = None
+            shutil.rmtree(staging, ignore_errors=True)
+        return index
+
+    def _train_for_build(self, blocks: Any, n: int | None, train_size: int | None, seed: int) -> Any:
+        """Train on a sample of ``blocks`` (see :meth:`build`); returns what is still to be added."""
+        if n is not None and self.nlist is None:
+            self.nlist = default_nlist(n)
+        want = int(train_size) if train_size else max(64 * (self.nlist or 4096), self.min_train_size)
+        if n is not None:
+            want = min(want, n)
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=want, replace=False))
+            self.train(blocks[rows])
+            return blocks
+        head: list[np.ndarray] = []
+        got = 0
+        for block in blocks:  # the first `want` rows of an iterable
+            head.append(np.asarray(block))
+            got += head[-1].shape[0]
+            if got >= want:
+                break
+        sample = np.concatenate(head)
+        self.train(sample[:want])
+        return _chain_first(sample, blocks)
 
     def remove(self, ids: Any) -> int:
         """Remove the cases ``ids`` (int or ``(n,)`` ints, all present: ValueError naming the unknown ones, and
@@ -510,21 +679,21 @@ class CaseIndex:
         if self._marks_removals:  # faiss HNSW / IndexRefine cannot delete: mark, filter at search, compact later
             self._tombstones.update(rm.tolist())
         else:
-            removed = self._index.remove_ids(rm)
+            removed = self._parts.remove_ids(rm) if self._parts is not None else self._index.remove_ids(rm)
             if removed != rm.size:  # pragma: no cover - faiss and the records disagree
                 raise CaseIndexError(f"faiss removed {removed} of {rm.size} ids; the index is inconsistent")
         for i in rm.tolist():
             del self._records[i]
         self._gpu_index = None
-        if self._marks_removals and len(self._tombstones) > max(len(self._records), 1000):
+        if self._marks_removals and self.kind != "ondisk" and len(self._tombstones) > max(len(self._records), 1000):
             self.compact()
         return int(rm.size)
 
     def compact(self) -> None:
         """Rebuild an ``hnsw`` graph or a ``refine`` index without its removed vectors, re-adding the live ones
         (exact vectors: the HNSW storage, or the refine index's full copies); no-op for other kinds or without
-        removals."""
-        if not self._marks_removals or not self._tombstones:
+        removals. ``ondisk`` keeps its removed vectors (filtered at search time; rebuild to drop them)."""
+        if not self._marks_removals or not self._tombstones or self.kind == "ondisk":
             return
         t0 = time.perf_counter()
         live = self.ids()
@@ -545,7 +714,7 @@ class CaseIndex:
         if not self.use_gpu:
             return self._index
         if self._gpu_index is None:
-            faiss = _faiss()
+            faiss = load_faiss()
             try:
                 co = faiss.GpuMultipleClonerOptions()
                 co.useFloat16 = True  # IVF-PQ lookup tables for many sub-quantizers
@@ -566,7 +735,7 @@ class CaseIndex:
         GPU(s) and an ``IndexRefine`` on the CPU re-ranks its candidates against the CPU's full vectors (shared, not
         copied). GPU IVF search takes no ``IDSelector``, so removed vectors are compacted away first. Searching it
         returns storage positions; :attr:`_gpu_ids` maps them to ids."""
-        faiss = _faiss()
+        faiss = load_faiss()
         self.compact()
         cpu = faiss.downcast_index(self._index.index)  # the IndexRefineFlat inside the IndexIDMap2
         base = faiss.index_cpu_to_all_gpus(cpu.base_index, co=co)
@@ -580,7 +749,7 @@ class CaseIndex:
     def search_arrays(self, queries: Any, k: int, *, nprobe: int | None = None,
                       ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw search: ``queries`` ``(Q, D)`` -> ``(scores (Q, k) float32, ids (Q, k) int64)``, best first; where
-        fewer than ``k`` cases qualify, ids are ``-1`` (scores then are faiss' sentinels). ``nprobe`` (``ivfpq``)
+        fewer than ``k`` cases qualify, ids are ``-1`` (scores then are faiss' sentinels). ``nprobe`` (IVF kinds)
         and ``ef_search`` (``hnsw``) override the index defaults for this call."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -589,7 +758,7 @@ class CaseIndex:
         nq = q.shape[0]
         if nq == 0 or self._index is None or self._index.ntotal == 0:
             return np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
-        faiss = _faiss()
+        faiss = load_faiss()
         index = self._searcher()
         on_gpu = index is not self._index
         params = None
@@ -616,6 +785,10 @@ class CaseIndex:
                 keep.append(base_params)
             else:
                 params = faiss.SearchParametersIVF(nprobe=probe)
+        elif self.kind in _SCALE_KINDS:
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe if nprobe is not None else self.nprobe))
+            if removed is not None:
+                params.sel = removed  # IVF lists hold the ids: no translation (IndexShards passes it to every part)
         elif self.kind == "hnsw":
             ef = max(int(ef_search if ef_search is not None else self.ef_search), k)
             params = faiss.SearchParametersHNSW(efSearch=ef)
@@ -649,59 +822,58 @@ class CaseIndex:
         ``case_index.json`` (model_id, dim, kind, metric, parameters, count, created, faiss version, the index
         file's name, size and sha256, ids, records). Each file is written under a temporary name and moved into
         place; replacing ``case_index.json`` is the commit point, so a crash leaves the previous index loadable.
-        Returns the directory."""
-        faiss = _faiss()
+        ``ondisk`` and ``sharded`` indexes are written into a temporary folder beside ``path`` first
+        (:func:`medsim.deploy.index_scale.save_parts`). Returns the directory."""
         root = Path(path)
         if root.exists() and not root.is_dir():
             raise CaseIndexError(f"{root}: cannot save a case index there: it is a file, not a directory")
+        if self.kind in _SCALE_KINDS:
+            from medsim.deploy.index_scale import save_parts
+
+            self._check_info(root)
+            save_parts(self._parts, self.kind, root, self._meta(None, None, None))
+            if self._parts is not None:
+                self._index = self._parts.searcher()  # ondisk: now the merged lists in root
+            log.info("saved %s to %s", self, root)
+            return root
         root.mkdir(parents=True, exist_ok=True)
-        index_name, sha, size = self._write_faiss(self._index, root, "index")
+        index_name, sha, size = write_faiss(self._index, root, "index")
+        self._check_info(root)
+        meta = self._meta(index_name, sha, size)
+        atomic_write_text(root / META_FILE, json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
+        # index files of earlier saves (refine-*.faiss: the exact vectors of a format-1 refine index)
+        for old in [*root.glob(_INDEX_GLOB), *root.glob("refine-*.faiss")]:
+            if old.name != index_name:
+                old.unlink(missing_ok=True)
+        log.info("saved %s to %s (%d cases, %s bytes)", self, root, meta["count"], size)
+        return root
+
+    def _check_info(self, root: Path) -> None:
         try:
             self._check_phi("info", self.info)
             json.dumps(self.info, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise CaseIndexError(f"{root}: cannot save the index's info ({exc})") from exc
+
+    def _meta(self, index_name: str | None, sha: str | None, size: int | None) -> dict[str, Any]:
+        """The contents of ``case_index.json`` (its index-file fields: ``index_name``, ``sha``, ``size``)."""
+        faiss = load_faiss()
         ids = list(self._records.keys())
-        meta = {
+        scale = {"codes": self.codes, "shards": self.shards, "shard_size": self.shard_size} \
+            if self.kind in _SCALE_KINDS else {}
+        return {
             "format": _FORMAT, "format_version": _FORMAT_VERSION,
             "model_id": self.model_id, "dim": self.dim, "kind": self.kind, "metric": self.metric,
             "count": len(ids), "created": self.created, "saved": _utc_now(),
             "faiss_version": getattr(faiss, "__version__", "unknown"), "medsim_version": _medsim_version,
             "params": {"nlist": self.nlist, "m_pq": self.m_pq, "nbits": self.nbits, "hnsw_m": self.hnsw_m,
                        "ef_construction": self.ef_construction, "ef_search": self.ef_search,
-                       "nprobe": self.nprobe, "refine": self.refine},
+                       "nprobe": self.nprobe, "refine": self.refine, **scale},
             "factory_string": self.factory_string,
             "index_file": index_name, "index_bytes": size, "index_sha256": sha,
             "next_id": self._next_id, "tombstones": sorted(self._tombstones),
             "ids": ids, "records": [self._records[i] for i in ids], "info": self.info,
         }
-        atomic_write_text(root / META_FILE, json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
-        # index files of earlier saves (refine-*.faiss: the exact vectors of a format-1 refine index)
-        for old in [*root.glob(_INDEX_GLOB), *root.glob("refine-*.faiss")]:
-            if old.name != index_name:
-                old.unlink(missing_ok=True)
-        log.info("saved %s to %s (%d cases, %s bytes)", self, root, len(ids), size)
-        return root
-
-    @staticmethod
-    def _write_faiss(index: Any, root: Path, prefix: str) -> tuple[str | None, str | None, int | None]:
-        """``faiss.write_index`` to a temporary file, fsync, rename to ``<prefix>-<sha256[:16]>.faiss``."""
-        if index is None:
-            return None, None, None
-        faiss = _faiss()
-        tmp = root / f".{prefix}.tmp{os.getpid()}"
-        try:
-            faiss.write_index(index, str(tmp))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            sha = _sha256(tmp)
-            size = tmp.stat().st_size
-            name = f"{prefix}-{sha[:16]}.faiss"
-            os.replace(tmp, root / name)
-        except (RuntimeError, OSError) as exc:
-            tmp.unlink(missing_ok=True)
-            raise CaseIndexError(f"{root}: cannot write the faiss {prefix} file ({exc})") from exc
-        return name, sha, size
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expected_model_id: str | None = None,
@@ -750,8 +922,9 @@ class CaseIndex:
             obj = cls(meta["dim"], kind=meta["kind"], metric=meta["metric"], nlist=params.get("nlist"),
                       m_pq=params.get("m_pq"), nbits=params.get("nbits", 8), hnsw_m=params.get("hnsw_m", 32),
                       ef_construction=params.get("ef_construction", 120), ef_search=params.get("ef_search", 64),
-                      nprobe=params.get("nprobe", 16), refine=params.get("refine", 0), model_id=meta["model_id"],
-                      use_gpu=use_gpu)
+                      nprobe=params.get("nprobe", 16), refine=params.get("refine", 0),
+                      codes=params.get("codes"), shards=params.get("shards"),
+                      shard_size=params.get("shard_size", 1_000_000), model_id=meta["model_id"], use_gpu=use_gpu)
         except ValueError as exc:
             raise CaseIndexError(f"{meta_path}: invalid parameters ({exc})") from exc
         obj.created = meta.get("created", obj.created)
@@ -760,17 +933,29 @@ class CaseIndex:
             raise CaseIndexError(f"{meta_path}: {len(ids)} ids, {len(records)} records and count "
                                  f"{meta.get('count')} disagree")
         tombstones = set(int(i) for i in meta.get("tombstones", []))
-        if meta["index_file"] is None:
+        expected_total = len(ids) + len(tombstones)
+        if obj.kind in _SCALE_KINDS:
+            from medsim.deploy.index_scale import load_parts
+
+            obj._parts = load_parts(obj, meta, meta_path, root)
+            index = obj._parts.searcher() if obj._parts is not None else None
+            if index is None and ids:
+                raise CaseIndexError(f"{meta_path}: no index file recorded for {len(ids)} cases")
+            if index is not None and index.ntotal != expected_total:
+                raise CaseIndexError(f"{root}: the {obj.kind} index holds {index.ntotal} vectors, the metadata says "
+                                     f"{expected_total}")
+        elif meta["index_file"] is None:
             if ids or meta["kind"] != "ivfpq":
                 raise CaseIndexError(f"{meta_path}: no index file recorded for {len(ids)} cases")
             index = None
         else:
-            index = cls._read_verified(root / meta["index_file"], meta)
-            expected_total = len(ids) + len(tombstones)
+            from medsim.deploy.index_scale import member_file
+
+            index = cls._read_verified(member_file(root, meta, "index_file", meta_path), meta)
             if index.ntotal != expected_total or index.d != obj.dim:
                 raise CaseIndexError(f"{root / meta['index_file']}: holds {index.ntotal} vectors of dim {index.d}, "
                                      f"the metadata says {expected_total} of dim {obj.dim}")
-        faiss = _faiss()
+        faiss = load_faiss()
         if meta.get("faiss_version") not in (None, getattr(faiss, "__version__", None)):
             log.info("case index %s was written by faiss %s, reading with %s", root, meta.get("faiss_version"),
                      getattr(faiss, "__version__", "?"))
@@ -778,10 +963,11 @@ class CaseIndex:
             obj.nlist = int(faiss.extract_index_ivf(index).nlist)
         if index is not None and obj.refine and meta.get("format_version", 0) < 2:
             index = obj._refine_from_format_1(index, meta, meta_path, root, len(ids))
-        if index is not None:
+        if index is not None and obj.kind not in _SCALE_KINDS:
             cls._check_structure(obj, index, meta_path)
         obj._index = index
-        obj._records = {int(i): dict(r) for i, r in zip(ids, records)}
+        empty = _NoRecords._EMPTY  # cases saved without a record share one {} (10M cases: no 10M dicts)
+        obj._records = {int(i): empty if r == {} else dict(r) for i, r in zip(ids, records)}
         obj._tombstones = tombstones
         obj.info = dict(meta.get("info") or {})
         obj._next_id = int(meta.get("next_id", max([*map(int, ids), *tombstones], default=-1) + 1))
@@ -792,7 +978,7 @@ class CaseIndex:
         """A format-1 ``refine`` index (an ``IndexIVFPQ`` with native ids + ``refine-*.faiss``, an
         ``IndexIDMap2(IndexFlat)`` of the full vectors) as this version's ``IndexIDMap2(IndexRefineFlat)``: the
         trained base, emptied, re-encodes the full vectors (PQ encoding is deterministic: the same codes)."""
-        faiss = _faiss()
+        faiss = load_faiss()
         if not meta.get("refine_file"):
             raise CaseIndexError(f"{meta_path}: refine={self.refine} but no refine_file is recorded")
         exact = self._read_verified(root / meta["refine_file"], meta, "refine")
@@ -813,7 +999,7 @@ class CaseIndex:
     def _check_structure(obj: "CaseIndex", index: Any, meta_path: Path) -> None:
         """The loaded faiss object has the structure :attr:`factory_string` describes (a hand-edited
         ``kind``/``refine`` would otherwise search the wrong way)."""
-        faiss = _faiss()
+        faiss = load_faiss()
         fresh = faiss.index_factory(obj.dim, obj.factory_string, obj._faiss_metric())
 
         def chain(ix: Any) -> list[str]:
@@ -834,20 +1020,6 @@ class CaseIndex:
 
     @staticmethod
     def _read_verified(file: Path, meta: dict[str, Any], prefix: str = "index") -> Any:
-        faiss = _faiss()
-        if not file.is_file():
-            raise CaseIndexError(f"{file}: the faiss {prefix} file named in {META_FILE} is missing")
-        size = file.stat().st_size
-        want = meta.get(f"{prefix}_bytes")
-        if want is not None and size != want:
-            raise CaseIndexError(f"{file}: truncated or overwritten: {size} bytes, {want} expected")
-        sha = _sha256(file)
-        if sha != meta.get(f"{prefix}_sha256"):
-            raise CaseIndexError(f"{file}: checksum mismatch (sha256 {sha[:16]}…, {META_FILE} records "
-                                 f"{str(meta.get(f'{prefix}_sha256'))[:16]}…): the file is corrupted or was modified; "
-                                 f"restore it or rebuild the index")
-        try:
-            return faiss.read_index(str(file))
-        except RuntimeError as exc:
-            raise CaseIndexError(f"{file}: faiss cannot read the index ({str(exc).splitlines()[0]})") from exc
+        verify_file(file, meta, prefix, f"faiss {prefix} file")
+        return read_faiss(file)
 
