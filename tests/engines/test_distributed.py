@@ -133,3 +133,21 @@ def test_every_family_trains_on_two_processes(sample_root, tmp_path, bundle, dat
     assert len(_history(out)) == 1
     assert (out / "run.json").is_file() and (out / "last.pt").is_file() and (out / "eval_test.json").is_file()
     assert sum(line.startswith("run: ") for line in res.stdout.splitlines()) == 1  # printed by rank 0 only
+
+
+@pytest.mark.slow
+def test_monai_bundle_run_under_torchrun_with_the_multi_gpu_file(sample_root, tmp_path):
+    """The model-zoo way: ``torchrun -m monai.bundle run`` with ``multi_gpu_train.json`` added to the config files
+    trains on 2 processes and rank 0 writes the checkpoints and the test evaluation."""
+    bundle = ROOT / "bundles" / "isic_dsl"
+    files = [str(bundle / "configs" / "train.json"), str(bundle / "configs" / "multi_gpu_train.json")]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", "--config_file", json.dumps(files), "--meta_file", str(bundle / "configs" / "metadata.json"),
+           "--bundle_root", str(bundle), "--dataset_dir", str(sample_root / "derm"), "--output_dir", str(out),
+           *[x for k, v in {**SMALL, "train#output_handlers#0#_disabled_": True,
+                            "train#output_handlers#1#_disabled_": True}.items() for x in (f"--{k}", json.dumps(v))]]
+    res = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    assert res.stdout.count("test NMI") == 1 and (out / "eval_test.json").is_file() and len(_history(out)) == 1
