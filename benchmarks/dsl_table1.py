@@ -50,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--merge", nargs="+", default=None,
                     help="only combine the runs of these results JSONs (e.g. two halves run in parallel) into --out")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: read the finished runs of --methods x --seeds from --work (eval_test.json "
+                         "+ metrics.jsonl; a run cut short is left out) into --out, e.g. after a session ended")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.collect:
+        return _collect(args, argv)
     if args.merge:
         docs = [json.loads(Path(f).read_text()) for f in args.merge]
         doc = {**docs[0], "config": {**docs[0]["config"], "out": args.out},
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.methods:
         variant, extra = METHODS[name]
         for seed in args.seeds:
-            out = work / f"{name.split()[0].lower()}_{'_'.join(f'{k}{v}' for k, v in extra.items())}_s{seed}"
+            out = _run_dir(work, name, seed)
             out.mkdir(parents=True, exist_ok=True)
             if shared_split is not None:  # every run on the same split
                 copy_split(shared_split, out / "split.json")  # + split.local.json (paths)
@@ -100,6 +105,37 @@ def main(argv: list[str] | None = None) -> int:
                                               "cores": __import__("os").cpu_count()},
            "split": {"by": split_meta["by"], "counts": split_meta["counts"], "classes": split_meta["classes"]},
            "total_s": round(time.perf_counter() - t_all, 1), "runs": runs}
+    _curves(doc, Path(args.out))
+    return write_results(args.out, doc, report)
+
+
+def _run_dir(work: Path, name: str, seed: int) -> Path:
+    extra = METHODS[name][1]
+    return work / f"{name.split()[0].lower()}_{'_'.join(f'{k}{v}' for k, v in extra.items())}_s{seed}"
+
+
+def _collect(args, argv) -> int:
+    """The results document of the finished trained runs in ``--work`` (wall time: the epochs' own seconds, i.e.
+    without the final test evaluation, marked ``wall_from``)."""
+    work, runs, split = Path(args.work), [], None
+    for name in args.methods:
+        for seed in args.seeds:
+            out = _run_dir(work, name, seed)
+            if METHODS[name][0] is None and not name.startswith("DSL") or not (out / "eval_test.json").is_file():
+                continue
+            history = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+            res = json.loads((out / "eval_test.json").read_text())
+            runs.append({"method": name, "seed": seed, "wall_s": round(sum(e.get("seconds", 0) for e in history), 1),
+                         "wall_from": "epoch seconds", "test": {k: res[k] for k in TEST_KEYS}, "epochs": history})
+            split = split or out / "split.json"
+    if not runs:
+        raise SystemExit(f"no finished run of {args.methods} x {args.seeds} in {work}")
+    split_meta = json.loads(Path(split).read_text())["meta"]
+    doc = {"command": command_line(argv), "config": vars(args),
+           "machine": {"python": platform.python_version(), "cpu": platform.processor(),
+                       "cores": __import__("os").cpu_count()},
+           "split": {"by": split_meta["by"], "counts": split_meta["counts"], "classes": split_meta["classes"]},
+           "total_s": round(sum(r["wall_s"] for r in runs), 1), "runs": runs}
     _curves(doc, Path(args.out))
     return write_results(args.out, doc, report)
 
