@@ -163,15 +163,12 @@ def wait_quiet(threshold: float, max_wait: float) -> tuple[float, float]:
             return time.perf_counter() - t0, o
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/bench_dsl/dsl__s1",
-                    help="trained run directory (falls back to the first runs/bench_dsl/* if missing)")
-    ap.add_argument("--work", default="runs/ort_throughput", help="export folder (ONNX models, manifest)")
-    ap.add_argument("--out", default="benchmarks/results/ort_throughput")
+def add_timing_options(ap: argparse.ArgumentParser, *, rounds: int) -> None:
+    """The options of an interleaved-rounds throughput measurement (batches, threads, rounds, quiet-round
+    filtering), shared with benchmarks/cpu_engines.py."""
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--seconds", type=float, default=1.0, help="measuring time per configuration per round")
     ap.add_argument("--warmup", type=float, default=1.5, help="warm-up seconds per configuration")
     ap.add_argument("--pause", type=float, default=0.1,
@@ -180,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="a round counts as quiet when other processes used < this many CPUs in every one of its "
                          "measurements; before each round wait (up to --max-wait s) for such a moment")
     ap.add_argument("--max-wait", type=float, default=30.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/bench_dsl/dsl__s1",
+                    help="trained run directory (falls back to the first runs/bench_dsl/* if missing)")
+    ap.add_argument("--work", default="runs/ort_throughput", help="export folder (ONNX models, manifest)")
+    ap.add_argument("--out", default="benchmarks/results/ort_throughput")
+    add_timing_options(ap, rounds=12)
     ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown from an earlier result JSON")
     ap.add_argument("--max-calibration", type=int, default=256, help="training images for static calibration")
     args = ap.parse_args(argv)

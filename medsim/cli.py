@@ -302,10 +302,11 @@ def _list_profiles(ctx: click.Context, param: click.Parameter, value: bool) -> N
               show_default=True, help="Split whose images calibrate INT8 (R@1 is measured on validation).")
 @click.option("--calib-images", "max_calibration", type=click.IntRange(min=1), default=DEFAULTS["max_calibration"],
               show_default=True, help="At most this many images calibrate INT8.")
-@click.option("--quantize", type=click.Choice(["static", "dynamic", "none"]), default=DEFAULTS["quantize"],
+@click.option("--quantize", type=click.Choice(["static", "dynamic", "openvino", "none"]), default=DEFAULTS["quantize"],
               callback=lambda ctx, param, value: None if value == "none" else value,
-              help="Write model.int8.onnx with onnxruntime quantization (static is the default for int8; none: "
-                   "no INT8 ONNX model, overriding a profile).")
+              help="Write model.int8.onnx with onnxruntime quantization (static is the default for int8), or "
+                   "model.ov-int8.xml/.bin with OpenVINO NNCF (openvino: the openvino extra); none: no INT8 model, "
+                   "overriding a profile.")
 @click.option("--triton/--no-triton", default=DEFAULTS["triton"],
               help="Also write a Triton model repository under OUT/triton (serve it with deploy/triton/launch.sh).")
 @click.option("--triton-kind", type=click.Choice(["gpu", "cpu"]), default=DEFAULTS["triton_kind"], show_default=True,
@@ -365,10 +366,11 @@ def index() -> None:
               help="ondisk, sharded: store the float vectors (flat, the default; exact when every list is probed) or "
                    "PQ codes (dim/2 bytes per case).")
 @click.option("--shards", type=click.IntRange(min=1), default=None, help="sharded: number of shards (default 4).")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"]), default="auto",
-              show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-              help="int8: embed with the export's onnxruntime INT8 model (CPU); search then uses it too.")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu", "openvino"]), default="auto",
+              show_default=True, help="auto: TensorRT on a GPU, else the fastest CPU engine the export timed.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+              help="bf16: OpenVINO's bf16 mode (CPUs with bf16); int8: the export's INT8 model (onnxruntime or "
+                   "OpenVINO, CPU); search then uses it too.")
 @click.option("--shareable", is_flag=True,
               help="Write no cases.local.json (each case token's image path on this machine) next to the index.")
 @_threads_option(torch=False)
@@ -389,7 +391,7 @@ def index_build(model_dir: Path, data: Path, split: str, out: Path, kind: str, r
         click.echo(f"image paths of the cases (keep on this machine; not in the index): {r['local_paths']}")
 
 
-_BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu"])
+_BACKEND = click.Choice(["auto", "tensorrt", "ort-cuda", "ort-cpu", "openvino"])
 
 
 class _SearchBackendOption(click.Option):
@@ -440,10 +442,10 @@ def _search_backend(ctx: click.Context, param: click.Parameter, value: str) -> s
 @click.option("--html", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write the results as pictures: an HTML page, or one PNG grid when the name ends in .png.")
 @click.option("--backend", cls=_SearchBackendOption, callback=_search_backend, default="auto", show_default=True,
-              metavar="[auto|tensorrt|ort-cuda|ort-cpu|triton URL]",
+              metavar="[auto|tensorrt|ort-cuda|ort-cpu|openvino|triton URL]",
               help="Where queries are embedded: a local backend, or a Triton server serving the export's "
                    "OUT/triton repository (triton http://HOST:8000).")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default=None,
               help="Model to embed queries with (default: the one the index was built with).")
 @click.option("--exclude-self", is_flag=True,
               help="Leave-one-out: drop a query's own case from its hits (by case id; queries from --data).")
@@ -515,8 +517,9 @@ def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | 
 @click.option("--threshold", default="otsu", show_default=True, callback=_threshold,
               help="'otsu' or a number in [0, 1].")
 @click.option("--backend", type=_BACKEND, default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-              help="int8: the export's onnxruntime INT8 model (CPU).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+              help="bf16: OpenVINO's bf16 mode (CPUs with bf16); int8: the export's INT8 model (onnxruntime or "
+                   "OpenVINO, CPU).")
 @click.option("--shareable", is_flag=True,
               help="Write no OUT/cases.local.json (which input each output name is).")
 @_threads_option(torch=False)

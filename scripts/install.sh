@@ -2,7 +2,7 @@
 # One-step set-up on a fresh machine: a virtual environment in .venv with the CPU torch wheel pinned first,
 # then medsim and its dependencies under the same pin.
 #   bash scripts/install.sh          # runtime (CPU host: onnxruntime + faiss-cpu)
-#   bash scripts/install.sh --dev    # + test tools and the Triton client (extras dev, triton)
+#   bash scripts/install.sh --dev    # + test tools, the Triton client and OpenVINO/NNCF (extras dev, triton, openvino)
 #   MEDSIM_EXTRAS=gpu bash scripts/install.sh   # GPU host: onnxruntime-gpu, faiss-gpu, tensorrt instead
 #   MEDSIM_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/install.sh
 #       # a CPU host whose pip has no CPU torch wheel at hand (plain PyPI's torch 2.13.0 on Linux is the CUDA build)
@@ -11,7 +11,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 venv="${MEDSIM_VENV:-$here/.venv}"
 extras="${MEDSIM_EXTRAS:-cpu}"
-[[ "${1:-}" == "--dev" ]] && extras="$extras,dev,triton"  # the tests also cover the Triton repository and client
+[[ "${1:-}" == "--dev" ]] && extras="$extras,dev,triton,openvino"  # the tests also cover Triton and OpenVINO
 
 step() { echo "[install] $*" >&2; }  # one line per step; pip's own output stays quiet (-q)
 

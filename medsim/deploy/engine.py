@@ -8,7 +8,13 @@
    made from ``session.get_providers()`` of the created session. ``onnxruntime.get_available_providers()`` only
    says which providers the installed wheel was built with (onnxruntime-gpu lists CUDA on a host without a GPU,
    and then silently falls back to CPU), so it is never trusted alone;
-3. ``ort-cpu`` — onnxruntime on the CPU.
+3. on the CPU, the fastest engine ``medsim export`` timed for this model and precision (manifest ``cpu_timing``,
+   only engines that passed their parity check): ``openvino`` (OpenVINO on the same ONNX file; bf16 on CPUs that
+   have it; the NNCF INT8 model) or ``ort-cpu`` (onnxruntime); ``ort-cpu`` when the manifest has no timing (exports
+   made before it).
+
+``precision`` (``fp32`` / ``bf16`` / ``int8``) picks the model and engine mode: bf16 runs on OpenVINO only; int8 runs
+the onnxruntime INT8 model (``--quantize static``) or OpenVINO's NNCF INT8 model (``--quantize openvino``).
 
 Asking for a backend explicitly (``backend="tensorrt"`` / ``"ort-cuda"``) that cannot run raises
 :class:`~medsim.deploy.BackendUnavailable` naming what is missing; ``"auto"`` logs why it skipped one and moves on.
@@ -35,14 +41,32 @@ import numpy as np
 from medsim.runtime.errors import BackendUnavailable, DeployError
 from medsim.runtime.manifest import manifest_embedding_dim
 from medsim.runtime.preprocess import ImageSource, load_manifest, preprocess_with_size
-from medsim.runtime.runners import (CPU_EP, CUDA_EP, ENGINE_NAME, OrtRunner, TrtRunner, import_ort, ort_session,
-                                    run_batched, trt_missing)
+from medsim.runtime.runners import (CPU_EP, CUDA_EP, ENGINE_NAME, OrtRunner, OvRunner, TrtRunner, import_ort,
+                                    openvino_missing, ort_session, run_batched, trt_missing)
 
-__all__ = ["BACKENDS", "EmbeddingEngine", "embed_images", "open_engine", "ENGINE_NAME", "CUDA_EP", "CPU_EP"]
+__all__ = ["BACKENDS", "PRECISIONS", "EmbeddingEngine", "embed_images", "open_engine", "timed_cpu_backend",
+           "ENGINE_NAME", "CUDA_EP", "CPU_EP"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu")
+BACKENDS = ("auto", "tensorrt", "ort-cuda", "ort-cpu", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")
+#: the CPU backends ``auto`` chooses between from the export's timing
+CPU_BACKENDS = ("ort-cpu", "openvino")
+
+
+def timed_cpu_backend(manifest: dict[str, Any], precision: str) -> str | None:
+    """The fastest CPU backend for ``precision`` in the export's timing (manifest ``cpu_timing``:
+    ``{"images_per_s": {"ort-cpu/fp32": 188.0, "openvino/bf16": 388.0, ...}}``), counting only engines whose parity
+    check passed (OpenVINO: manifest ``openvino.<precision>.passed``); ``None`` when nothing was timed for it."""
+    rates = (manifest.get("cpu_timing") or {}).get("images_per_s") or {}
+    passed = {p for p, sec in (manifest.get("openvino") or {}).items() if isinstance(sec, dict) and sec.get("passed")}
+    timed = {}
+    for key, rate in rates.items():
+        name, _, prec = str(key).partition("/")
+        if prec == precision and name in CPU_BACKENDS and rate and (name != "openvino" or prec in passed):
+            timed[name] = float(rate)
+    return max(timed, key=timed.get) if timed else None
 
 
 # ----------------------------------------------------------------------------------------------------- engine
@@ -51,17 +75,19 @@ class EmbeddingEngine:
 
     Args:
         model_dir: the export folder (``manifest.json``, ``model.onnx``[, ``model.plan``]).
-        backend: ``auto`` (TensorRT → onnxruntime CUDA → onnxruntime CPU, the first that really runs),
-            ``tensorrt``, ``ort-cuda`` or ``ort-cpu``.
+        backend: ``auto`` (TensorRT → onnxruntime CUDA → the fastest CPU engine the export timed, the first that
+            really runs), ``tensorrt``, ``ort-cuda``, ``ort-cpu`` or ``openvino``.
         batch_size: images per inference call (capped by a TensorRT engine's profile maximum).
         model: the ONNX file to run with onnxruntime, relative to ``model_dir`` (default: manifest ``model``,
             i.e. ``model.onnx``; ``model.int8.onnx`` for the INT8 export).
         threads: onnxruntime intra-op threads (default: ``MEDSIM_THREADS``, i.e. ``medsim ... --threads``; unset:
             onnxruntime's choice).
         device_id: CUDA device for ``tensorrt`` / ``ort-cuda``.
+        precision: ``fp32``; ``bf16`` (OpenVINO's bf16 precision hint; ``auto`` or ``openvino``) or ``int8`` (the
+            export's onnxruntime INT8 model, or its OpenVINO NNCF INT8 model; not ``tensorrt``).
 
     Attributes:
-        backend: the backend in use: ``tensorrt``, ``ort-cuda`` or ``ort-cpu``.
+        backend: the backend in use: ``tensorrt``, ``ort-cuda``, ``ort-cpu``, ``openvino`` or ``triton``.
         providers: onnxruntime providers of the session (``[]`` for TensorRT).
         manifest: the parsed ``manifest.json``.
         input_shape: (C, x, y) one preprocessed image, MONAI axis order.
@@ -73,7 +99,7 @@ class EmbeddingEngine:
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, backend: str = "auto", batch_size: int = 32,
-                 model: str | None = None, threads: int | None = None, device_id: int = 0):
+                 model: str | None = None, threads: int | None = None, device_id: int = 0, precision: str = "fp32"):
         if backend not in BACKENDS and not str(backend).startswith("triton="):  # triton=URL: a Triton server
             import difflib
 
@@ -89,7 +115,15 @@ class EmbeddingEngine:
         self.manifest = load_manifest(self.model_dir)
         self.batch_size = int(batch_size)
         self.threads, self.device_id = threads, int(device_id)
-        self.onnx_path = self.model_dir / (model or self.manifest.get("model", "model.onnx"))
+        self.precision = self._check_precision(str(precision), str(backend))
+        int8_ort = self.manifest.get("int8") or {}
+        int8_ov = (self.manifest.get("openvino") or {}).get("int8") or {}
+        default = (int8_ort.get("model", "model.int8.onnx") if precision == "int8"
+                   else self.manifest.get("model", "model.onnx"))
+        self.onnx_path = self.model_dir / (model or default)
+        #: what OpenVINO reads: the same ONNX file (fp32, bf16), or the NNCF INT8 IR
+        self.ov_path = (self.model_dir / str(int8_ov.get("model", "")) if precision == "int8" and int8_ov
+                        else self.onnx_path)
         trt_section = self.manifest.get("tensorrt") or {}
         # only an engine the manifest lists: a model.plan left beside a newer model.onnx holds old weights
         self.plan_path = self.model_dir / str(trt_section.get("model", ENGINE_NAME))
@@ -110,11 +144,73 @@ class EmbeddingEngine:
                     f" (providers {self.providers})" if self.providers else "")
 
     # ------------------------------------------------------------------------------------------- selection
+    def _check_precision(self, precision: str, backend: str) -> str:
+        """``precision`` when ``backend`` can run it with what this export holds; else :class:`DeployError` with
+        the fix."""
+        if precision not in PRECISIONS:
+            raise DeployError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        if precision == "fp32" or backend.startswith("triton="):
+            return precision
+        if backend == "tensorrt":  # the TensorRT path runs the manifest's plan, not a CPU model
+            raise DeployError(f"{self.model_dir}: --precision {precision} runs a CPU model (onnxruntime/OpenVINO); "
+                              "for TensorRT INT8/fp16 build the plan with `medsim export RUN --out DIR --trt "
+                              "--precision int8` and use --precision fp32 --backend tensorrt")
+        if precision == "bf16":
+            if backend not in ("auto", "openvino"):
+                raise DeployError(f"--precision bf16 runs on OpenVINO only (its bf16 precision hint); the '{backend}' "
+                                  "backend has no bf16 model: use --backend openvino (or auto)")
+            return precision
+        has_ort = bool(self.manifest.get("int8"))
+        has_ov = bool((self.manifest.get("openvino") or {}).get("int8"))
+        make = "`medsim export RUN --out DIR --quantize static` (onnxruntime) or `--quantize openvino` (NNCF)"
+        if backend == "openvino" and not has_ov:
+            raise DeployError(f"{self.model_dir}: the export has no OpenVINO INT8 model; make one with `medsim export "
+                              "RUN --out DIR --quantize openvino`" + (" (or use --backend ort-cpu for the onnxruntime "
+                                                                      "INT8 model it has)" if has_ort else ""))
+        if backend.startswith("ort-") and not has_ort:
+            raise DeployError(f"{self.model_dir}: the export has no onnxruntime INT8 model; make one with `medsim "
+                              "export RUN --out DIR --quantize static`" + (" (or use --backend openvino for the "
+                                                                           "OpenVINO INT8 model it has)" if has_ov
+                                                                           else ""))
+        if not (has_ort or has_ov):
+            raise DeployError(f"{self.model_dir}: the export has no INT8 model; make one with {make}")
+        return precision
+
+    def _ov_runner(self) -> OvRunner:
+        if not self.ov_path.is_file():
+            raise DeployError(f"{self.ov_path}: model not found — export the run first (medsim export RUN --out DIR"
+                              + (" --quantize openvino)" if self.precision == "int8" else ")"))
+        return OvRunner(self.ov_path, "fp32" if self.precision == "int8" else self.precision, self.threads)
+
+    def _cpu_auto(self) -> tuple[Any, str]:
+        """``auto`` on the CPU: the engine ``medsim export`` timed fastest for this precision; onnxruntime when the
+        manifest has no timing for it (or OpenVINO cannot run here)."""
+        choice = timed_cpu_backend(self.manifest, self.precision)
+        has_ort = self.precision != "int8" or bool(self.manifest.get("int8"))
+        if choice == "openvino" or not has_ort or self.precision == "bf16":
+            missing = openvino_missing("fp32" if self.precision == "int8" else self.precision)
+            if not missing:
+                try:
+                    return self._ov_runner(), "openvino"
+                except DeployError as e:
+                    if not has_ort or self.precision == "bf16":
+                        raise
+                    logger.warning("OpenVINO not usable (%s); running onnxruntime", e)
+            elif not has_ort or self.precision == "bf16":
+                raise BackendUnavailable(f"OpenVINO {self.precision} unavailable: missing " + "; ".join(missing))
+            else:
+                logger.info("OpenVINO skipped (timed fastest at export): missing %s", "; ".join(missing))
+        return self._cpu_runner(), "ort-cpu"
+
     def _select(self, backend: str) -> tuple[Any, str]:
         if backend.startswith("triton="):  # the server runs the model it holds (medsim.deploy.triton_client)
             from medsim.deploy.triton_client import triton_runner
 
             return triton_runner(backend, self.manifest, self.model_dir), "triton"
+        if backend == "openvino":
+            return self._ov_runner(), "openvino"
+        if backend == "auto" and self.precision != "fp32":  # CPU models: TensorRT and CUDA sessions do not apply
+            return self._cpu_auto()
         if backend == "auto" and not (self._plan_listed and self.plan_path.is_file()):
             logger.debug("TensorRT skipped: no engine file listed in the manifest (%s)", self.plan_path)
         elif backend in ("auto", "tensorrt"):
@@ -146,7 +242,7 @@ class EmbeddingEngine:
                 raise BackendUnavailable(f"ort-cuda backend unavailable: this onnxruntime build has no {CUDA_EP} "
                                          f"(available: {', '.join(available)}); install onnxruntime-gpu instead "
                                          "of onnxruntime")
-            return self._cpu_runner(), "ort-cpu"
+            return self._cpu_auto()
         try:
             session = ort_session(self.onnx_path, [(CUDA_EP, {"device_id": self.device_id}), CPU_EP],
                                    self.threads)
@@ -154,7 +250,7 @@ class EmbeddingEngine:
             if backend == "ort-cuda":
                 raise BackendUnavailable(f"ort-cuda backend unavailable: {e}") from e
             logger.info("onnxruntime could not create a CUDA session (%s); running on CPU", e)
-            return self._cpu_runner(), "ort-cpu"
+            return self._cpu_auto()
         got = list(session.get_providers())
         if CUDA_EP in got:
             self.providers = got
@@ -169,6 +265,9 @@ class EmbeddingEngine:
         return OrtRunner(session), "ort-cpu"
 
     def _cpu_runner(self) -> OrtRunner:
+        if not self.onnx_path.is_file():
+            raise DeployError(f"{self.onnx_path}: ONNX model not found — export the run first "
+                              "(medsim export RUN --out DIR)")
         session = ort_session(self.onnx_path, [CPU_EP], self.threads)
         self.providers = list(session.get_providers())
         return OrtRunner(session)
@@ -288,23 +387,11 @@ class EmbeddingEngine:
 
 def open_engine(model_dir: str | os.PathLike, backend: str = "auto", precision: str = "fp32", **kwargs: Any
                 ) -> EmbeddingEngine:
-    """An :class:`EmbeddingEngine` for the export's fp32 model, or (``precision="int8"``) its onnxruntime INT8
-    model — a CPU model (static QDQ / dynamic quantization): ``backend="auto"`` then means ``ort-cpu``; GPU hosts
-    get their INT8 speed from a TensorRT engine instead (``medsim export --trt --precision int8``)."""
-    if precision not in ("fp32", "int8"):
-        raise DeployError(f"precision must be 'fp32' or 'int8', got '{precision}'")
-    if precision == "fp32":
-        return EmbeddingEngine(model_dir, backend=backend, **kwargs)
-    if backend == "tensorrt":  # the TensorRT path runs the manifest's plan, not the onnxruntime INT8 model
-        raise DeployError(f"{model_dir}: --precision int8 runs the onnxruntime INT8 model (CPU); for TensorRT INT8 "
-                          "build the plan with `medsim export RUN --out DIR --trt --precision int8` and use "
-                          "--precision fp32 --backend tensorrt")
-    section = load_manifest(model_dir).get("int8")
-    if not section:
-        raise DeployError(f"{model_dir}: the export has no INT8 model; make one with "
-                          "`medsim export RUN --out DIR --quantize static`")
-    return EmbeddingEngine(model_dir, backend="ort-cpu" if backend == "auto" else backend,
-                           model=str(section.get("model", "model.int8.onnx")), **kwargs)
+    """An :class:`EmbeddingEngine` for the export's model at ``precision``: ``fp32``; ``bf16`` (OpenVINO);
+    ``int8`` — a CPU model, onnxruntime static QDQ / dynamic (``--quantize static|dynamic``) or OpenVINO NNCF
+    (``--quantize openvino``); ``backend="auto"`` then picks the one the export timed fastest. GPU hosts get their
+    INT8 speed from a TensorRT engine instead (``medsim export --trt --precision int8``)."""
+    return EmbeddingEngine(model_dir, backend=backend, precision=precision, **kwargs)
 
 
 def embed_images(model_dir: str | os.PathLike, images: Sequence[ImageSource], **kwargs: Any

@@ -219,9 +219,10 @@ def run_onnx(session: Any, images: np.ndarray, *, batch: int = 32, names: Sequen
 
 
 def check_parity(onnx_path: str | os.PathLike, network: nn.Module, images: np.ndarray | torch.Tensor, *,
-                 batch_sizes: Sequence[int] = (1, 2), atol: float = 1e-4, threads: int | None = None
-                 ) -> dict[str, Any]:
-    """Compare onnxruntime (CPU, fp32) with PyTorch on the same preprocessed images.
+                 batch_sizes: Sequence[int] = (1, 2), atol: float = 1e-4, threads: int | None = None,
+                 runner: Any = None, engine: str = "onnxruntime") -> dict[str, Any]:
+    """Compare onnxruntime (CPU, fp32) — or another runner of the same file — with PyTorch on the same
+    preprocessed images.
 
     Every image goes through both at each batch size (the last chunk may be smaller), so batch 1, the given
     batch and a ragged tail exercise the dynamic batch axis.
@@ -232,6 +233,8 @@ def check_parity(onnx_path: str | os.PathLike, network: nn.Module, images: np.nd
         images: (N, C, *S) float32, preprocessed.
         batch_sizes: batch sizes to run.
         atol: largest allowed absolute difference, per output.
+        runner: a :mod:`medsim.runtime.runners` runner of ``onnx_path`` to check instead of onnxruntime's (e.g.
+            :class:`~medsim.runtime.runners.OvRunner`); ``engine`` names it in messages.
 
     Returns:
         ``{"atol", "batch_sizes", "images", "max_abs_diff": {output: float}, "by_batch": {"1": {...}, ...}}``.
@@ -244,8 +247,10 @@ def check_parity(onnx_path: str | os.PathLike, network: nn.Module, images: np.nd
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim < 3 or len(x) == 0:
         raise ExportError(f"parity images must be a non-empty (N, C, *spatial) array, got shape {x.shape}")
-    sess = ort_session(onnx_path, threads=threads)
-    names = [o.name for o in sess.get_outputs()]
+    from medsim.runtime.runners import OrtRunner, run_batched
+
+    runner = runner if runner is not None else OrtRunner(ort_session(onnx_path, threads=threads))
+    names = list(runner.output_names)
     network = network.eval()
     with torch.no_grad():
         ref_all = network(torch.from_numpy(x))
@@ -256,11 +261,11 @@ def check_parity(onnx_path: str | os.PathLike, network: nn.Module, images: np.nd
     by_batch: dict[str, dict[str, float]] = {}
     worst: dict[str, float] = {n: 0.0 for n in names}
     for b in batch_sizes:
-        got = run_onnx(sess, x, batch=int(b), names=names)
+        got = run_batched(runner, x, int(b))
         diffs = {}
         for n in names:
             if got[n].shape != ref[n].shape:
-                raise ExportParityError(f"{onnx_path}: output '{n}' has shape {got[n].shape} in onnxruntime but "
+                raise ExportParityError(f"{onnx_path}: output '{n}' has shape {got[n].shape} in {engine} but "
                                         f"{ref[n].shape} in PyTorch at batch size {b}",
                                         output=n, diff=float("inf"), atol=atol, batch=int(b))
             d = np.abs(got[n].astype(np.float64) - ref[n].astype(np.float64))
@@ -269,8 +274,8 @@ def check_parity(onnx_path: str | os.PathLike, network: nn.Module, images: np.nd
             worst[n] = max(worst[n], diffs[n]) if not np.isnan(diffs[n]) else float("nan")
             if not diffs[n] <= atol:  # NaN fails too
                 raise ExportParityError(
-                    f"{onnx_path}: output '{n}' differs from PyTorch by {diffs[n]:.3g} (atol {atol:g}) at batch "
-                    f"size {b} over {len(x)} image(s) — the ONNX model does not reproduce the checkpoint; re-export "
+                    f"{onnx_path}: output '{n}' differs from PyTorch by {diffs[n]:.3g} in {engine} (atol {atol:g}) at "
+                    f"batch size {b} over {len(x)} image(s) — the ONNX model does not reproduce the checkpoint; re-export "
                     "(another opset or exporter='legacy'/'dynamo') and do not deploy this file",
                     output=n, diff=diffs[n], atol=atol, batch=int(b))
         by_batch[str(int(b))] = diffs

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medsim.export.cpu_engines import OV_INT8_BIN, OV_INT8_NAME
 from medsim.export.errors import ExportError, ExportParityError, TensorRTUnavailable, check_choice
 from medsim.export.manifest import MANIFEST_NAME, read_manifest, update_manifest
 
@@ -41,9 +42,13 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
 
     1. ``onnx``: ``model.onnx`` + ``manifest.json`` with parity vs PyTorch at batch 1 and ``opt_batch``
        (:func:`~medsim.export.onnx_export.export_onnx`). ``onnx=False`` reuses an earlier export in ``out_dir``.
-    2. INT8 ONNX (``quantize`` given, or ``precision="int8"`` without ``trt``): ``model.int8.onnx``, calibrated on
-       ``calib_split`` of the run — or the images of ``calib`` (a folder, or a split JSON's ``calib_split``) —
-       (static), R@1 fp32 vs int8 on the validation split → manifest ``int8``.
+    2. INT8 ONNX (``quantize`` static/dynamic, or ``precision="int8"`` without ``trt``): ``model.int8.onnx``,
+       calibrated on ``calib_split`` of the run — or the images of ``calib`` (a folder, or a split JSON's
+       ``calib_split``) — (static), R@1 fp32 vs int8 on the validation split → manifest ``int8``.
+    2b. CPU engines, where ``openvino`` is installed (required with ``quantize="openvino"``): OpenVINO fp32 parity
+       vs PyTorch, bf16 and (``quantize="openvino"``) the NNCF INT8 model ``model.ov-int8.xml`` calibrated like step
+       2, each with its embedding cosine and R@1 change → manifest ``openvino``; then a short interleaved timing of
+       every CPU engine that passed → manifest ``cpu_timing`` (what ``--backend auto`` picks from).
     3. ``trt``: ``model.plan`` (``precision`` fp32/fp16/int8, batch profile 1/``opt_batch``/``max_batch``) →
        manifest ``tensorrt``; on hosts without TensorRT or a GPU :class:`~medsim.export.errors.TensorRTUnavailable`
        is raised before step 1, with nothing written or removed.
@@ -72,7 +77,12 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
         except TensorRTUnavailable as e:  # a new model.onnx would make the folder's INT8/engine/Triton stale
             raise TensorRTUnavailable(f"{e}; nothing in {out_dir} was changed (export without --trt to write the "
                                       "ONNX model)") from e
-    int8_onnx = quantize is not None or (precision == "int8" and not trt)
+    int8_onnx = _int8_onnx(quantize, precision, trt)
+    ov_int8 = quantize == "openvino"
+    if ov_int8:  # before anything is written
+        from medsim.export.cpu_engines import require_openvino
+
+        require_openvino(nncf=True)
 
     out = Path(out_dir)
     files: dict[str, str] = {}
@@ -137,6 +147,12 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
              if cmp["R@1_fp32"] is not None else "R@1 n/a (fewer than 2 validation images)")
         lines.append(f"int8      {path}  ({mode}; {r} on {cmp['images']} {val_split} image(s))")
 
+    # 2b. OpenVINO (fp32 parity, bf16, NNCF INT8) and the CPU timing `--backend auto` reads
+    if ov_int8 or ((onnx or int8_onnx) and _openvino_installed()):
+        manifest = _cpu_engines(out, manifest, run_(), lines, files, ov_int8=ov_int8, onnx=onnx, calib=calib,
+                                calib_split=calib_split, max_calibration=max_calibration, atol=atol,
+                                opt_batch=opt_batch)
+
     # 3. TensorRT
     if trt:
         section = _build_trt(out, manifest, run_, precision=precision, calib=calib, calib_split=calib_split,
@@ -186,7 +202,7 @@ def check_options(*, onnx: bool = True, trt: bool = False, precision: str = "fp3
     from medsim.export.tensorrt import PRECISIONS, TrtBuildConfig
 
     check_choice(precision, PRECISIONS, "precision")
-    check_choice(quantize, ("static", "dynamic"), "quantization mode")
+    check_choice(quantize, ("static", "dynamic", "openvino"), "quantization mode")
     check_choice(calib_split, ("training", "validation", "test"), "calibration split")
     check_choice(triton_kind, ("gpu", "cpu"), "Triton instance kind")
     if opset < 17:
@@ -207,9 +223,77 @@ def check_options(*, onnx: bool = True, trt: bool = False, precision: str = "fp3
     elif opt_batch < 1 or max_batch < opt_batch:
         raise ExportError(f"batch sizes need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, "
                           f"max_batch={max_batch}")
-    int8_onnx = quantize is not None or (precision == "int8" and not trt)
-    if not (onnx or trt or int8_onnx or triton):
+    int8_onnx = _int8_onnx(quantize, precision, trt)
+    if not (onnx or trt or int8_onnx or quantize == "openvino" or triton):
         raise ExportError("nothing to do: --no-onnx without --trt, --quantize/--precision int8 or --triton")
+
+
+def _int8_onnx(quantize: str | None, precision: str, trt: bool) -> bool:
+    """Whether the export writes the onnxruntime INT8 model (``--quantize static|dynamic``, or ``--precision int8``
+    without ``--trt`` unless ``--quantize openvino`` asks for OpenVINO's instead)."""
+    return quantize in ("static", "dynamic") or (precision == "int8" and not trt and quantize != "openvino")
+
+
+def _openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def _cpu_engines(out: Path, manifest: dict[str, Any], run: Any, lines: list[str], files: dict[str, str], *,
+                 ov_int8: bool, onnx: bool, calib: str | os.PathLike | None, calib_split: str, max_calibration: int,
+                 atol: float, opt_batch: int) -> dict[str, Any]:
+    """Step 2b of :func:`export_run`: the manifest's ``openvino`` and ``cpu_timing`` sections (see there). An
+    OpenVINO failure other than in an asked-for ``--quantize openvino`` is logged and recorded, not fatal: the
+    onnxruntime export stands and ``auto`` keeps to onnxruntime."""
+    from medsim.export.cpu_engines import check_openvino, quantize_openvino, time_engines
+    from medsim.export.onnx_export import ort_session, run_onnx
+    from medsim.export.run import split_images
+    from medsim.runtime.runners import OrtRunner
+
+    val, labels, val_split = split_images(run, "validation")
+    fp32_path = out / manifest["model"]
+    reference = run_onnx(ort_session(fp32_path), val, batch=32, names=["embedding"])["embedding"]
+    int8_xml = None
+    if ov_int8:
+        cal, cal_split = _calibration_images(run, calib, calib_split, max_calibration)
+        int8_xml = quantize_openvino(fp32_path, out / OV_INT8_NAME, cal, max_calibration=max_calibration)
+        calibration = {"split": cal_split, "images": int(len(cal))}
+    elif not onnx and ((manifest.get("openvino") or {}).get("int8") and (out / OV_INT8_NAME).is_file()):
+        int8_xml, calibration = out / OV_INT8_NAME, manifest["openvino"]["int8"].get("calibration")
+    try:
+        section, runners = check_openvino(fp32_path, run.network, val[:32], val, labels, reference=reference,
+                                          atol=atol, batch=opt_batch, int8_xml=int8_xml)
+    except ExportError as e:
+        if ov_int8:
+            raise
+        logger.warning("OpenVINO checks failed (auto keeps to onnxruntime): %s", e)
+        return update_manifest(out, openvino={"error": str(e)}, cpu_timing=None)
+    if int8_xml is not None:
+        section["int8"].update(calibration=calibration, evaluation_split=val_split)
+        files["openvino_int8"] = str(int8_xml)
+    section["evaluation_split"] = val_split
+    runners["ort-cpu/fp32"] = OrtRunner(ort_session(fp32_path))
+    if manifest.get("int8") and (out / manifest["int8"]["model"]).is_file():
+        runners["ort-cpu/int8"] = OrtRunner(ort_session(out / manifest["int8"]["model"]))
+    try:
+        timing = time_engines(runners, val, batch=opt_batch)
+    finally:
+        for r in runners.values():
+            r.close()
+    manifest = update_manifest(out, openvino=section, cpu_timing=timing)
+    ok = {p: section[p] for p in ("fp32", "bf16", "int8") if p in section}
+    lines.append("openvino  " + "; ".join(
+        f"{p} " + ("failed" if not s.get("passed") else
+                   f"parity {max(s['max_abs_diff'].values()):.2g}" if p == "fp32" else
+                   f"cosine {s['embedding_mean_cosine']:.5f}, R@1 Δ {s['R@1_delta']:+.4f}"
+                   if s.get("R@1_delta") is not None else f"cosine {s['embedding_mean_cosine']:.5f}")
+        + (f" ({s['unavailable']})" if s.get("unavailable") else "") for p, s in ok.items())
+        + (f"  → {int8_xml}" if int8_xml is not None else ""))
+    rates = timing["images_per_s"]
+    lines.append(f"cpu time  batch {timing['batch']}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in
+                                                                     sorted(rates.items(), key=lambda kv: -kv[1])))
+    return manifest
 
 
 def _calibration_images(run: Any, calib: str | os.PathLike | None, split: str, limit: int
@@ -233,7 +317,7 @@ def _calibration_images(run: Any, calib: str | os.PathLike | None, split: str, l
 
 #: files and folders derived from model.onnx: a new model.onnx makes them stale (the fresh manifest no longer lists
 #: them, and a host with TensorRT must never pick up an engine of the previous weights)
-DERIVED = (INT8_NAME, ENGINE_NAME, "trt_int8_calibration.cache", "triton")
+DERIVED = (INT8_NAME, ENGINE_NAME, "trt_int8_calibration.cache", "triton", OV_INT8_NAME, OV_INT8_BIN)
 
 
 def _remove_stale(out: Path) -> list[str]:

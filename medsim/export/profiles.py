@@ -11,7 +11,7 @@ takes the option's default (:data:`DEFAULTS`), and an option given on the comman
       "opset": 17,                                          # ONNX opset, >= 17       --opset
       "batch": {"min": 1, "opt": 8, "max": 32},             # TensorRT profile        --opt-batch, --max-batch
       "trt": true,                                          # build model.plan        --trt / --no-trt
-      "quantize": null,                                     # null | static | dynamic --quantize
+      "quantize": null,                                     # null | static | dynamic | openvino --quantize
       "calibration": {"split": "training", "images": 256},  # INT8 calibration        --calib-split, --calib-images
       "triton": false,                                      # write OUT/triton        --triton / --no-triton
       "triton_kind": "gpu"                                  # gpu | cpu               --triton-kind
@@ -288,7 +288,7 @@ def parse_profile(obj: Any, where: str = "<profile>") -> tuple[str, dict[str, An
         if flag in obj:
             s[flag] = _boolean(where, flag, obj[flag])
     if "quantize" in obj:
-        s["quantize"] = _choice(where, "quantize", obj["quantize"], ("static", "dynamic"), nullable=True)
+        s["quantize"] = _choice(where, "quantize", obj["quantize"], ("static", "dynamic", "openvino"), nullable=True)
     if obj.get("calibration") is not None:
         c = _object(where, "calibration", obj["calibration"], ("split", "images"))
         if "split" in c:

@@ -12,16 +12,18 @@ fp32 and int8 embeddings of the same images, so the manifest records what quanti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from medsim.export.errors import ExportError, check_choice
 
-__all__ = ["QUANT_MODES", "quantize_onnx", "compare_retrieval", "NumpyCalibrationReader"]
+__all__ = ["QUANT_MODES", "quantize_onnx", "compare_retrieval", "retrieval_change", "quantization_step",
+           "NumpyCalibrationReader"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,23 @@ def NumpyCalibrationReader(images: np.ndarray, input_name: str = "image", batch:
     return _Reader()
 
 
+@contextlib.contextmanager
+def quantization_step(src: Path, what: str, temporaries: Sequence[Path]) -> Iterator[None]:
+    """Run a quantizer: its failure becomes one :class:`ExportError` naming ``src``, ``what`` failed and the
+    quantizer's first message line; the ``temporaries`` are deleted whatever happens."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime, OpenVINO and NNCF raise their own types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"{src}: {what} failed ({type(e).__name__}: {first})") from e
+    finally:
+        for p in temporaries:
+            if p.exists():
+                p.unlink()
+
+
 def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, mode: str = "static",
                   calibration_images: np.ndarray | None = None, per_channel: bool = True,
                   max_calibration: int = 256, calibration_batch: int = 8) -> Path:
@@ -90,7 +109,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.onnx")
     prep = out.with_name(f".{out.stem}.prep{os.getpid()}.onnx")
-    try:
+    with quantization_step(src, f"{mode} INT8 quantization", (tmp, prep)):
         if mode == "static" and (calibration_images is None or len(calibration_images) == 0):
             raise ExportError(f"{src}: static INT8 quantization needs calibration images (preprocessed "
                               "(N, C, *S) float32); pass calibration_images or use mode='dynamic'")
@@ -110,15 +129,6 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, 
         else:
             q.quantize_dynamic(str(model_in), str(tmp), weight_type=q.QuantType.QInt8)
         os.replace(tmp, out)
-    except ExportError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{src}: {mode} INT8 quantization failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    finally:
-        for p in (tmp, prep):
-            if p.exists():
-                p.unlink()
     return out
 
 
@@ -135,25 +145,35 @@ def _input_name(onnx_path: Path) -> str:
 
 def compare_retrieval(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, images: np.ndarray,
                       labels: np.ndarray, *, batch: int = 32) -> dict[str, Any]:
-    """R@1 (leave-one-out, cosine) of fp32 and int8 embeddings of the same images, and how far they moved.
-
-    Returns ``{"images", "R@1_fp32", "R@1_int8", "R@1_delta" (int8 - fp32), "embedding_max_abs_diff",
-    "embedding_mean_cosine"}``; the R@1 values are ``None`` with fewer than 2 images.
-    """
+    """R@1 (leave-one-out, cosine) of fp32 and int8 embeddings (onnxruntime) of the same images, and how far they
+    moved: :func:`retrieval_change`."""
     from medsim.export.onnx_export import ort_session, run_onnx
-    from medsim.metrics.retrieval import recall_at_k
 
     e32 = run_onnx(ort_session(fp32_path), images, batch=batch, names=["embedding"])["embedding"]
     e8 = run_onnx(ort_session(int8_path), images, batch=batch, names=["embedding"])["embedding"]
-    res: dict[str, Any] = {"images": int(len(images))}
-    if len(images) >= 2:
+    return retrieval_change(e32, e8, labels)
+
+
+def retrieval_change(reference: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, *, name: str = "int8"
+                     ) -> dict[str, Any]:
+    """R@1 (leave-one-out, cosine, :func:`medsim.metrics.retrieval.recall_at_k`) of fp32 ``reference`` and
+    ``embeddings`` (another engine or precision, ``name``) of the same images, and how far the embeddings moved.
+
+    Returns ``{"images", "R@1_fp32", "R@1_<name>", "R@1_delta" (<name> - fp32), "embedding_max_abs_diff",
+    "embedding_mean_cosine"}``; the R@1 values are ``None`` with fewer than 2 images.
+    """
+    from medsim.metrics.retrieval import recall_at_k
+
+    e32, eq = np.asarray(reference, dtype=np.float32), np.asarray(embeddings, dtype=np.float32)
+    res: dict[str, Any] = {"images": int(len(e32))}
+    if len(e32) >= 2:
         r32 = recall_at_k(e32, labels, ks=1)["R@1"]
-        r8 = recall_at_k(e8, labels, ks=1)["R@1"]
-        res.update({"R@1_fp32": round(r32, 6), "R@1_int8": round(r8, 6), "R@1_delta": round(r8 - r32, 6)})
+        rq = recall_at_k(eq, labels, ks=1)["R@1"]
+        res.update({"R@1_fp32": round(r32, 6), f"R@1_{name}": round(rq, 6), "R@1_delta": round(rq - r32, 6)})
     else:
-        res.update({"R@1_fp32": None, "R@1_int8": None, "R@1_delta": None})
+        res.update({"R@1_fp32": None, f"R@1_{name}": None, "R@1_delta": None})
     n32 = e32 / np.maximum(np.linalg.norm(e32, axis=1, keepdims=True), 1e-12)
-    n8 = e8 / np.maximum(np.linalg.norm(e8, axis=1, keepdims=True), 1e-12)
-    res["embedding_max_abs_diff"] = float(np.abs(e32 - e8).max())
-    res["embedding_mean_cosine"] = float((n32 * n8).sum(1).mean())
+    nq = eq / np.maximum(np.linalg.norm(eq, axis=1, keepdims=True), 1e-12)
+    res["embedding_max_abs_diff"] = float(np.abs(e32 - eq).max()) if e32.size else 0.0
+    res["embedding_mean_cosine"] = float((n32 * nq).sum(1).mean()) if e32.size else 1.0
     return res

@@ -1,7 +1,7 @@
 """medsim.runtime: run an exported model and prepare its input without PyTorch or MONAI.
 
-* :mod:`medsim.runtime.runners` — onnxruntime (CPU / CUDA) and TensorRT runners (:class:`OrtRunner`,
-  :class:`TrtRunner`, :func:`ort_session`, :func:`run_batched`);
+* :mod:`medsim.runtime.runners` — onnxruntime (CPU / CUDA), OpenVINO (CPU) and TensorRT runners (:class:`OrtRunner`,
+  :class:`OvRunner`, :class:`TrtRunner`, :func:`ort_session`, :func:`run_batched`);
 * :mod:`medsim.runtime.preprocess` — an image file or array → the model input, from ``manifest.json``'s
   ``preprocessing`` (NumPy + PIL + pydicom); :mod:`medsim.runtime.volume` — the same for 3D CT volumes;
 * :mod:`medsim.runtime.manifest` — reading ``manifest.json``; :mod:`medsim.runtime.geometry` — where each
@@ -22,7 +22,7 @@ from medsim.runtime.errors import BackendUnavailable, DeployError, UnsupportedPr
 
 _EXPORTS = {
     "OrtRunner": "runners", "TrtRunner": "runners", "ort_session": "runners", "run_batched": "runners",
-    "CPU_EP": "runners", "CUDA_EP": "runners",
+    "CPU_EP": "runners", "CUDA_EP": "runners", "OvRunner": "runners",
     "load_manifest": "preprocess", "read_image": "preprocess",
     "preprocess_with_size": "preprocess",
     "read_volume": "volume", "preprocess_volume": "volume",

@@ -1,7 +1,9 @@
-"""Runners: one exported model on one backend — onnxruntime (CPU or CUDA) or a TensorRT engine — without PyTorch.
+"""Runners: one exported model on one backend — onnxruntime (CPU or CUDA), OpenVINO (CPU: fp32, bf16, NNCF INT8)
+or a TensorRT engine — without PyTorch.
 
 A runner is called with one (B, C, *S) float32 batch and returns ``{output name: (B, ...) float32}``; it has
-``output_names``, ``max_batch`` (the TensorRT profile maximum, ``None`` for onnxruntime) and ``close()``.
+``output_names``, ``max_batch`` (the TensorRT profile maximum, ``None`` for onnxruntime and OpenVINO) and
+``close()``.
 :func:`run_batched` feeds it N images in chunks. The export's parity checks (:mod:`medsim.export.onnx_export`,
 :mod:`medsim.export.quantize`, :mod:`medsim.export.tensorrt`) and :class:`medsim.deploy.EmbeddingEngine` run models
 through these same classes, so the check tests the code that ships.
@@ -22,7 +24,8 @@ from medsim.runtime.errors import BackendUnavailable, DeployError
 from medsim.threads import configured_threads
 
 __all__ = ["CUDA_EP", "CPU_EP", "ENGINE_NAME", "import_ort", "session_options", "ort_session", "OrtRunner", "import_cudart",
-           "cuda_check", "trt_missing", "TrtRunner", "run_batched"]
+           "cuda_check", "trt_missing", "TrtRunner", "OV_PRECISIONS", "import_openvino", "openvino_missing", "OvRunner",
+           "run_batched"]
 
 ENGINE_NAME = "model.plan"
 CUDA_EP = "CUDAExecutionProvider"
@@ -83,6 +86,89 @@ class OrtRunner:
 
     def close(self) -> None:
         self.session = None
+
+
+# --------------------------------------------------------------------------------------------------- OpenVINO
+OV_HINT = "pip install 'medsim[openvino]' (openvino and nncf)"
+#: OpenVINO CPU inference precisions (``INFERENCE_PRECISION_HINT``); an NNCF INT8 model runs with the fp32 hint
+OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module, or :class:`BackendUnavailable` saying how to install it."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise BackendUnavailable(f"openvino is not installed ({e}): {OV_HINT}") from e
+    return openvino
+
+
+def openvino_missing(precision: str = "fp32") -> list[str]:
+    """What stops OpenVINO from running at ``precision`` (``fp32`` / ``bf16``) on this CPU (empty: nothing)."""
+    try:
+        ov = import_openvino()
+    except BackendUnavailable as e:
+        return [str(e)]
+    if precision != "bf16":
+        return []
+    caps = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    if "BF16" not in caps:
+        return [f"a CPU with bf16 support (OpenVINO's CPU OPTIMIZATION_CAPABILITIES are {caps}, no BF16: "
+                "AVX512_BF16 or AMX is needed); use --precision fp32 or int8"]
+    return []
+
+
+class OvRunner:
+    """Runs (B, C, *S) float32 batches through an OpenVINO CPU model read from ``path`` (the export's ONNX file, or
+    an OpenVINO IR ``.xml`` such as the NNCF INT8 model), compiled with ``INFERENCE_PRECISION_HINT`` from
+    ``precision`` (``fp32`` or ``bf16``) and ``INFERENCE_NUM_THREADS`` = ``threads`` (default ``MEDSIM_THREADS``,
+    i.e. ``medsim ... --threads``; unset: OpenVINO's choice). The batch axis is dynamic.
+
+    Raises:
+        BackendUnavailable: openvino is not installed, or bf16 on a CPU without it; DeployError: an unknown
+            precision, or OpenVINO cannot read or compile the model.
+    """
+
+    def __init__(self, path: str | os.PathLike, precision: str = "fp32", threads: int | None = None,
+                 output_names: Sequence[str] | None = None):
+        if precision not in OV_PRECISIONS:
+            raise DeployError(f"OpenVINO precision must be one of {', '.join(OV_PRECISIONS)}, got '{precision}'")
+        missing = openvino_missing(precision)
+        if missing:
+            raise BackendUnavailable(f"OpenVINO {precision} unavailable: missing " + "; ".join(missing))
+        ov = import_openvino()
+        self.path, self.precision, self.max_batch = Path(path), precision, None
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision]}
+        threads = threads or configured_threads()
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            core = ov.Core()
+            model = core.read_model(str(self.path))
+            if len(model.inputs) != 1:
+                raise DeployError(f"{self.path}: expected one model input, found {len(model.inputs)}")
+            shape = model.inputs[0].get_partial_shape()
+            if shape.rank.is_static and shape[0].is_static:  # batch axis: dynamic, whatever the file says
+                shape[0] = ov.Dimension.dynamic()
+                model.reshape({model.inputs[0]: shape})
+            self.compiled = core.compile_model(model, "CPU", config)
+        except DeployError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
+            raise DeployError(f"{self.path}: OpenVINO cannot load the model ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        ports = {o.get_any_name(): o for o in self.compiled.outputs}
+        self.output_names = list(output_names or ports)
+        self._ports = [ports[n] for n in self.output_names]
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        res = self.request.infer([np.ascontiguousarray(x, dtype=np.float32)])
+        # copies: the request reuses its output buffers on the next call
+        return {n: np.array(res[p], dtype=np.float32) for n, p in zip(self.output_names, self._ports)}
+
+    def close(self) -> None:
+        self.request = self.compiled = None
 
 
 # --------------------------------------------------------------------------------------------------- TensorRT

@@ -1,0 +1,231 @@
+"""CPU engines for one model (issue 16): PyTorch eager fp32 and bf16 autocast + channels_last, onnxruntime fp32 and
+static INT8, OpenVINO fp32 / bf16 / NNCF INT8 — throughput at batch 1 and 32 and what each costs in validation
+R@1 and class-balanced R@1.
+
+The model: an existing run (``--run``), or ``--image-size 128|224``: a full-width MONAI ResNet18 (the isic_dsl
+bundle, ``widen_factor`` 1) trained for ``--epochs`` on ``--dataset-dir`` (HAM10000) into ``--work``.
+
+Steps:
+
+1. ``medsim.export.export_run`` twice: ``model.onnx`` + onnxruntime static INT8 (``quantize="static"``), then the
+   OpenVINO checks and NNCF INT8 (``quantize="openvino"``) — the exports ``medsim export`` writes, with their
+   manifest records (OpenVINO parity, cosine, R@1 change, the export-time ``cpu_timing``).
+2. Embeddings of the validation split from every engine: R@1 and class-balanced R@1
+   (:mod:`medsim.metrics.retrieval`) and the mean cosine to PyTorch eager fp32.
+3. Throughput in interleaved rounds with quiet-round filtering, as ``benchmarks/ort_throughput.py`` does (its
+   ``timed`` / ``wait_quiet``): the engines run through medsim's own runners (:mod:`medsim.runtime.runners`),
+   with ``--threads`` threads everywhere.
+
+    python benchmarks/cpu_engines.py --image-size 128 --out benchmarks/results/cpu_engines_r18_128
+
+Writes ``<out>.json`` (every round) and ``<out>.md`` (table, ratios to PyTorch eager fp32, the exact command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ham_recipe import command_line, write_results  # noqa: E402  benchmarks/ham_recipe.py
+from ort_throughput import add_timing_options, cpu_info, cpu_mhz, timed, wait_quiet  # noqa: E402  benchmarks/ort_throughput.py
+
+ENGINES = ("pytorch_fp32", "pytorch_bf16_cl", "ort_fp32", "ort_int8", "openvino_fp32", "openvino_bf16",
+           "openvino_int8")
+LABELS = {"pytorch_fp32": "PyTorch eager fp32", "pytorch_bf16_cl": "PyTorch bf16 autocast + channels_last",
+          "ort_fp32": "onnxruntime fp32", "ort_int8": "onnxruntime INT8 static QDQ",
+          "openvino_fp32": "OpenVINO fp32 (same ONNX file)", "openvino_bf16": "OpenVINO bf16 (precision hint)",
+          "openvino_int8": "OpenVINO INT8 (NNCF)"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a trained run directory")
+    src.add_argument("--image-size", type=int, choices=(128, 224),
+                     help="train a full-width MONAI ResNet18 (isic_dsl) at this size first")
+    ap.add_argument("--dataset-dir", default="../shared/data/ham10000", help="with --image-size: the dataset")
+    ap.add_argument("--epochs", type=int, default=1, help="with --image-size: training epochs")
+    ap.add_argument("--work", default="runs/cpu_engines", help="run and export folders")
+    ap.add_argument("--out", default="benchmarks/results/cpu_engines")
+    add_timing_options(ap, rounds=9)
+    ap.add_argument("--images", type=int, default=None, help="at most this many validation images (smoke tests)")
+    ap.add_argument("--max-calibration", type=int, default=256, help="training images for INT8 calibration")
+    return ap.parse_args(argv)
+
+
+def train_resnet18(args: argparse.Namespace) -> Path:
+    """A full-width ResNet18 isic_dsl run at ``--image-size`` (reused when ``--work`` already holds it)."""
+    from medsim.engines.workflow import train_bundle
+
+    out = Path(args.work) / f"r18_{args.image_size}"
+    if (out / "best.pt").is_file():
+        return out
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "isic_dsl"
+    train_bundle(bundle, dataset_dir=args.dataset_dir, output_dir=str(out),
+                 overrides={"max_epochs": args.epochs, "image_size": args.image_size, "backbone": "resnet18",
+                            "widen_factor": 1})
+    return out
+
+
+def engines(run: Any, export: Path, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Every engine as ``f(batch (B, C, *S) float32) -> embeddings (B, D)``; OpenVINO bf16 only on CPUs that have
+    it (noted in the result)."""
+    import torch
+
+    from medsim.export.manifest import read_manifest
+    from medsim.runtime.runners import OrtRunner, OvRunner, openvino_missing, ort_session
+
+    m = read_manifest(export)
+    net = run.network.eval()
+    net_cl = __import__("copy").deepcopy(net).to(memory_format=torch.channels_last)
+
+    def eager(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return net(torch.from_numpy(x))["embedding"].numpy()
+
+    def bf16_cl(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return net_cl(t)["embedding"].float().numpy()
+
+    def wrap(runner: Any) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda x: runner(x)["embedding"]
+
+    out = {"pytorch_fp32": eager, "pytorch_bf16_cl": bf16_cl,
+           "ort_fp32": wrap(OrtRunner(ort_session(export / m["model"], threads=threads), ["embedding"])),
+           "ort_int8": wrap(OrtRunner(ort_session(export / m["int8"]["model"], threads=threads), ["embedding"])),
+           "openvino_fp32": wrap(OvRunner(export / m["model"], "fp32", threads, ["embedding"]))}
+    if not openvino_missing("bf16"):
+        out["openvino_bf16"] = wrap(OvRunner(export / m["model"], "bf16", threads, ["embedding"]))
+    out["openvino_int8"] = wrap(OvRunner(export / m["openvino"]["int8"]["model"], "fp32", threads, ["embedding"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    command = command_line(argv)
+    os.environ["MEDSIM_THREADS"] = str(args.threads)  # the export's own runners and timing use it too
+
+    import onnxruntime
+    import openvino
+    import torch
+
+    from medsim.export import export_run
+    from medsim.export.run import load_run, split_images
+    from medsim.metrics.retrieval import class_balanced_retrieval, recall_at_k
+
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    run_dir = Path(args.run) if args.run else train_resnet18(args)
+    export = Path(args.work) / f"export_{run_dir.name}"
+    t0 = time.perf_counter()
+    lines = export_run(run_dir, export, quantize="static", max_calibration=args.max_calibration)["lines"]
+    lines += export_run(run_dir, export, onnx=False, quantize="openvino", max_calibration=args.max_calibration)["lines"]
+    t_export = time.perf_counter() - t0
+    for line in lines:
+        print(line, flush=True)
+
+    run = load_run(run_dir)
+    val, labels, val_split = split_images(run, "validation", limit=args.images)
+    fns = engines(run, export, args.threads)
+    names = [e for e in ENGINES if e in fns]
+
+    # R@1 / class-balanced R@1 on the validation split, every engine
+    emb = {e: np.concatenate([fns[e](np.ascontiguousarray(val[i:i + 32])) for i in range(0, len(val), 32)])
+           for e in names}
+    ref = emb["pytorch_fp32"]
+    quality = {}
+    for e in names:
+        r1 = float(recall_at_k(emb[e], labels, ks=1)["R@1"])
+        bal = float(class_balanced_retrieval(emb[e], labels, digits=None)["R@1_balanced"])
+        cos = float(np.mean(np.sum(emb[e] * ref, 1) / (np.linalg.norm(emb[e], axis=1) * np.linalg.norm(ref, axis=1))))
+        quality[e] = {"R@1": r1, "R@1_balanced": bal, "mean_cosine_to_pytorch_fp32": cos}
+    for e in names:
+        quality[e]["dR@1_points"] = 100 * (quality[e]["R@1"] - quality["pytorch_fp32"]["R@1"])
+        quality[e]["dR@1_balanced_points"] = 100 * (quality[e]["R@1_balanced"] - quality["pytorch_fp32"]["R@1_balanced"])
+
+    # throughput: interleaved rounds, quiet-round filtering
+    cells = []
+    for bs in args.batches:
+        x = np.ascontiguousarray(np.resize(val, (bs, *val.shape[1:])), dtype=np.float32)
+        cells += [(e, bs, (lambda f=fns[e], xx=x: f(xx))) for e in names]
+    for _, bs, fn in cells:
+        timed(fn, bs, args.warmup)
+        time.sleep(args.pause)
+    rounds: dict[str, list[float]] = {f"{e}@{bs}": [] for e, bs, _ in cells}
+    other: dict[str, list[float]] = {k: [] for k in rounds}
+    quiet, waits = [], []
+    for r in range(args.rounds):
+        waits.append(round(wait_quiet(args.quiet_cpu, args.max_wait)[0], 2))
+        for e, bs, fn in cells:
+            ips, o, _ = timed(fn, bs, args.seconds)
+            rounds[f"{e}@{bs}"].append(ips)
+            other[f"{e}@{bs}"].append(o)
+            time.sleep(args.pause)
+        quiet.append(max(v[-1] for v in other.values()) < args.quiet_cpu)
+        print(f"round {r + 1}/{args.rounds} ({'quiet' if quiet[-1] else 'loaded'}): "
+              + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rounds.items()), flush=True)
+    q_idx = [i for i, ok in enumerate(quiet) if ok]
+
+    def summarise(idx: list[int]) -> list[dict[str, Any]]:
+        rows = []
+        for bs in args.batches:
+            base = statistics.median(rounds[f"pytorch_fp32@{bs}"][i] for i in idx)
+            for e in names:
+                v = [rounds[f"{e}@{bs}"][i] for i in idx]
+                med = statistics.median(v)
+                rows.append({"engine": e, "label": LABELS[e], "batch": bs, "n_rounds": len(idx),
+                             "img_per_s_median": med, "img_per_s_min": min(v), "img_per_s_max": max(v),
+                             "ratio_vs_pytorch_fp32": med / base, **quality[e], "rounds": v})
+        return rows
+
+    doc = {"command": command, "config": vars(args), "run": str(run_dir), "export": str(export),
+           "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+           "wall_s": round(time.time() - t_start, 1), "export_s": round(t_export, 1),
+           "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                       "onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version(),
+                       "threads": args.threads, "mhz": cpu_mhz(), **cpu_info(),
+                       "quiet_rounds": q_idx, "wait_before_round_s": waits, "other_jobs_cpus": other},
+           "engines_skipped": {e: "this CPU has no bf16 (OpenVINO OPTIMIZATION_CAPABILITIES)" for e in ENGINES
+                               if e not in fns},
+           "validation": {"split": val_split, "images": int(len(val))}, "quality": quality,
+           "export_manifest": {k: __import__("json").loads((export / "manifest.json").read_text()).get(k)
+                               for k in ("openvino", "cpu_timing", "int8")},
+           "rows": summarise(list(range(args.rounds))),
+           "rows_quiet_rounds": summarise(q_idx) if len(q_idx) >= 3 else None}
+    return write_results(args.out, doc, render_md)
+
+
+def render_md(doc: dict[str, Any]) -> str:
+    rows = doc["rows_quiet_rounds"] or doc["rows"]
+    which = "quiet rounds" if doc["rows_quiet_rounds"] else "all rounds (fewer than 3 quiet ones)"
+    m = doc["machine"]
+    out = [f"# CPU engines: {doc['run']}", "",
+           f"Command: `{doc['command']}`", "",
+           f"{m.get('Model name', '?')}, {m['threads']} threads; torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+           f"OpenVINO {m['openvino']}. Validation: {doc['validation']['images']} images "
+           f"({doc['validation']['split']}). Medians over {which}.", "",
+           "| engine | batch | img/s | × PyTorch fp32 | R@1 | ΔR@1 (pt) | balanced R@1 | Δ balanced (pt) | cosine |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['batch']} | {r['img_per_s_median']:.1f} | {r['ratio_vs_pytorch_fp32']:.2f} "
+                   f"| {r['R@1']:.4f} | {r['dR@1_points']:+.2f} | {r['R@1_balanced']:.4f} "
+                   f"| {r['dR@1_balanced_points']:+.2f} | {r['mean_cosine_to_pytorch_fp32']:.5f} |")
+    for e, why in doc.get("engines_skipped", {}).items():
+        out.append(f"\n{LABELS[e]}: not run ({why}).")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""benchmarks/cpu_engines.py at smoke size (the tiny run, 1 round, tiny batches): every engine is measured and the
+JSON holds what the markdown and the issue's verdict need. Skipped without OpenVINO/NNCF."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'medsim[openvino]'")
+pytest.importorskip("nncf", reason="NNCF is not installed: pip install 'medsim[openvino]'")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import cpu_engines as B  # noqa: E402
+
+
+def test_cpu_engines_smoke_json_fields(tiny_run, tmp_path):
+    out = tmp_path / "res"
+    assert B.main(["--run", str(tiny_run), "--work", str(tmp_path / "work"), "--out", str(out), "--images", "16",
+                   "--batches", "1", "4", "--rounds", "1", "--seconds", "0.05", "--warmup", "0.02",
+                   "--pause", "0", "--max-wait", "0", "--threads", "1", "--max-calibration", "16"]) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["command"].startswith("python ") and "--run" in doc["command"]
+    engines = {r["engine"] for r in doc["rows"]}
+    assert engines == set(B.ENGINES) - set(doc["engines_skipped"])
+    assert {"pytorch_fp32", "pytorch_bf16_cl", "ort_fp32", "ort_int8", "openvino_fp32", "openvino_int8"} <= engines
+    assert {r["batch"] for r in doc["rows"]} == {1, 4} and doc["validation"]["images"] == 7
+    for r in doc["rows"]:
+        assert r["img_per_s_median"] > 0 and len(r["rounds"]) == 1
+        for k in ("R@1", "R@1_balanced", "dR@1_points", "dR@1_balanced_points", "mean_cosine_to_pytorch_fp32",
+                  "ratio_vs_pytorch_fp32"):
+            assert isinstance(r[k], float), k
+    base = [r for r in doc["rows"] if r["engine"] == "pytorch_fp32"]
+    assert all(r["ratio_vs_pytorch_fp32"] == pytest.approx(1.0) and r["dR@1_points"] == 0.0 for r in base)
+    assert doc["export_manifest"]["openvino"]["int8"]["model"] == "model.ov-int8.xml"
+    assert doc["export_manifest"]["cpu_timing"]["images_per_s"]
+    md = out.with_suffix(".md").read_text()
+    assert "Command: `python " in md and "OpenVINO INT8 (NNCF)" in md
