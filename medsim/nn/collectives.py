@@ -40,9 +40,13 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     if x.requires_grad:
+        import warnings
+
         from torch.distributed.nn.functional import all_gather
 
-        return torch.cat(all_gather(x), dim=0)
+        with warnings.catch_warnings():  # torch 2.13 marks it deprecated in favour of a private API; it is exact
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(x), dim=0)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
