@@ -229,11 +229,19 @@ def _multi_gpu_file(bundle: Path) -> Path:
     meta = _metadata_file(bundle)
     named = None
     if meta.is_file():
-        named = (json.loads(meta.read_text(encoding="utf-8")).get("config_files") or {}).get("multi_gpu_train")
-    path = (bundle / "configs" / (named if isinstance(named, str) else MULTI_GPU)).resolve()
+        try:
+            named = (json.loads(meta.read_text(encoding="utf-8")).get("config_files") or {}).get("multi_gpu_train")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise MedsimError(f"{meta}: not a metadata object with an optional config_files#multi_gpu_train file "
+                              f"name ({e}); fix the JSON") from e
+        if named is not None and not isinstance(named, str):
+            raise MedsimError(f"{meta}: config_files#multi_gpu_train must be one file name relative to "
+                              f"{bundle / 'configs'}, got {named!r}")
+    path = (bundle / "configs" / (named or MULTI_GPU)).resolve()
     if not path.is_file():
-        raise MedsimError(f"{bundle}: no configs/{MULTI_GPU}, so it cannot train on several processes "
-                          "(`--nproc 1`, or add the file: see bundles/isic_dsl/configs/multi_gpu_train.json)")
+        raise MedsimError(f"{bundle}: no configs/{MULTI_GPU} ({path} does not exist), so it cannot train on "
+                          "several processes (`--nproc 1`, or add the file: see "
+                          "bundles/isic_dsl/configs/multi_gpu_train.json)")
     return path
 
 

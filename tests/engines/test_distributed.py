@@ -151,3 +151,22 @@ def test_monai_bundle_run_under_torchrun_with_the_multi_gpu_file(sample_root, tm
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     assert res.stdout.count("test NMI") == 1 and (out / "eval_test.json").is_file() and len(_history(out)) == 1
+
+
+def test_a_bundle_without_a_usable_multi_gpu_file_is_refused_naming_it(tmp_path):
+    """--nproc on a bundle whose metadata is broken or names a missing multi-GPU file: a MedsimError naming the
+    file and what to do, before torchrun starts."""
+    import shutil
+
+    from medsim.engines.workflow import _multi_gpu_file
+    from medsim.errors import MedsimError
+
+    bundle = tmp_path / "b"
+    shutil.copytree(ROOT / "bundles" / "isic_abe", bundle)
+    meta = bundle / "configs" / "metadata.json"
+    meta.write_text("{not json")
+    with pytest.raises(MedsimError, match="metadata.json.*fix the JSON"):
+        _multi_gpu_file(bundle)
+    meta.write_text(json.dumps({"config_files": {"multi_gpu_train": "missing.json"}}))
+    with pytest.raises(MedsimError, match="no configs/multi_gpu_train.json.*--nproc 1"):
+        _multi_gpu_file(bundle)
