@@ -45,16 +45,20 @@ LABELS = {"random": "random init", "byol3d": "BYOL-3D", "pgl": "PGL"}
 logger = logging.getLogger("pgl_segmentation")
 
 
-def split_volumes(items: Sequence[dict], n_test: int, n_pool: int, seed: int) -> dict[str, list[dict]]:
+def split_volumes(items: Sequence[dict], n_test: int, n_pool: int, seed: int,
+                  rotation: int = 0) -> dict[str, list[dict]]:
     """``{"test", "pretrain", "pool"}`` by volume: a seeded permutation, the last ``n_test`` held back; the pool is
-    the first ``n_pool`` of the rest (a subset of the pretraining volumes)."""
+    ``n_pool`` of the rest (a subset of the pretraining volumes): rotation ``r`` takes them from position
+    ``r * n_pool`` on, wrapping around, so rotations 0, 1, ... label different volumes of the same split."""
     order = np.random.default_rng(seed).permutation(len(items))
     if n_test < 1 or n_pool < 1 or n_test + n_pool > len(items):
         raise ValueError(f"need 1 <= n_test, 1 <= n_pool, n_test + n_pool <= {len(items)} volumes, got "
                          f"n_test={n_test} n_pool={n_pool}")
     test = [items[i] for i in order[len(items) - n_test:]]
     pretrain = [items[i] for i in order[: len(items) - n_test]]
-    return {"test": test, "pretrain": pretrain, "pool": pretrain[:n_pool]}
+    first = rotation * n_pool
+    pool = [pretrain[(first + i) % len(pretrain)] for i in range(n_pool)]
+    return {"test": test, "pretrain": pretrain, "pool": pool}
 
 
 def _link_folder(items: Sequence[dict], folder: Path) -> Path:
@@ -74,13 +78,17 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
                   pretrain_epochs: int = 10, pretrain_items: int = 16, pretrain_batch: int = 2,
                   pretrain_lr: float = 2e-4, ft_epochs: int = 10, ft_steps: int = 8, ft_batch: int = 2,
                   ft_lr: float = 1e-3, amp: bool = False, seed: int = 0, starts: Sequence[str] = tuple(STARTS),
-                  checkpoint: str = "best.pt", command: str = "") -> dict[str, Any]:
+                  checkpoint: str = "best.pt", rotations: Sequence[int] = (0,), pool_size: int = 4,
+                  command: str = "") -> dict[str, Any]:
     """Pretrain (PGL, BYOL-3D), fine-tune every start on N labelled volumes, test Dice per organ; write
     ``<out>.json`` / ``<out>.md`` and return the JSON document (module docstring).
 
     ``checkpoint``: which pretraining checkpoint starts the encoder (``best.pt``: selected on the validation loss;
     ``last.pt``: after every epoch). ``starts``: a subset of :data:`STARTS`. A finished pretraining run in ``work``
-    is reused (``train_bundle`` resumes it: nothing left to train)."""
+    is reused (``train_bundle`` resumes it: nothing left to train); only the pretraining that ``starts`` need runs.
+    ``rotations``: which labelled sets (:func:`split_volumes` with ``n_pool = max(pool_size, max(n_labelled))``, so
+    that runs of a subset of ``n_labelled`` label the same volumes); rotation ``r`` fine-tunes with seed
+    ``seed + r``."""
     import torch
 
     from medsim.data.segmentation import labelled_volumes, segmentation_transforms
@@ -93,7 +101,8 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
     label_names = {int(k): v for k, v in json.loads(names_file.read_text()).items() if int(k) > 0} \
         if names_file.is_file() else {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
     items = labelled_volumes(dataset_dir)
-    parts = split_volumes(items, n_test, max(n_labelled), split_seed)
+    pool_size = max(pool_size, *n_labelled)
+    parts = split_volumes(items, n_test, pool_size, split_seed)
     vol = lambda it: Path(it["image"]).name.split(".")[0]  # noqa: E731
     doc: dict[str, Any] = {
         "command": command, "host": {"machine": platform.machine(), "threads": torch.get_num_threads(),
@@ -102,6 +111,8 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
         "data": {"dataset": str(dataset_dir), "n_volumes": len(items), "split_seed": split_seed,
                  "test": [vol(it) for it in parts["test"]], "pretrain": [vol(it) for it in parts["pretrain"]],
                  "labelled_pool": [vol(it) for it in parts["pool"]], "pixdim_mm": list(pixdim),
+                 "rotations": {str(r): [vol(it) for it in split_volumes(items, n_test, pool_size, split_seed,
+                                                                         r)["pool"]] for r in rotations},
                  "label_names": label_names},
         "settings": {"roi_size": list(roi_size), "backbone": backbone, "widen_factor": widen_factor, "cut": cut,
                      "pretrain": {"epochs": pretrain_epochs, "items_per_epoch": pretrain_items,
@@ -120,6 +131,8 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
                  "train#output_handlers#0#_disabled_": True, "train#output_handlers#1#_disabled_": True}
     runs: dict[str, Path] = {}
     for name, variant in (("byol3d", "byol3d"), ("pgl", None)):
+        if name not in starts:
+            continue
         run_dir = work / name
         t0 = time.time()
         res = train_bundle(BUNDLE, variant=variant, dataset_dir=str(folder), output_dir=str(run_dir),
@@ -140,27 +153,30 @@ def run_benchmark(dataset_dir: str | os.PathLike, out: str | os.PathLike, work: 
         return segmentation_transforms(roi_size, train=True, pixdim=pixdim, intensity="percentile")
 
     eval_tf = segmentation_transforms(roi_size, pixdim=pixdim, intensity="percentile")
-    for n in n_labelled:
-        for start in starts:
-            run_name = STARTS[start]
-            torch.manual_seed(seed)
-            net = ResNetUNet(backbone, out_channels=max(label_names) + 1, cut=cut, widen_factor=widen_factor)
-            load_encoder(net, runs[run_name] / checkpoint if run_name else None)
-            t0 = time.time()
-            hist = finetune_segmentation(net, parts["pool"][:n], train_tf(), max_epochs=ft_epochs,
-                                         steps_per_epoch=ft_steps, batch_size=ft_batch, learning_rate=ft_lr, amp=amp,
-                                         seed=seed)
-            t_train = time.time() - t0
-            res = evaluate_segmentation(net, parts["test"], eval_tf, roi_size=roi_size, label_names=label_names,
-                                        amp=amp)
-            doc["runs"].append({"start": start, "n_labelled": n, "labelled": [vol(it) for it in parts["pool"][:n]],
-                                "dice": res["dice"], "mean_dice": res["mean_dice"],
-                                "per_volume": dict(zip(doc["data"]["test"], res["per_volume"])),
-                                "finetune_epochs": hist, "finetune_seconds": round(t_train, 1),
-                                "test_seconds": round(time.time() - t0 - t_train, 1)})
-            logger.warning("N=%d %s: mean Dice %.3f %s (%.0f s)", n, start, res["mean_dice"],
-                           {k: round(v, 3) for k, v in res["dice"].items()}, time.time() - t0)
-            write(doc, out)
+    for rotation in rotations:
+        pool = split_volumes(items, n_test, pool_size, split_seed, rotation)["pool"]
+        for n in n_labelled:
+            for start in starts:
+                run_name = STARTS[start]
+                torch.manual_seed(seed + rotation)
+                net = ResNetUNet(backbone, out_channels=max(label_names) + 1, cut=cut, widen_factor=widen_factor)
+                load_encoder(net, runs[run_name] / checkpoint if run_name else None)
+                t0 = time.time()
+                hist = finetune_segmentation(net, pool[:n], train_tf(), max_epochs=ft_epochs,
+                                             steps_per_epoch=ft_steps, batch_size=ft_batch, learning_rate=ft_lr,
+                                             amp=amp, seed=seed + rotation)
+                t_train = time.time() - t0
+                res = evaluate_segmentation(net, parts["test"], eval_tf, roi_size=roi_size, label_names=label_names,
+                                            amp=amp)
+                doc["runs"].append({"start": start, "n_labelled": n, "rotation": rotation,
+                                    "labelled": [vol(it) for it in pool[:n]],
+                                    "dice": res["dice"], "mean_dice": res["mean_dice"],
+                                    "per_volume": dict(zip(doc["data"]["test"], res["per_volume"])),
+                                    "finetune_epochs": hist, "finetune_seconds": round(t_train, 1),
+                                    "test_seconds": round(time.time() - t0 - t_train, 1)})
+                logger.warning("rotation %d N=%d %s: mean Dice %.3f %s (%.0f s)", rotation, n, start,
+                               res["mean_dice"], {k: round(v, 3) for k, v in res["dice"].items()}, time.time() - t0)
+                write(doc, out)
     write(doc, out)
     return doc
 
@@ -175,13 +191,31 @@ def write(doc: dict[str, Any], out: Path) -> None:
              f"Data: `{doc['data']['dataset']}` ({doc['data']['n_volumes']} volumes), split by volume "
              f"(seed {doc['data']['split_seed']}): test {', '.join(doc['data']['test'])}; pretraining "
              f"{', '.join(doc['data']['pretrain'])}; labelled pool (first N used) "
-             f"{', '.join(doc['data']['labelled_pool'])}. Resampled to {doc['data']['pixdim_mm']} mm. Pretrained "
+             f"{', '.join(doc['data']['labelled_pool'])}"
+             + "".join(f"; rotation {k}: {', '.join(v)}" for k, v in doc["data"].get("rotations", {}).items())
+             + f". Resampled to {doc['data']['pixdim_mm']} mm. Pretrained "
              f"encoders start from each run's `{doc['settings'].get('pretrained_checkpoint', 'best.pt')}`.", "",
-             "| N labelled | start | " + " | ".join(organs) + " | mean Dice |",
-             "|---|---|" + "---|" * (len(organs) + 1)]
-    for r in doc["runs"]:
-        lines.append(f"| {r['n_labelled']} | {LABELS[r['start']]} | "
-                     + " | ".join(f"{r['dice'][o]:.3f}" for o in organs) + f" | {r['mean_dice']:.3f} |")
+             ]
+    rotations = sorted({r.get("rotation", 0) for r in doc["runs"]})
+    if len(rotations) > 1:
+        lines += [f"Mean ± sample sd over the {len(rotations)} labelled-set rotations ({', '.join(map(str, rotations))}"
+                  "; each rotation labels other volumes and fine-tunes with another seed):", "",
+                  "| N labelled | start | " + " | ".join(organs) + " | mean Dice | runs |",
+                  "|---|---|" + "---|" * (len(organs) + 2)]
+        for n, start, group in summarize(doc["runs"]):
+            cells = [f"{np.mean([r['dice'][o] for r in group]):.3f} ± {_sd([r['dice'][o] for r in group]):.3f}"
+                     for o in organs]
+            md = [r["mean_dice"] for r in group]
+            lines.append(f"| {n} | {LABELS[start]} | " + " | ".join(cells)
+                         + f" | **{np.mean(md):.3f} ± {_sd(md):.3f}** | {len(group)} |")
+        lines += ["", "Every run:", ""]
+    lines += ["| rotation | N labelled | start | " + " | ".join(organs) + " | mean Dice | DiceCE first → last epoch |",
+              "|---|---|---|" + "---|" * (len(organs) + 2)]
+    for r in sorted(doc["runs"], key=lambda r: (r.get("rotation", 0), r["n_labelled"], list(STARTS).index(r["start"]))):
+        ep = r.get("finetune_epochs") or [{"loss": float("nan")}]
+        lines.append(f"| {r.get('rotation', 0)} | {r['n_labelled']} | {LABELS[r['start']]} | "
+                     + " | ".join(f"{r['dice'][o]:.3f}" for o in organs) + f" | {r['mean_dice']:.3f} | "
+                     f"{ep[0]['loss']:.3f} → {ep[-1]['loss']:.3f} |")
     lines += ["", "Pretraining (label-free checkpoint selection on the validation loss):", ""]
     for name, p in doc["pretraining"].items():
         lines.append(f"- {LABELS[name]}: {len(p['epochs'])} epochs, {p['seconds_per_epoch']} s per epoch "
@@ -199,6 +233,35 @@ def write(doc: dict[str, Any], out: Path) -> None:
     if md.is_file() and "\n## Reading" in md.read_text():
         reading = md.read_text()[md.read_text().index("\n## Reading"):]
     md.write_text("\n".join(lines) + reading)
+
+
+def _sd(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def summarize(runs: Sequence[dict]) -> list[tuple[int, str, list[dict]]]:
+    """``(N, start, runs)`` groups over rotations, in table order."""
+    keys = sorted({(r["n_labelled"], r["start"]) for r in runs}, key=lambda k: (k[0], list(STARTS).index(k[1])))
+    return [(n, start, [r for r in runs if (r["n_labelled"], r["start"]) == (n, start)]) for n, start in keys]
+
+
+def collect(parts: Sequence[str | os.PathLike], out: str | os.PathLike, command: str = "") -> dict[str, Any]:
+    """Merge the JSON documents of runs made side by side (``--starts`` / ``--rotations`` subsets of one split and
+    one setting) into ``<out>.json`` / ``<out>.md``; refuses documents of another split or other settings."""
+    docs = [json.loads(Path(p).read_text()) for p in parts]
+    first = docs[0]
+    for p, d in zip(parts, docs):
+        for key in ("test", "pretrain", "split_seed", "pixdim_mm"):
+            if d["data"][key] != first["data"][key]:
+                raise ValueError(f"{p}: data.{key} differs from {parts[0]}'s; cannot merge")
+        if d["settings"] != first["settings"]:
+            raise ValueError(f"{p}: settings differ from {parts[0]}'s; cannot merge")
+    doc = dict(first, command="\n".join(d["command"] for d in docs) + ("\n" + command if command else ""),
+               pretraining={k: v for d in docs for k, v in d["pretraining"].items()},
+               runs=[r for d in docs for r in d["runs"]])
+    doc["data"] = dict(first["data"], rotations={k: v for d in docs for k, v in d["data"].get("rotations", {}).items()})
+    write(doc, Path(out))
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
     ap.add_argument("--checkpoint", default="best.pt", choices=["best.pt", "last.pt"],
                     help="the pretraining checkpoint that starts the encoder")
+    ap.add_argument("--rotations", type=int, nargs="+", default=[0],
+                    help="labelled-set rotations (rotation r labels the pool's volumes from r * max(N) on; "
+                         "fine-tuning seed + r)")
+    ap.add_argument("--pool-size", type=int, default=4,
+                    help="volumes per labelled-set rotation (at least max(--n-labelled))")
+    ap.add_argument("--collect", nargs="+", metavar="JSON",
+                    help="merge these result files of one setting into --out and exit")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     import torch
@@ -228,11 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/pgl_segmentation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.collect:
+        collect(args.collect, args.out, command)
+        return 0
     run_benchmark(args.dataset_dir, args.out, args.work, n_test=args.n_test, n_labelled=args.n_labelled,
                   pixdim=args.pixdim, roi_size=args.roi_size, pretrain_epochs=args.pretrain_epochs,
                   pretrain_items=args.pretrain_items, pretrain_lr=args.pretrain_lr, ft_epochs=args.ft_epochs,
                   ft_steps=args.ft_steps, ft_lr=args.ft_lr, starts=args.starts, checkpoint=args.checkpoint,
-                  amp=args.amp, command=command)
+                  amp=args.amp, rotations=args.rotations, pool_size=args.pool_size,
+                  command=command)
     return 0
 
 
