@@ -33,6 +33,7 @@ Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/faiss_scale
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
@@ -252,7 +253,10 @@ def report(doc: dict) -> str:
         f"Machine: {m['cores']} cores ({m['cpu']}), faiss {m['faiss']} with {m['faiss_threads']} threads, numpy "
         f"{m['numpy']}, Python {m['python']}; load average at start {m['loadavg_start'][0]:.2f}, at end "
         f"{doc['loadavg_end'][0]:.2f}. Total {doc['total_s'] / 60:.1f} min"
-        f"{'' if doc.get('complete', True) else ' (incomplete: the run stopped before the last size)'}.", "",
+        f"{'' if doc.get('complete', True) else ' (incomplete: the run stopped before the last size)'}"
+        + (f"; sizes {', '.join(f'{n:,}' for n in doc['merged']['sizes'])} are merged from the earlier run "
+           f"({', '.join(doc['merged']['files'])}), on the same machine and settings, and the total is this run's"
+           if doc.get("merged", {}).get("sizes") else "") + ".", "",
         f"Data: {a['dim']}-d L2-normalised float32 from {a['clusters']} clusters of intrinsic dimension "
         f"{a['intrinsic']} (seed {a['seed']}), written to a memmap in blocks of {a['chunk']:,}; {a['queries']} "
         f"queries (recall@10 against exact search over the memmap), {a['latency_queries']} for batch-1 latency; "
@@ -293,6 +297,24 @@ def report(doc: dict) -> str:
 
 # --------------------------------------------------------------------------- main
 
+SAME = ("dim", "clusters", "intrinsic", "seed", "kind", "codes", "shards", "k", "queries", "latency_queries",
+        "nprobe", "target_recall")
+
+
+def merged_rows(paths: list[str], args: dict[str, Any]) -> tuple[list[dict], list[str]]:
+    """The size rows and commands of earlier result files; refuses one whose data or index settings differ."""
+    rows: list[dict] = []
+    commands: list[str] = []
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        diff = [k for k in SAME if doc["args"].get(k) != args.get(k)]
+        if diff:
+            raise SystemExit(f"--merge {path}: settings differ from this run's ({', '.join(diff)}); not merged")
+        rows += [r for r in doc["sizes"] if r["N"] not in {x["N"] for x in rows}]
+        commands.append(doc["command"])
+    return rows, commands
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(float(v)) for v in s.replace(",", " ").split()]  # noqa: E731 - "1e6" works too
@@ -318,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--extrapolate", type=lambda s: int(float(s)), default=100_000_000)
     ap.add_argument("--keep", action="store_true", help="keep each size's memmap and index in --work")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="earlier results of the same settings: their sizes join this run's table and fit "
+                         "(sizes measured here replace theirs)")
     args = ap.parse_args(argv)
     args.sizes = sorted({n for group in args.sizes for n in group})
+    earlier, commands = merged_rows(args.merge, vars(args))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     info = machine()
@@ -330,8 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         # BrokenProcessPool here instead of waiting forever
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows.append(pool.submit(bench_size, n, vars(args)).result())
-        doc = {"command": command_line(argv), "args": vars(args), "machine": info, "sizes": rows,
-               "complete": len(rows) == len(args.sizes), "fit": fits(rows, args.extrapolate),
+        all_rows = sorted([r for r in earlier if r["N"] not in args.sizes] + rows, key=lambda r: r["N"])
+        doc = {"command": " ; then ".join(commands + [command_line(argv)]), "args": vars(args), "machine": info,
+               "sizes": all_rows, "complete": len(rows) == len(args.sizes), "fit": fits(all_rows, args.extrapolate),
+               "merged": {"files": args.merge, "sizes": [r["N"] for r in earlier if r["N"] not in args.sizes]},
                "loadavg_end": list(os.getloadavg()), "total_s": time.perf_counter() - t_start}
         write_results(args.out, doc, report)  # after every size: a later failure keeps what was measured
     return 0

@@ -327,3 +327,16 @@ def test_faiss_scale_benchmark_runs_at_a_tiny_size(tmp_path):
     assert doc["fit"]["index_bytes"]["at_N"] == 100_000_000 and doc["fit"]["index_bytes"]["predicted"] > 0
     assert "Command:" in out.with_suffix(".md").read_text()
     assert not any((tmp_path / "work").iterdir())  # memmaps and indexes are deleted after each size
+    # a later run of another size merges the earlier sizes into its table and fit; other settings are refused
+    merged = tmp_path / "merged"
+    run = subprocess.run(cmd[:3] + ["3000"] + cmd[5:-1] + [str(merged), "--merge", str(out.with_suffix(".json"))],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    doc2 = json.loads(merged.with_suffix(".json").read_text())
+    assert [r["N"] for r in doc2["sizes"]] == [2000, 3000, 4000] and doc2["merged"]["sizes"] == [2000, 4000]
+    assert doc2["sizes"][0] == doc["sizes"][0] and " ; then " in doc2["command"]
+    assert "merged from the earlier run" in merged.with_suffix(".md").read_text()
+    bad = subprocess.run(cmd[:3] + ["3000"] + cmd[5:-1] + [str(tmp_path / "bad"), "--dim", "8", "--merge",
+                                                            str(out.with_suffix(".json"))],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert bad.returncode != 0 and "settings differ" in bad.stderr and "dim" in bad.stderr
