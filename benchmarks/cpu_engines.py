@@ -60,7 +60,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_timing_options(ap, rounds=9)
     ap.add_argument("--images", type=int, default=None, help="at most this many validation images (smoke tests)")
     ap.add_argument("--max-calibration", type=int, default=256, help="training images for INT8 calibration")
+    ap.add_argument("--split", default="test", choices=("validation", "test"),
+                    help="the split R@1 and top-k agreement are measured on")
+    ap.add_argument("--topk", type=int, default=5, help="top-k agreement with PyTorch fp32 (queries in the split)")
     return ap.parse_args(argv)
+
+
+def topk_ids(emb: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) the k nearest other items of each item by cosine (self excluded), best first."""
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = e @ e.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def topk_agreement(emb: np.ndarray, ref: np.ndarray, k: int) -> dict[str, float]:
+    """Share of queries whose top-``k`` from ``emb`` equals ``ref``'s: as a set, in the same order, and up to
+    near-ties (each of ``emb``'s top-k, scored with ``ref``, is no worse than ``ref``'s item at that rank by more
+    than 1e-3 cosine: a swap of two neighbours the reference itself barely tells apart)."""
+    a, b = topk_ids(emb, k), topk_ids(ref, k)
+    r = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    sa, sb = (r[:, None, :] * r[a]).sum(-1), (r[:, None, :] * r[b]).sum(-1)
+    return {"same_set": float(np.mean([set(x) == set(y) for x, y in zip(a, b)])),
+            "same_order": float(np.mean((a == b).all(1))),
+            "within_ties": float(np.mean((sa >= sb - 1e-3).all(1)))}
 
 
 def train_resnet18(args: argparse.Namespace) -> Path:
@@ -137,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     run = load_run(run_dir)
-    val, labels, val_split = split_images(run, "validation", limit=args.images)
+    val, labels, val_split = split_images(run, args.split, limit=args.images)
     fns = engines(run, export, args.threads)
     names = [e for e in ENGINES if e in fns]
 
@@ -150,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         r1 = float(recall_at_k(emb[e], labels, ks=1)["R@1"])
         bal = float(class_balanced_retrieval(emb[e], labels, digits=None)["R@1_balanced"])
         cos = float(np.mean(np.sum(emb[e] * ref, 1) / (np.linalg.norm(emb[e], axis=1) * np.linalg.norm(ref, axis=1))))
-        quality[e] = {"R@1": r1, "R@1_balanced": bal, "mean_cosine_to_pytorch_fp32": cos}
+        quality[e] = {"R@1": r1, "R@1_balanced": bal, "mean_cosine_to_pytorch_fp32": cos,
+                      f"top{args.topk}_vs_pytorch_fp32": topk_agreement(emb[e], ref, args.topk)}
+    for e in ("openvino_bf16", "openvino_int8"):  # the same engine's own fp32: what --precision changes
+        if e in emb:
+            quality[e][f"top{args.topk}_vs_openvino_fp32"] = topk_agreement(emb[e], emb["openvino_fp32"], args.topk)
     for e in names:
         quality[e]["dR@1_points"] = 100 * (quality[e]["R@1"] - quality["pytorch_fp32"]["R@1"])
         quality[e]["dR@1_balanced_points"] = 100 * (quality[e]["R@1_balanced"] - quality["pytorch_fp32"]["R@1_balanced"])
@@ -199,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                        "quiet_rounds": q_idx, "wait_before_round_s": waits, "other_jobs_cpus": other},
            "engines_skipped": {e: "this CPU has no bf16 (OpenVINO OPTIMIZATION_CAPABILITIES)" for e in ENGINES
                                if e not in fns},
-           "validation": {"split": val_split, "images": int(len(val))}, "quality": quality,
+           "validation": {"split": val_split, "images": int(len(val)), "name": args.split}, "quality": quality,
            "export_manifest": {k: __import__("json").loads((export / "manifest.json").read_text()).get(k)
                                for k in ("openvino", "cpu_timing", "int8")},
            "rows": summarise(list(range(args.rounds))),
@@ -214,14 +241,25 @@ def render_md(doc: dict[str, Any]) -> str:
     out = [f"# CPU engines: {doc['run']}", "",
            f"Command: `{doc['command']}`", "",
            f"{m.get('Model name', '?')}, {m['threads']} threads; torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
-           f"OpenVINO {m['openvino']}. Validation: {doc['validation']['images']} images "
-           f"({doc['validation']['split']}). Medians over {which}.", "",
+           f"OpenVINO {m['openvino']}. R@1 and top-k on the {doc['validation'].get('name', 'validation')} split: "
+           f"{doc['validation']['images']} images ({doc['validation']['split']}). Medians over {which}.", "",
            "| engine | batch | img/s | × PyTorch fp32 | R@1 | ΔR@1 (pt) | balanced R@1 | Δ balanced (pt) | cosine |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['label']} | {r['batch']} | {r['img_per_s_median']:.1f} | {r['ratio_vs_pytorch_fp32']:.2f} "
                    f"| {r['R@1']:.4f} | {r['dR@1_points']:+.2f} | {r['R@1_balanced']:.4f} "
                    f"| {r['dR@1_balanced_points']:+.2f} | {r['mean_cosine_to_pytorch_fp32']:.5f} |")
+    k = doc["config"].get("topk")
+    if k and f"top{k}_vs_pytorch_fp32" in next(iter(doc["quality"].values())):
+        out += ["", f"Top-{k} agreement per query (every image of the split queries the others): the share of "
+                "queries whose top-k is the same set / the same order / the same up to near-ties (each returned "
+                "neighbour scores within 1e-3 cosine of the reference's at that rank, scored by the reference).", "",
+                f"| engine | vs PyTorch fp32: set / order / ties | vs OpenVINO fp32: set / order / ties |",
+                "|---|---|---|"]
+        fmt = lambda a: f"{a['same_set']:.1%} / {a['same_order']:.1%} / {a['within_ties']:.1%}" if a else "–"  # noqa: E731
+        for e, q in doc["quality"].items():
+            out.append(f"| {LABELS[e]} | {fmt(q.get(f'top{k}_vs_pytorch_fp32'))} | "
+                       f"{fmt(q.get(f'top{k}_vs_openvino_fp32'))} |")
     for e, why in doc.get("engines_skipped", {}).items():
         out.append(f"\n{LABELS[e]}: not run ({why}).")
     return "\n".join(out) + "\n"

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'medsim[openvino]'")
@@ -26,7 +27,7 @@ def test_cpu_engines_smoke_json_fields(tiny_run, tmp_path):
     engines = {r["engine"] for r in doc["rows"]}
     assert engines == set(B.ENGINES) - set(doc["engines_skipped"])
     assert {"pytorch_fp32", "pytorch_bf16_cl", "ort_fp32", "ort_int8", "openvino_fp32", "openvino_int8"} <= engines
-    assert {r["batch"] for r in doc["rows"]} == {1, 4} and doc["validation"]["images"] == 7
+    assert {r["batch"] for r in doc["rows"]} == {1, 4} and doc["validation"]["name"] == "test"
     for r in doc["rows"]:
         assert r["img_per_s_median"] > 0 and len(r["rounds"]) == 1
         for k in ("R@1", "R@1_balanced", "dR@1_points", "dR@1_balanced_points", "mean_cosine_to_pytorch_fp32",
@@ -36,5 +37,21 @@ def test_cpu_engines_smoke_json_fields(tiny_run, tmp_path):
     assert all(r["ratio_vs_pytorch_fp32"] == pytest.approx(1.0) and r["dR@1_points"] == 0.0 for r in base)
     assert doc["export_manifest"]["openvino"]["int8"]["model"] == "model.ov-int8.xml"
     assert doc["export_manifest"]["cpu_timing"]["images_per_s"]
+    ref = doc["quality"]["pytorch_fp32"]["top5_vs_pytorch_fp32"]
+    assert ref == {"same_set": 1.0, "same_order": 1.0, "within_ties": 1.0}  # the reference agrees with itself
+    assert "top5_vs_openvino_fp32" in doc["quality"]["openvino_int8"]
     md = out.with_suffix(".md").read_text()
-    assert "Command: `python " in md and "OpenVINO INT8 (NNCF)" in md
+    assert "Command: `python " in md and "OpenVINO INT8 (NNCF)" in md and "Top-5 agreement" in md
+
+
+def test_topk_agreement_counts_sets_order_and_near_ties():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(40, 8)).astype(np.float32)
+    assert B.topk_agreement(ref, ref, 5) == {"same_set": 1.0, "same_order": 1.0, "within_ties": 1.0}
+    ids = B.topk_ids(ref, 3)
+    e = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    brute = [[j for j in np.argsort(-(e @ e[i])) if j != i][:3] for i in range(40)]
+    assert ids.tolist() == brute  # brute force, self excluded
+    other = rng.normal(size=(40, 8)).astype(np.float32)  # unrelated embeddings: almost never the same top-5
+    agree = B.topk_agreement(other, ref, 5)
+    assert agree["same_set"] < 0.2 and agree["within_ties"] < 0.2
