@@ -118,6 +118,13 @@ def openvino_missing(precision: str = "fp32") -> list[str]:
     return []
 
 
+def _output_name(port: Any) -> str:
+    """The graph-output name of an OpenVINO output port: of its tensor names, the ones torch's exporter gives
+    internal nodes start with "/", so the first other name (sorted), else any."""
+    names = sorted(n for n in port.get_names() if not n.startswith("/"))
+    return names[0] if names else port.get_any_name()
+
+
 class OvRunner:
     """Runs (B, C, *S) float32 batches through an OpenVINO CPU model read from ``path`` (the export's ONNX file, or
     an OpenVINO IR ``.xml`` such as the NNCF INT8 model), compiled with ``INFERENCE_PRECISION_HINT`` from
@@ -157,8 +164,14 @@ class OvRunner:
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
             raise DeployError(f"{self.path}: OpenVINO cannot load the model ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
-        ports = {o.get_any_name(): o for o in self.compiled.outputs}
-        self.output_names = list(output_names or ports)
+        # an output tensor can carry several names (the ONNX graph output and the node that made it, e.g.
+        # "/network/Div_4_output_0"): every name finds its port; each port is listed by its graph output name
+        ports = {n: o for o in self.compiled.outputs for n in o.get_names()}
+        self.output_names = list(output_names or [_output_name(o) for o in self.compiled.outputs])
+        unknown = [n for n in self.output_names if n not in ports]
+        if unknown:
+            raise DeployError(f"{self.path}: no output named {', '.join(unknown)} (the model has "
+                              f"{', '.join(_output_name(o) for o in self.compiled.outputs)})")
         self._ports = [ports[n] for n in self.output_names]
         self.request = self.compiled.create_infer_request()
 

@@ -100,3 +100,25 @@ def test_a_geometry_that_moves_with_the_size_is_refused(sam_export):
     x = np.random.default_rng(2).uniform(0, 1, size=(1, 1, 16, 16, 16)).astype(np.float32)
     with pytest.raises(ExportError, match="move with the input size"):
         check_dynamic_spatial(res["onnx_path"], net, x, ["embedding", "attention", "global", "local"])
+
+
+def test_openvino_reads_every_dense_output_by_its_name(sam_export):
+    """OpenVINO gives an output tensor every name it had in the graph (here `attention` also carries the internal
+    "/network/…" names of the node that made it); the runner must list and fetch each output by its graph name, or
+    the export's OpenVINO check fails on SAM exports (found on the real-CT run, benchmarks/ct_real.py)."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'medsim[openvino]'")
+    from medsim.export.run import load_run
+    from medsim.runtime.errors import DeployError
+    from medsim.runtime.runners import OvRunner
+
+    out, res = sam_export
+    runner = OvRunner(res["onnx_path"], "fp32", threads=1)
+    assert runner.output_names == ["embedding", "attention", "global", "local"]
+    x = np.random.default_rng(1).uniform(0, 1, size=(2, 1, 16, 16, 16)).astype(np.float32)
+    got = runner(x)
+    with torch.no_grad():
+        ref = load_run(out / "run").network.eval()(torch.from_numpy(x))
+    for name in runner.output_names:
+        assert float(np.abs(got[name] - ref[name].numpy()).max()) <= 1e-4, name
+    with pytest.raises(DeployError, match="no output named nope"):
+        OvRunner(res["onnx_path"], "fp32", threads=1, output_names=["nope"])
