@@ -404,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--elastic", type=float, default=6.0, help="(a) elastic node displacement std, mm")
     ap.add_argument("--slab", type=float, default=3.0, help="(b) extreme points: organ voxels within this many mm")
     ap.add_argument("--report-from", default=None, help="only re-render <out>.md from a saved results JSON")
+    ap.add_argument("--torch-free-only", action="store_true",
+                    help="re-run only the torch-free check on the finished run in --work/run and replace that part "
+                         "of <out>.json (the other parts and their command are kept)")
     args = ap.parse_args(argv)
     if rerender(args, report):
         return 0
@@ -417,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     work = Path(args.work)
     run = work / "run"
+    if args.torch_free_only:
+        return refresh_torch_free(args, run, work / "export", argv)
     print("training SAM ...", flush=True)
     training, lists = train(args, run)
     trained = load_run(run / "last.pt").network.eval()
@@ -451,6 +456,29 @@ def main(argv: list[str] | None = None) -> int:
            "grid_shapes": {n: list(v.shape[1:]) for n, (v, _) in volumes.items()},
            "synthetic": syn, "across_patients": cross, "torch_free": check,
            "total_seconds": round(time.time() - t_start, 1), "reading": ""}
+    return write_results(args.out, doc, report)
+
+
+def refresh_torch_free(args: argparse.Namespace, run: Path, export: Path, argv: list[str] | None) -> int:
+    """``--torch-free-only``: the torch-free check of the saved results' first two held-out volumes, on the run
+    that made them (its last checkpoint), written over ``<out>.json``'s ``torch_free`` part."""
+    import nibabel as nib
+
+    from medsim.export.run import load_run
+
+    out = Path(args.out).with_suffix(".json")
+    doc = json.loads(out.read_text())
+    held = [{"name": n, "image": str(Path(args.dataset_dir) / "imagesTr" / f"{n}.nii.gz")}
+            for n in doc["held_out"][:2]]
+    marks = {}
+    for it in held:
+        lab = nib.load(str(Path(args.dataset_dir) / "labelsTr" / f"{it['name']}.nii.gz"))
+        marks[it["name"]] = organ_landmarks(np.asarray(lab.dataobj), lab.affine, slab_mm=args.slab)
+    if export.exists():
+        shutil.rmtree(export)
+    trained = load_run(run / "last.pt").network.eval()
+    doc["torch_free"] = torch_free_check(run, export, held, marks, trained, {})
+    doc["torch_free"]["command"] = command_line(argv)
     return write_results(args.out, doc, report)
 
 
@@ -527,7 +555,8 @@ def report(doc: dict) -> str:
               f"{chk['max_onnx_vs_pytorch_mm']} mm** over {len(chk['landmarks'])} landmarks. The training-crop "
               f"search (`--crop`, a {'×'.join(map(str, chk['crop_input']))} centre crop) can take "
               f"{chk['crop_searchable']} of them. Export {chk['export_seconds']} s, find_landmarks "
-              f"{chk['find_landmarks_seconds']} s per landmark.", "",
+              f"{chk['find_landmarks_seconds']} s per landmark."
+              + (f" Re-run alone on the same trained run: `{chk['command']}`." if chk.get("command") else ""), "",
               "| landmark | ONNX found (mm) | PyTorch found (mm) | apart (mm) | error, whole (mm) | error, crop (mm) |",
               "|---|---|---|---|---|---|",
               *[f"| {r['landmark']} | {r['onnx_mm']} | {r['pytorch_mm']} | {r['onnx_vs_pytorch_mm']} | "
