@@ -208,6 +208,16 @@ def write(doc: dict[str, Any], out: Path) -> None:
             md = [r["mean_dice"] for r in group]
             lines.append(f"| {n} | {LABELS[start]} | " + " | ".join(cells)
                          + f" | **{np.mean(md):.3f} ± {_sd(md):.3f}** | {len(group)} |")
+        lines += ["", "Paired differences in mean Dice (the same labelled volumes, seed and test volumes; mean ± sd over "
+                  "rotations, and in how many rotations the first start is higher):", "",
+                  "| N labelled | " + " | ".join(f"{LABELS[a]} − {LABELS[b]}" for a, b in PAIRS) + " |",
+                  "|---|" + "---|" * len(PAIRS)]
+        for n in sorted({r["n_labelled"] for r in doc["runs"]}):
+            cells = []
+            for a, b in PAIRS:
+                d = paired(doc["runs"], n, a, b)
+                cells.append(f"{np.mean(d):+.3f} ± {_sd(d):.3f} ({sum(x > 0 for x in d)}/{len(d)})" if d else "–")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", "Every run:", ""]
     lines += ["| rotation | N labelled | start | " + " | ".join(organs) + " | mean Dice | DiceCE first → last epoch |",
               "|---|---|---|" + "---|" * (len(organs) + 2)]
@@ -237,6 +247,15 @@ def write(doc: dict[str, Any], out: Path) -> None:
 
 def _sd(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+PAIRS = (("pgl", "byol3d"), ("pgl", "random"), ("byol3d", "random"))
+
+
+def paired(runs: Sequence[dict], n: int, a: str, b: str) -> list[float]:
+    """Mean Dice of start ``a`` minus start ``b`` per rotation that has both, at ``n`` labelled volumes."""
+    by = {(r["start"], r.get("rotation", 0)): r["mean_dice"] for r in runs if r["n_labelled"] == n}
+    return [by[(a, rot)] - by[(b, rot)] for (s, rot) in sorted(by) if s == a and (b, rot) in by]
 
 
 def summarize(runs: Sequence[dict]) -> list[tuple[int, str, list[dict]]]:

@@ -4,6 +4,8 @@ sets are nested inside the pretraining volumes (PGL's few-label protocol, Xie et
 from __future__ import annotations
 
 import json
+
+import numpy as np
 import sys
 from pathlib import Path
 
@@ -71,3 +73,10 @@ def test_collect_merges_side_by_side_parts_and_reports_mean_and_sd(tmp_path):
     c.write_text(json.dumps(_doc([], test=["other"])))
     with pytest.raises(ValueError, match="data.test differs"):
         P.collect([a, c], tmp_path / "out2")
+
+
+def test_paired_differences_match_rotations():
+    runs = [_run("pgl", 1, 0, 0.5), _run("random", 1, 0, 0.2), _run("pgl", 1, 1, 0.7), _run("random", 1, 1, 0.8),
+            _run("pgl", 1, 2, 0.6)]  # rotation 2 has no random-init run: left out
+    assert np.allclose(P.paired(runs, 1, "pgl", "random"), [0.3, -0.1])
+    assert P.paired(runs, 2, "pgl", "random") == []
