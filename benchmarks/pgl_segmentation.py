@@ -226,9 +226,12 @@ def write(doc: dict[str, Any], out: Path) -> None:
         lines.append(f"| {r.get('rotation', 0)} | {r['n_labelled']} | {LABELS[r['start']]} | "
                      + " | ".join(f"{r['dice'][o]:.3f}" for o in organs) + f" | {r['mean_dice']:.3f} | "
                      f"{ep[0]['loss']:.3f} → {ep[-1]['loss']:.3f} |")
-    lines += ["", "Pretraining (label-free checkpoint selection on the validation loss):", ""]
+    ckpt = doc["settings"].get("pretrained_checkpoint", "best.pt")
+    lines += ["", f"Pretraining (the encoders start from `{ckpt}`"
+              + ("; `best.pt` is the label-free selection on the validation loss" if ckpt == "best.pt" else
+                 ", after every epoch; the test loss below is of `best.pt`, the validation-loss selection") + "):", ""]
     for name, p in doc["pretraining"].items():
-        lines.append(f"- {LABELS[name]}: {len(p['epochs'])} epochs, {p['seconds_per_epoch']} s per epoch "
+        lines.append(f"- {LABELS[name]}: {len(p['epochs'])} epochs, {p['seconds_per_epoch']:.2f} s per epoch "
                      f"(median), {p['seconds']} s in all; val_loss per epoch "
                      f"{[r.get('val_loss') for r in p['epochs']]}; selected checkpoint's test loss "
                      f"{p['test_loss'].get('loss')}")
