@@ -38,7 +38,8 @@ def test_cpu_engines_smoke_json_fields(tiny_run, tmp_path):
     assert doc["export_manifest"]["openvino"]["int8"]["model"] == "model.ov-int8.xml"
     assert doc["export_manifest"]["cpu_timing"]["images_per_s"]
     ref = doc["quality"]["pytorch_fp32"]["top5_vs_pytorch_fp32"]
-    assert ref == {"same_set": 1.0, "same_order": 1.0, "within_ties": 1.0}  # the reference agrees with itself
+    assert {k: ref[k] for k in ("same_set", "same_order", "within_ties", "same_top1", "score_error_p90")} == \
+        {"same_set": 1.0, "same_order": 1.0, "within_ties": 1.0, "same_top1": 1.0, "score_error_p90": 0.0}
     assert "top5_vs_openvino_fp32" in doc["quality"]["openvino_int8"]
     md = out.with_suffix(".md").read_text()
     assert "Command: `python " in md and "OpenVINO INT8 (NNCF)" in md and "Top-5 agreement" in md
@@ -47,7 +48,14 @@ def test_cpu_engines_smoke_json_fields(tiny_run, tmp_path):
 def test_topk_agreement_counts_sets_order_and_near_ties():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(40, 8)).astype(np.float32)
-    assert B.topk_agreement(ref, ref, 5) == {"same_set": 1.0, "same_order": 1.0, "within_ties": 1.0}
+    same = B.topk_agreement(ref, ref, 5)
+    assert same["same_set"] == same["same_order"] == same["within_ties"] == same["same_top1"] == 1.0
+    assert same["score_error_p50"] == same["score_error_p90"] == same["ref_gap_below_p90_error"] == 0.0
+    noisy = ref + rng.normal(scale=0.05, size=ref.shape).astype(np.float32)  # scores move by about 1e-2
+    n = B.topk_agreement(noisy, ref, 5)
+    e, f = ref / np.linalg.norm(ref, axis=1)[:, None], noisy / np.linalg.norm(noisy, axis=1)[:, None]
+    err = np.abs(f @ f.T - e @ e.T)[~np.eye(40, dtype=bool)]
+    assert n["score_error_p90"] == pytest.approx(np.percentile(err, 90)) and 0 < n["ref_gap_below_p90_error"] <= 1
     ids = B.topk_ids(ref, 3)
     e = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     brute = [[j for j in np.argsort(-(e @ e[i])) if j != i][:3] for i in range(40)]
