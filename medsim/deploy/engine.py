@@ -118,15 +118,15 @@ class EmbeddingEngine:
         self.precision = self._check_precision(str(precision), str(backend))
         int8_ort = self.manifest.get("int8") or {}
         int8_ov = (self.manifest.get("openvino") or {}).get("int8") or {}
-        default = (int8_ort.get("model", "model.int8.onnx") if precision == "int8"
-                   else self.manifest.get("model", "model.onnx"))
-        self.onnx_path = self.model_dir / (model or default)
+        default = (self._listed(int8_ort.get("model", "model.int8.onnx"), "int8.model") if precision == "int8"
+                   else self._listed(self.manifest.get("model", "model.onnx"), "model"))
+        self.onnx_path = self.model_dir / model if model else default
         #: what OpenVINO reads: the same ONNX file (fp32, bf16), or the NNCF INT8 IR
-        self.ov_path = (self.model_dir / str(int8_ov.get("model", "")) if precision == "int8" and int8_ov
-                        else self.onnx_path)
+        self.ov_path = (self._listed(int8_ov.get("model", ""), "openvino.int8.model") if precision == "int8"
+                        and int8_ov else self.onnx_path)
         trt_section = self.manifest.get("tensorrt") or {}
         # only an engine the manifest lists: a model.plan left beside a newer model.onnx holds old weights
-        self.plan_path = self.model_dir / str(trt_section.get("model", ENGINE_NAME))
+        self.plan_path = self._listed(trt_section.get("model", ENGINE_NAME), "tensorrt.model")
         self._plan_listed = bool(trt_section)
         inp = self.manifest["input"]
         self.input_name = str(inp.get("name", "image"))
@@ -144,6 +144,16 @@ class EmbeddingEngine:
                     f" (providers {self.providers})" if self.providers else "")
 
     # ------------------------------------------------------------------------------------------- selection
+    def _listed(self, name: Any, field: str) -> Path:
+        """A file the manifest names, inside the export folder: an export is data from someone else, so a name
+        that leaves the folder (absolute, ``..``, a link out) is refused rather than read."""
+        path = self.model_dir / str(name)
+        if Path(str(name)).is_absolute() or not path.resolve().is_relative_to(self.model_dir.resolve()):
+            raise DeployError(f"{self.model_dir / 'manifest.json'}: '{field}' names {str(name)!r}, outside the "
+                              "export folder; an export lists only its own files — re-export the run "
+                              "(medsim export RUN --out DIR)")
+        return path
+
     def _check_precision(self, precision: str, backend: str) -> str:
         """``precision`` when ``backend`` can run it with what this export holds; else :class:`DeployError` with
         the fix."""
