@@ -2,8 +2,8 @@
 static INT8, OpenVINO fp32 / bf16 / NNCF INT8 — throughput at batch 1 and 32 and what each costs in validation
 R@1 and class-balanced R@1.
 
-The model: an existing run (``--run``), or ``--image-size 128|224``: a full-width MONAI ResNet18 (the isic_dsl
-bundle, ``widen_factor`` 1) trained for ``--epochs`` on ``--dataset-dir`` (HAM10000) into ``--work``.
+The model: an existing run (``--run``), or ``--image-size 128|224``: a full-width MONAI ResNet18 or ResNet50
+(``--backbone``; the isic_dsl bundle, ``widen_factor`` 1) trained for ``--epochs`` on ``--dataset-dir`` (HAM10000) into ``--work``.
 
 Steps:
 
@@ -24,6 +24,7 @@ Writes ``<out>.json`` (every round) and ``<out>.md`` (table, ratios to PyTorch e
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -52,7 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a trained run directory")
     src.add_argument("--image-size", type=int, choices=(128, 224),
-                     help="train a full-width MONAI ResNet18 (isic_dsl) at this size first")
+                     help="train a full-width MONAI --backbone (isic_dsl) at this size first")
+    ap.add_argument("--backbone", default="resnet18", choices=("resnet18", "resnet50"),
+                    help="with --image-size: the isic_dsl backbone to train")
     ap.add_argument("--dataset-dir", default="../shared/data/ham10000", help="with --image-size: the dataset")
     ap.add_argument("--epochs", type=int, default=1, help="with --image-size: training epochs")
     ap.add_argument("--work", default="runs/cpu_engines", help="run and export folders")
@@ -96,16 +99,82 @@ def topk_agreement(emb: np.ndarray, ref: np.ndarray, k: int) -> dict[str, float]
             "ref_gap_below_p90_error": float(np.mean(gap < p90))}
 
 
-def train_resnet18(args: argparse.Namespace) -> Path:
-    """A full-width ResNet18 isic_dsl run at ``--image-size`` (reused when ``--work`` already holds it)."""
+#: reduced-precision engines, the fp32 engine of the same backend their recheck re-embeds with, and the manifest
+#: record of their recheck margin
+RECHECKED = {"openvino_bf16": ("openvino_fp32", ("openvino", "bf16")),
+             "openvino_int8": ("openvino_fp32", ("openvino", "int8")), "ort_int8": ("ort_fp32", ("int8",))}
+
+
+def recheck_quality(emb: dict[str, np.ndarray], manifest: dict[str, Any]) -> dict[str, Any]:
+    """For each reduced-precision engine: the export's recheck margin (calibrated on the validation split) and what
+    it does on this split (queries at reduced precision, leave-one-out against the same backend's fp32 embeddings
+    as the index): top-k set agreement with and without the recheck and the share rechecked, k = 1, 5, 10."""
+    from medsim.runtime.ties import recheck_outcome
+
+    out = {}
+    for e, (ref, path) in RECHECKED.items():
+        rec = manifest
+        for key in (*path, "recheck"):
+            rec = (rec or {}).get(key)
+        if e in emb and rec:
+            out[e] = {"margin": rec["margin"], "method": rec["method"], "calibration_images": rec["images"],
+                      "calibration_by_k": rec["by_k"], "fp32": ref,
+                      "by_k": recheck_outcome(emb[ref], emb[e], rec["margin"])}
+    return out
+
+
+def search_pipeline(embed: Callable[[np.ndarray], np.ndarray], gallery: np.ndarray, x: np.ndarray, *, k: int,
+                    batch: int = 32, margin: float | None = None,
+                    embed32: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
+    """What `medsim search` does per batch of query images ``x``: embed, find the k (+1) nearest of ``gallery``
+    (fp32 index), and with ``margin`` re-embed near ties with ``embed32`` and search those again. Returns how many
+    queries were rechecked (timed by the caller)."""
+    from medsim.runtime.ties import near_ties, topk_neighbours
+
+    rechecked = 0
+    for s in range(0, len(x), batch):
+        xb = np.ascontiguousarray(x[s:s + batch])
+        _, scores = topk_neighbours(embed(xb), gallery, k + 1)
+        if margin is not None and embed32 is not None:
+            ties = near_ties(scores, k, margin)
+            if ties.any():
+                topk_neighbours(embed32(np.ascontiguousarray(xb[ties])), gallery, k)
+                rechecked += int(ties.sum())
+    return rechecked
+
+
+def time_pipelines(fns: dict[str, Callable[[np.ndarray], np.ndarray]], gallery: np.ndarray, x: np.ndarray,
+                   margin: float | None, *, k: int, rounds: int) -> dict[str, Any]:
+    """Images/s of a whole search of the split's queries at batch 32 (embedding + search of an fp32 index), in
+    interleaved rounds: PyTorch eager fp32, onnxruntime fp32, OpenVINO fp32, OpenVINO bf16 alone, and OpenVINO bf16
+    with the fp32 recheck at ``margin``."""
+    plans = {"pytorch_fp32": (fns["pytorch_fp32"], None), "ort_fp32": (fns["ort_fp32"], None),
+             "openvino_fp32": (fns["openvino_fp32"], None), "openvino_bf16": (fns["openvino_bf16"], None),
+             "openvino_bf16_recheck": (fns["openvino_bf16"], margin)}
+    per: dict[str, list[float]] = {p: [] for p in plans}
+    rechecked = 0
+    for _ in range(rounds):
+        for name, (fn, m) in plans.items():
+            t0 = time.perf_counter()
+            n = search_pipeline(fn, gallery, x, k=k, margin=m, embed32=fns["openvino_fp32"])
+            per[name].append(len(x) / (time.perf_counter() - t0))
+            rechecked = n if m is not None else rechecked
+    med = {p: statistics.median(v) for p, v in per.items()}
+    return {"queries": int(len(x)), "k": k, "batch": 32, "rounds": rounds, "margin": margin,
+            "rechecked": rechecked, "img_per_s_median": med, "rounds_img_per_s": per,
+            "ratio_vs_pytorch_fp32": {p: v / med["pytorch_fp32"] for p, v in med.items()}}
+
+
+def train_model(args: argparse.Namespace) -> Path:
+    """A full-width ``--backbone`` isic_dsl run at ``--image-size`` (reused when ``--work`` already holds it)."""
     from medsim.engines.workflow import train_bundle
 
-    out = Path(args.work) / f"r18_{args.image_size}"
+    out = Path(args.work) / f"r{args.backbone.removeprefix('resnet')}_{args.image_size}"
     if (out / "best.pt").is_file():
         return out
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "isic_dsl"
     train_bundle(bundle, dataset_dir=args.dataset_dir, output_dir=str(out),
-                 overrides={"max_epochs": args.epochs, "image_size": args.image_size, "backbone": "resnet18",
+                 overrides={"max_epochs": args.epochs, "image_size": args.image_size, "backbone": args.backbone,
                             "widen_factor": 1})
     return out
 
@@ -160,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    run_dir = Path(args.run) if args.run else train_resnet18(args)
+    run_dir = Path(args.run) if args.run else train_model(args)
     export = Path(args.work) / f"export_{run_dir.name}"
     t0 = time.perf_counter()
     lines = export_run(run_dir, export, quantize="static", max_calibration=args.max_calibration)["lines"]
@@ -191,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     for e in names:
         quality[e]["dR@1_points"] = 100 * (quality[e]["R@1"] - quality["pytorch_fp32"]["R@1"])
         quality[e]["dR@1_balanced_points"] = 100 * (quality[e]["R@1_balanced"] - quality["pytorch_fp32"]["R@1_balanced"])
+    manifest = json.loads((export / "manifest.json").read_text())
+    recheck = recheck_quality(emb, manifest)
+    pipelines = None
+    if "openvino_bf16" in recheck:  # a whole search of the split, the recheck's cost included
+        pipelines = time_pipelines(fns, emb["openvino_fp32"], val, recheck["openvino_bf16"]["margin"],
+                                   k=args.topk, rounds=min(args.rounds, 5))
+        print("search pipelines: " + ", ".join(f"{p} {v:.0f} img/s" for p, v in
+                                               pipelines["img_per_s_median"].items())
+              + f"; rechecked {pipelines['rechecked']} of {len(val)}", flush=True)
 
     # throughput: interleaved rounds, quiet-round filtering
     cells = []
@@ -237,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
            "engines_skipped": {e: "this CPU has no bf16 (OpenVINO OPTIMIZATION_CAPABILITIES)" for e in ENGINES
                                if e not in fns},
            "validation": {"split": val_split, "images": int(len(val)), "name": args.split}, "quality": quality,
-           "export_manifest": {k: __import__("json").loads((export / "manifest.json").read_text()).get(k)
-                               for k in ("openvino", "cpu_timing", "int8")},
+           "export_manifest": {k: manifest.get(k) for k in ("openvino", "cpu_timing", "int8")},
+           "recheck": recheck, "search_pipelines": pipelines,
            "rows": summarise(list(range(args.rounds))),
            "rows_quiet_rounds": summarise(q_idx) if len(q_idx) >= 3 else None}
     return write_results(args.out, doc, render_md)
@@ -276,6 +354,30 @@ def render_md(doc: dict[str, Any]) -> str:
             extra = (f" {ref['same_top1']:.1%} | {ref['score_error_p50']:.1e} / {ref['score_error_p90']:.1e} | "
                      f"{ref['ref_gap_below_p90_error']:.1%} |" if "same_top1" in ref else " – | – | – |")
             out.append(f"| {LABELS[e]} | {fmt(ref)} | {fmt(q.get(f'top{k}_vs_openvino_fp32'))} |" + extra)
+    rec = doc.get("recheck") or {}
+    if rec:
+        ks = list(next(iter(rec.values()))["by_k"])
+        out += ["", "fp32 recheck (`medsim search --precision bf16|int8` against an index built at fp32): queries whose "
+                "k-th and (k+1)-th hits are closer than the export's margin (calibrated on the validation split) "
+                "are embedded again in fp32. Per k: the share of this split's queries with fp32's top-k set "
+                "without → with the recheck, and the share rechecked.", "",
+                "| engine | margin (method, calibration images) | " + " | ".join(f"k={k}: same set → rechecked (share)"
+                                                                         for k in ks) + " |",
+                "|---|---|" + "---|" * len(ks)]
+        for e, r in rec.items():
+            cells = [f"{v['same_set']:.1%} → {v['same_set_rechecked']:.1%} ({v['recheck_share']:.1%})"
+                     for v in r["by_k"].values()]
+            out.append(f"| {LABELS[e]} | {r['margin']:.2g} ({r['method']}, {r['calibration_images']}) | "
+                       + " | ".join(cells) + " |")
+    pipe = doc.get("search_pipelines")
+    if pipe:
+        names = {"openvino_bf16_recheck": "OpenVINO bf16 + fp32 recheck"}
+        out += ["", f"Whole search of the split's {pipe['queries']} queries (embedding at batch {pipe['batch']} + "
+                f"top-{pipe['k']} of the fp32 index, the recheck's fp32 passes included; medians of "
+                f"{pipe['rounds']} interleaved rounds; the recheck re-embedded {pipe['rechecked']} queries):", "",
+                "| pipeline | queries/s | × PyTorch fp32 |", "|---|---|---|"]
+        for p, v in pipe["img_per_s_median"].items():
+            out.append(f"| {names.get(p, LABELS.get(p, p))} | {v:.1f} | {pipe['ratio_vs_pytorch_fp32'][p]:.2f} |")
     for e, why in doc.get("engines_skipped", {}).items():
         out.append(f"\n{LABELS[e]}: not run ({why}).")
     return "\n".join(out) + "\n"

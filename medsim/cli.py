@@ -449,10 +449,14 @@ def _search_backend(ctx: click.Context, param: click.Parameter, value: str) -> s
               help="Model to embed queries with (default: the one the index was built with).")
 @click.option("--exclude-self", is_flag=True,
               help="Leave-one-out: drop a query's own case from its hits (by case id; queries from --data).")
+@click.option("--recheck/--no-recheck", default=True, show_default=True,
+              help="With --precision bf16/int8 against an index built at fp32: embed again in fp32 the queries "
+                   "whose k-th and (k+1)-th hits are closer than the margin the export calibrated, so the top-k is "
+                   "fp32's (the share rechecked is printed).")
 @_threads_option(torch=False)
 def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, split: str, k: int,
            model_dir: Path | None, html: Path | None, backend: str, precision: str | None,
-           exclude_self: bool) -> None:
+           exclude_self: bool, recheck: bool) -> None:
     """Find the K most similar indexed cases for each IMAGE (or each case of --data).
 
     Queries and cases are shown by their opaque case tokens (c-<16 hex>), never by file name; an index's
@@ -474,13 +478,18 @@ def search(index_dir: Path, images: tuple[Path, ...], queries: Path | None, spli
     else:
         ids = case_names(images)
     hits = search_images(index_dir, images, k=k, model_dir=model_dir, html=html, labels=labels, backend=backend,
-                         precision=precision, query_ids=ids, exclude_self=exclude_self)
+                         precision=precision, query_ids=ids, exclude_self=exclude_self, recheck=recheck)
     if len(images) <= 50:
         for n, (qid, row) in enumerate(zip(ids, hits), start=1):
             click.echo(f"query {n} ({qid})")
             click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<12} case")
             for r, h in enumerate(row, start=1):
                 click.echo(f"  {r:>4}  {h.score:7.4f}  {str(h.record.get('label')):<12} {h.record.get('id', h.id)}")
+    if hits.margin is not None:
+        click.echo(f"fp32 recheck: {len(hits.rechecked)} of {len(hits)} queries re-embedded in fp32 (k-th and "
+                   f"(k+1)-th hits within {hits.margin:.2g}, the export's calibrated margin)")
+    elif hits.recheck_note:
+        click.echo(hits.recheck_note)
     recall = recall_from_hits(labels or [], hits, sorted({1, min(k, 5), k}))
     if recall:
         n = sum(lab is not None for lab in labels or [])

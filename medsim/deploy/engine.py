@@ -32,6 +32,7 @@ runtime API), the ones the export's parity checks run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -373,6 +374,30 @@ class EmbeddingEngine:
         return manifest_embedding_dim(self.manifest)
 
     embedding_size = embedding_dim  # the name older code used
+
+    @property
+    def recheck_margin(self) -> float | None:
+        """The export's fp32-recheck margin for the model this engine runs (:mod:`medsim.runtime.ties`: manifest
+        ``openvino.bf16.recheck`` / ``openvino.int8.recheck`` / ``int8.recheck``, calibrated at export time);
+        ``None`` at fp32, on TensorRT/Triton, or for an export made before the recheck existed.
+
+        Raises:
+            DeployError: the manifest's margin is not a finite number >= 0.
+        """
+        if self.precision == "fp32" or self.backend not in ("openvino", "ort-cpu", "ort-cuda"):
+            return None
+        if self.backend == "openvino":
+            section, field = (self.manifest.get("openvino") or {}).get(self.precision), f"openvino.{self.precision}"
+        else:
+            section, field = self.manifest.get("int8"), "int8"
+        record = (section or {}).get("recheck") if isinstance(section, dict) else None
+        if not record:
+            return None
+        margin = record.get("margin") if isinstance(record, dict) else record
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+            raise DeployError(f"{self.model_dir / 'manifest.json'}: '{field}.recheck.margin' must be a number >= 0, "
+                              f"got {margin!r}; re-export the run (medsim export RUN --out DIR)")
+        return float(margin)
 
     @property
     def classes(self) -> list[str]:

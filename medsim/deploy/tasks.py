@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from medsim.errors import atomic_write_text
 from medsim.runtime.errors import DeployError
 from medsim.runtime.manifest import manifest_embedding_dim
 
-__all__ = ["read_cases", "build_index", "search_images", "search_embeddings", "localize_images", "recall_from_hits", "case_names",
+__all__ = ["read_cases", "build_index", "search_images", "SearchHits", "search_embeddings", "localize_images", "recall_from_hits", "case_names",
            "local_case_paths", "LOCAL_CASES"]
 
 logger = logging.getLogger(__name__)
@@ -204,12 +204,17 @@ def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLi
                   model_dir: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
                   labels: Sequence[str | None] | None = None, backend: str = "auto",
                   precision: str | None = None, query_ids: Sequence[str | None] | None = None,
-                  exclude_self: bool = False) -> list[list[Any]]:
+                  exclude_self: bool = False, recheck: bool = True) -> SearchHits:
     """Nearest cases of each query image: ``[[Hit, ...], ...]`` (best first). ``html`` writes a picture page
     (a ``.png`` name: one grid image instead); ``labels`` (one per query) colour the frames of matching hits.
 
     ``exclude_self`` (leave-one-out, needs ``query_ids``: the queries' case tokens) drops a hit that is the query's
-    own case, so a query taken from the indexed cases is not counted as its own top hit."""
+    own case, so a query taken from the indexed cases is not counted as its own top hit.
+
+    ``recheck``: queries embedded at bf16/INT8 (``precision``) against an index of fp32 embeddings (cosine) are
+    embedded again in fp32 where their k-th and (k+1)-th hits are closer than the export's calibrated margin
+    (:mod:`medsim.runtime.ties`), so the top-k is fp32's for all but a calibrated share of queries; the result's
+    ``rechecked`` lists those queries, and ``recheck_note`` says why none were when the recheck could not apply."""
     from medsim.deploy.index import CaseIndex
 
     index_dir = Path(index_dir)
@@ -221,9 +226,16 @@ def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLi
     index = CaseIndex.load(index_dir, expected_model_id=export_model_id(mdir))
     if precision is None:  # queries are embedded like the cases were
         precision = str(index.info.get("precision", "fp32"))
+    query_paths = [str(i) for i in images]
     with open_engine(mdir, backend, precision) as engine:
-        emb = engine.embed([str(i) for i in images])["embedding"]
-    hits = search_embeddings(index, emb, k, query_ids=query_ids, exclude_self=exclude_self)
+        emb = engine.embed(query_paths)["embedding"]
+        margin, note = _recheck_margin(engine, index, recheck)
+        fp32_backend = engine.backend if engine.backend in ("openvino", "ort-cpu") else "auto"
+    if margin is None:
+        hits = SearchHits(search_embeddings(index, emb, k, query_ids=query_ids, exclude_self=exclude_self))
+        hits.recheck_note = note
+    else:
+        hits = _search_rechecked(index, emb, query_paths, k, margin, mdir, fp32_backend, query_ids, exclude_self)
     if html is not None:
         from medsim.viz.search_report import Case, search_html, search_png
 
@@ -236,6 +248,58 @@ def search_images(index_dir: str | os.PathLike, images: Sequence[str | os.PathLi
               [[Case(paths.get(str(h.record.get("id"))) or h.record.get("uri"), None if h.record.get("label") is None else
                      str(h.record["label"]), h.score, name=str(h.record.get("id", h.id))) for h in row]
                for row in hits], html)
+    return hits
+
+
+class SearchHits(list):
+    """What :func:`search_images` returns: one list of hits per query (best first), and which queries the fp32
+    recheck embedded again (``rechecked``: query positions; ``margin``: the score gap below which it did) or, when
+    it did not apply, why (``recheck_note``; ``None`` when it was not asked for or not needed)."""
+
+    rechecked: list[int]
+    margin: float | None = None
+    recheck_note: str | None = None
+
+    def __init__(self, rows: Iterable[list[Any]] = ()):
+        super().__init__(rows)
+        self.rechecked = []
+
+
+def _recheck_margin(engine: Any, index: Any, wanted: bool) -> tuple[float | None, str | None]:
+    """The fp32-recheck margin a search with ``engine`` against ``index`` uses, or ``(None, why not)``."""
+    if not wanted or engine.precision == "fp32":
+        return None, None
+    built = str(index.info.get("precision", "fp32"))
+    if built != "fp32":
+        return None, (f"no fp32 recheck: the index holds {built} embeddings (build it at fp32 for a top-k equal "
+                      "to fp32's)")
+    if index.metric != "ip":
+        return None, "no fp32 recheck: it is calibrated for cosine indexes (metric ip), this one is l2"
+    margin = engine.recheck_margin
+    if margin is None:
+        return None, (f"no fp32 recheck: the export records no {engine.precision} recheck margin for the "
+                      f"{engine.backend} backend (re-export with this medsim)")
+    return margin, None
+
+
+def _search_rechecked(index: Any, emb: np.ndarray, paths: list[str], k: int, margin: float, model_dir: Path,
+                      backend: str, query_ids: Sequence[str | None] | None, exclude_self: bool) -> SearchHits:
+    """Search with one more hit than asked, re-embed in fp32 (``backend``) the queries whose k-th and (k+1)-th
+    hits are within ``margin`` (:func:`medsim.runtime.ties.near_ties`) and search those again."""
+    from medsim.runtime.ties import near_ties
+
+    rows = search_embeddings(index, emb, k + 1, query_ids=query_ids, exclude_self=exclude_self)
+    ties = np.flatnonzero(near_ties([[h.score for h in row] for row in rows], k, margin))
+    if len(ties):
+        with open_engine(model_dir, backend, "fp32") as fp32:
+            e32 = fp32.embed([paths[i] for i in ties])["embedding"]
+        again = search_embeddings(index, e32, k, exclude_self=exclude_self,
+                                  query_ids=None if query_ids is None else [query_ids[i] for i in ties])
+        for i, row in zip(ties.tolist(), again):
+            rows[i] = row
+        logger.info("fp32 recheck: %d of %d queries had hits within %.2g of a tie", len(ties), len(rows), margin)
+    hits = SearchHits(row[:k] for row in rows)
+    hits.rechecked, hits.margin = ties.tolist(), margin
     return hits
 
 

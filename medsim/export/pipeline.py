@@ -145,7 +145,7 @@ def export_run(source: str | os.PathLike, out_dir: str | os.PathLike, *, onnx: b
         files["int8"] = str(path)
         r = (f"R@1 fp32 {cmp['R@1_fp32']:.4f} → int8 {cmp['R@1_int8']:.4f} (Δ {cmp['R@1_delta']:+.4f})"
              if cmp["R@1_fp32"] is not None else "R@1 n/a (fewer than 2 validation images)")
-        lines.append(f"int8      {path}  ({mode}; {r} on {cmp['images']} {val_split} image(s))")
+        lines.append(f"int8      {path}  ({mode}; {r} on {cmp['images']} {val_split} image(s){_recheck_text(cmp)})")
 
     # 2b. OpenVINO (fp32 parity, bf16, NNCF INT8) and the CPU timing `--backend auto` reads
     if ov_int8 or ((onnx or int8_onnx) and _openvino_installed()):
@@ -286,7 +286,7 @@ def _cpu_engines(out: Path, manifest: dict[str, Any], run: Any, lines: list[str]
     lines.append("openvino  " + "; ".join(
         f"{p} " + ("failed" if not s.get("passed") else
                    f"parity {max(s['max_abs_diff'].values()):.2g}" if p == "fp32" else
-                   f"cosine {s['embedding_mean_cosine']:.5f}, R@1 Δ {s['R@1_delta']:+.4f}"
+                   f"cosine {s['embedding_mean_cosine']:.5f}, R@1 Δ {s['R@1_delta']:+.4f}{_recheck_text(s)}"
                    if s.get("R@1_delta") is not None else f"cosine {s['embedding_mean_cosine']:.5f}")
         + (f" ({s['unavailable']})" if s.get("unavailable") else "") for p, s in ok.items())
         + (f"  → {int8_xml}" if int8_xml is not None else ""))
@@ -294,6 +294,17 @@ def _cpu_engines(out: Path, manifest: dict[str, Any], run: Any, lines: list[str]
     lines.append(f"cpu time  batch {timing['batch']}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in
                                                                      sorted(rates.items(), key=lambda kv: -kv[1])))
     return manifest
+
+
+def _recheck_text(check: dict[str, Any]) -> str:
+    """``, fp32 recheck margin …`` for a summary line: what `medsim search` at this precision re-embeds in fp32."""
+    rec = check.get("recheck")
+    if not rec:
+        return ""
+    if rec["method"] == "all":
+        return f", fp32 recheck of every query ({rec['images']} validation images are too few to calibrate)"
+    share = (rec["by_k"].get("5") or next(iter(rec["by_k"].values())))["recheck_share"]
+    return f", fp32 recheck margin {rec['margin']:.2g} ({rec['method']}: {share:.0%} of top-5 queries)"
 
 
 def _calibration_images(run: Any, calib: str | os.PathLike | None, split: str, limit: int

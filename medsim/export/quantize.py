@@ -160,9 +160,12 @@ def retrieval_change(reference: np.ndarray, embeddings: np.ndarray, labels: np.n
     ``embeddings`` (another engine or precision, ``name``) of the same images, and how far the embeddings moved.
 
     Returns ``{"images", "R@1_fp32", "R@1_<name>", "R@1_delta" (<name> - fp32), "embedding_max_abs_diff",
-    "embedding_mean_cosine"}``; the R@1 values are ``None`` with fewer than 2 images.
+    "embedding_mean_cosine", "recheck"}``; the R@1 values are ``None`` with fewer than 2 images. ``recheck``: the
+    fp32-recheck margin of a search with these embeddings against an fp32 index
+    (:func:`medsim.runtime.ties.calibrate_recheck`; ``None`` with too few images).
     """
     from medsim.metrics.retrieval import recall_at_k
+    from medsim.runtime.ties import calibrate_recheck
 
     e32, eq = np.asarray(reference, dtype=np.float32), np.asarray(embeddings, dtype=np.float32)
     res: dict[str, Any] = {"images": int(len(e32))}
@@ -176,4 +179,6 @@ def retrieval_change(reference: np.ndarray, embeddings: np.ndarray, labels: np.n
     nq = eq / np.maximum(np.linalg.norm(eq, axis=1, keepdims=True), 1e-12)
     res["embedding_max_abs_diff"] = float(np.abs(e32 - eq).max()) if e32.size else 0.0
     res["embedding_mean_cosine"] = float((n32 * nq).sum(1).mean()) if e32.size else 1.0
+    # searching an fp32 index with these embeddings: the margin below which a query is re-embedded in fp32
+    res["recheck"] = calibrate_recheck(e32, eq) if e32.size else None
     return res

@@ -41,8 +41,37 @@ def test_cpu_engines_smoke_json_fields(tiny_run, tmp_path):
     assert {k: ref[k] for k in ("same_set", "same_order", "within_ties", "same_top1", "score_error_p90")} == \
         {"same_set": 1.0, "same_order": 1.0, "within_ties": 1.0, "same_top1": 1.0, "score_error_p90": 0.0}
     assert "top5_vs_openvino_fp32" in doc["quality"]["openvino_int8"]
+    # the tiny run's 7 validation images are too few to calibrate: its export rechecks every query
+    assert {"ort_int8", "openvino_int8"} <= set(doc["recheck"])
+    for r in doc["recheck"].values():
+        assert r["method"] == "all" and {"1", "5"} <= set(r["by_k"]) <= {"1", "5", "10"}  # k <= images - 2
+        assert all(v["same_set_rechecked"] == v["recheck_share"] == 1.0 for v in r["by_k"].values())
+    pipe = doc["search_pipelines"]
+    if "openvino_bf16" in engines:
+        assert pipe["rechecked"] == pipe["queries"] == doc["validation"]["images"] and pipe["ratio_vs_pytorch_fp32"]["pytorch_fp32"] == 1.0
     md = out.with_suffix(".md").read_text()
     assert "Command: `python " in md and "OpenVINO INT8 (NNCF)" in md and "Top-5 agreement" in md
+    assert "fp32 recheck" in md and ("Whole search" in md) == ("openvino_bf16" in engines)
+
+
+def test_search_pipeline_rechecks_the_near_ties():
+    """The timed search re-embeds exactly the queries whose k-th and (k+1)-th hits are within the margin."""
+    from medsim.runtime.ties import near_ties, topk_neighbours
+
+    rng = np.random.default_rng(1)
+    gallery = rng.normal(size=(60, 8)).astype(np.float32)
+    x = rng.normal(size=(45, 8)).astype(np.float32)  # "images" are embeddings here: the embed functions pass them
+    seen = []
+
+    def fp32(xb):
+        seen.append(len(xb))
+        return xb
+
+    _, sc = topk_neighbours(x, gallery, 6)
+    margin = float(np.median(sc[:, 4] - sc[:, 5]))
+    n = B.search_pipeline(lambda xb: xb, gallery, x, k=5, batch=16, margin=margin, embed32=fp32)
+    assert n == int(near_ties(sc, 5, margin).sum()) == sum(seen) > 0
+    assert B.search_pipeline(lambda xb: xb, gallery, x, k=5, batch=16) == 0
 
 
 def test_topk_agreement_counts_sets_order_and_near_ties():

@@ -101,43 +101,129 @@ def _topk(stdout: str) -> list[list[str]]:
     return rows
 
 
-@needs_bf16
-def test_search_bf16_same_topk_as_fp32(model_dir, tiny_run, tmp_path, capsys):
-    """The issue's CI check: `medsim search --backend openvino --precision bf16` finds the same top-5 as fp32 for
-    >= 99 % of the queries of the test split.
+@pytest.fixture(scope="module")
+def ov_export(tiny_run, tmp_path_factory) -> Path:
+    """`medsim export` of the tiny run with OpenVINO installed: its manifest holds the OpenVINO checks, the bf16
+    recheck margin calibrated on the validation split, and the CPU timing."""
+    from medsim.export import export_run
 
-    The tiny 1-epoch model's embeddings are nearly collapsed (neighbours' cosines differ by ~1e-4, below bf16's
-    rounding of ~1e-3), so a hit order that fp32 itself decides by less than bf16 can resolve counts as the same:
-    a query agrees when each of bf16's top-5, scored in fp32, is within ``tol`` (twice the largest bf16 score error
-    over all query-case pairs) of fp32's score at that rank. On a trained model (HAM10000) this is exact order."""
+    out = tmp_path_factory.mktemp("ov_export") / "export"
+    export_run(tiny_run, out)
+    return out
+
+
+def _search_three_ways(idx: Path, split: Path, capsys) -> tuple[dict, dict, dict]:
+    """`medsim search` of the test split at fp32, bf16 and bf16 --no-recheck: printed top-5 ids, stdout, and the
+    same searches through the Python API (hits with their recheck record)."""
     from medsim.deploy.tasks import read_cases, search_images
 
+    printed, outs = {}, {}
+    for name, prec, extra in (("fp32", "fp32", []), ("bf16", "bf16", []), ("alone", "bf16", ["--no-recheck"])):
+        code, out, err = run(["search", "--index", str(idx), "--data", str(split), "--split", "test", "--k", "5",
+                              "--backend", "openvino", "--precision", prec, "--threads", "1", *extra], capsys)
+        assert code == 0, err
+        printed[name], outs[name] = _topk(out), out
+    queries = [c["uri"] for c in read_cases(split, split="test")]
+    hits = {name: search_images(idx, queries, k=5, backend="openvino", precision=prec, recheck=name != "alone")
+            for name, prec in (("fp32", "fp32"), ("bf16", "bf16"), ("alone", "bf16"))}
+    for name in hits:
+        assert [[str(h.record.get("id", h.id)) for h in row] for row in hits[name]] == printed[name]
+    return printed, outs, hits
+
+
+def _check_recheck(hits: dict, outs: dict, margin: float) -> float:
+    """The recheck as the result and the printout report it; the share of queries with fp32's top-5 set."""
+    n = len(hits["fp32"])
+    assert hits["bf16"].margin == pytest.approx(margin) and hits["alone"].margin is None
+    shown = re.search(r"fp32 recheck: (\d+) of (\d+) queries", outs["bf16"])
+    assert shown and int(shown.group(1)) == len(hits["bf16"].rechecked) and int(shown.group(2)) == n
+    assert "fp32 recheck" not in outs["alone"] and "fp32 recheck" not in outs["fp32"]
+    ids = {name: [[h.id for h in row] for row in rows] for name, rows in hits.items()}
+    for i in range(n):  # rechecked: searched with the fp32 embedding, fp32's hits in order; others: bf16 alone
+        assert ids["bf16"][i] == ids["fp32" if i in hits["bf16"].rechecked else "alone"][i], i
+    return float(np.mean([set(a) == set(b) for a, b in zip(ids["fp32"], ids["bf16"])]))
+
+
+@needs_bf16
+def test_search_bf16_same_topk_as_fp32(ov_export, tiny_run, tmp_path, capsys):
+    """The issue's CI check: `medsim search --backend openvino --precision bf16` against an index built at fp32
+    finds the same top-5 *set* as fp32 for >= 99 % of the test split's queries.
+
+    bf16 moves cosine scores by ~1e-3 and the tiny 1-epoch model's neighbours are closer than that, so bf16 alone
+    changes top-5 sets; the fp32 recheck embeds again in fp32 the queries whose 5th and 6th hits are within the
+    export's margin. The tiny run's validation split (7 images) is too small to calibrate a margin, so its export
+    rechecks every query (method "all"); a partial recheck (a margin at the median gap) is checked next, and the
+    calibrated margin's share on a real model is measured by benchmarks/cpu_engines.py."""
+    from medsim.deploy.tasks import read_cases, search_images
+
+    m = json.loads((ov_export / "manifest.json").read_text())
+    rec = m["openvino"]["bf16"]["recheck"]
+    assert rec["images"] < 100 and rec["method"] == "all" and set(rec["by_k"]) <= {"1", "5", "10"}
     split = tiny_run / "split.json"
     idx = tmp_path / "ix"
-    code, _, err = run(["index", "build", "--model", str(model_dir), "--data", str(split), "--out", str(idx),
+    code, _, err = run(["index", "build", "--model", str(ov_export), "--data", str(split), "--out", str(idx),
                         "--threads", "1"], capsys)
     assert code == 0, err
-    printed = {}
-    for prec in ("fp32", "bf16"):  # the command itself
-        code, out, err = run(["search", "--index", str(idx), "--data", str(split), "--split", "test", "--k", "5",
-                              "--backend", "openvino", "--precision", prec, "--threads", "1"], capsys)
-        assert code == 0, err
-        printed[prec] = _topk(out)
+    _, outs, hits = _search_three_ways(idx, split, capsys)
+    same = _check_recheck(hits, outs, rec["margin"])
+    assert len(hits["bf16"].rechecked) == len(hits["fp32"]) > 0
+    assert same >= 0.99, f"bf16 with the fp32 recheck has fp32's top-5 set for {same:.1%} of the queries"
+
+    # a margin between the gaps: only the queries closer to a tie are rechecked, the others keep bf16's hits
     queries = [c["uri"] for c in read_cases(split, split="test")]
-    assert len(printed["fp32"]) == len(printed["bf16"]) == len(queries) > 0
-    n = 34  # every indexed case: scores of all pairs
-    full = {p: search_images(idx, queries, k=n, backend="openvino", precision=p) for p in ("fp32", "bf16")}
-    s32 = [{h.id: h.score for h in row} for row in full["fp32"]]
-    s16 = [{h.id: h.score for h in row} for row in full["bf16"]]
-    tol = 2 * max(abs(a[i] - b[i]) for a, b in zip(s32, s16) for i in a)
-    agree, exact = [], []
-    for row32, row16, sc in zip(full["fp32"], full["bf16"], s32):
-        top32, top16 = [h.id for h in row32[:5]], [h.id for h in row16[:5]]
-        exact.append(top32 == top16)
-        agree.append(all(sc[i16] >= sc[i32] - tol for i16, i32 in zip(top16, top32)))
-    assert [[str(h.record.get("id", h.id)) for h in row[:5]] for row in full["bf16"]] == printed["bf16"]
-    assert np.mean(agree) >= 0.99, (f"bf16 top-5 agrees with fp32 for {np.mean(agree):.1%} of the queries "
-                                    f"(exact order {np.mean(exact):.1%}, tol {tol:.2g})")
+    gaps = [row[4].score - row[5].score
+            for row in search_images(idx, queries, k=6, backend="openvino", precision="bf16", recheck=False)]
+    margin = float(np.median(gaps))
+    m["openvino"]["bf16"]["recheck"] = {**rec, "margin": margin}
+    (ov_export / "manifest.json").write_text(json.dumps(m))
+    try:
+        _, outs, hits = _search_three_ways(idx, split, capsys)
+        _check_recheck(hits, outs, margin)
+        assert 0 < len(hits["bf16"].rechecked) < len(hits["fp32"])
+    finally:
+        m["openvino"]["bf16"]["recheck"] = rec
+        (ov_export / "manifest.json").write_text(json.dumps(m))
+
+
+@needs_bf16
+def test_recheck_notes_when_it_cannot_apply(ov_export, tiny_run, tmp_path):
+    """An index built at bf16 holds bf16 embeddings: a recheck cannot give fp32's top-k, and the result says so;
+    an export without a calibrated margin (made before the recheck) says how to get one."""
+    from medsim.deploy.tasks import build_index, read_cases, search_images
+
+    split = tiny_run / "split.json"
+    queries = [c["uri"] for c in read_cases(split, split="test")][:4]
+    build_index(ov_export, split, tmp_path / "ix16", backend="openvino", precision="bf16", progress=False)
+    hits = search_images(tmp_path / "ix16", queries, k=3, backend="openvino", precision="bf16")
+    assert hits.margin is None and "holds bf16 embeddings" in hits.recheck_note
+    old = tmp_path / "old_export"
+    shutil.copytree(ov_export, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["openvino"]["bf16"]["recheck"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    build_index(old, split, tmp_path / "ix32", progress=False)
+    hits = search_images(tmp_path / "ix32", queries, k=3, backend="openvino", precision="bf16")
+    assert hits.margin is None and "records no bf16 recheck margin" in hits.recheck_note
+
+
+@needs_bf16
+def test_recheck_margin_from_someone_else_is_checked(ov_export, tmp_path):
+    """The margin is read from an export (data from someone else): anything but a finite number >= 0 is refused,
+    naming the manifest field."""
+    from medsim.deploy import open_engine
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ov_export, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    for value in ("0.001", -1.0, float("inf"), True, [1e-3]):
+        m["openvino"]["bf16"]["recheck"] = {"margin": value}
+        (bad / "manifest.json").write_text(json.dumps(m))
+        with open_engine(bad, "openvino", "bf16") as eng, pytest.raises(DeployError, match=r"bf16\.recheck\.margin"):
+            eng.recheck_margin  # noqa: B018 - the property reads and checks the field
+    m["openvino"]["bf16"]["recheck"] = {"margin": 0.002}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with open_engine(bad, "openvino", "bf16") as eng, open_engine(bad, "openvino", "fp32") as e32:
+        assert eng.recheck_margin == 0.002 and e32.recheck_margin is None
 
 
 def test_auto_picks_from_the_export_timing(model_dir):
