@@ -299,6 +299,10 @@ def case_items(data: str | os.PathLike, *, split: str = "training") -> list[dict
         DataError: an unknown split, an empty folder, a path that is neither, or a malformed split JSON.
     """
     p = Path(data)
+    if p.is_file() and p.name.endswith(LOCAL_SUFFIX):
+        split_json = p.with_name(p.name[: -len(LOCAL_SUFFIX)] + ".json")
+        raise DataError(p, f"this is a split's local paths file; give the split itself ({split_json}), which "
+                           "reads it")
     if p.is_file() and p.suffix == ".json":
         doc = load_split(p)
         if split not in SPLIT_KEYS or split not in doc:

@@ -297,7 +297,7 @@ def _search_rechecked(index: Any, emb: np.ndarray, paths: list[str], k: int, mar
                                   query_ids=None if query_ids is None else [query_ids[i] for i in ties])
         for i, row in zip(ties.tolist(), again):
             rows[i] = row
-        logger.info("fp32 recheck: %d of %d queries had hits within %.2g of a tie", len(ties), len(rows), margin)
+        logger.debug("fp32 recheck: %d of %d queries had hits within %.2g of a tie", len(ties), len(rows), margin)
     hits = SearchHits(row[:k] for row in rows)
     hits.rechecked, hits.margin = ties.tolist(), margin
     return hits

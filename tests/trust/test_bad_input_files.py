@@ -360,3 +360,18 @@ def test_sniff_format_reads_content_not_names(tmp_path):
     assert sniff_format(nii) == "nifti"
     with pytest.raises(DataError, match="file not found"):
         sniff_format(tmp_path / "missing.png")
+
+
+def test_index_build_refuses_a_split_local_paths_file(tmp_path, capsys):
+    """`split.local.json` holds the paths `split.json` reads; given it directly, the command names the file to
+    give instead (exit 2), rather than failing later on an image path resolved against the wrong folder."""
+    from medsim.cli import main
+
+    local = tmp_path / "split.local.json"
+    local.write_text('{"dataset_dir": "/nowhere", "source": "/nowhere", "test": [{"image": "a.jpg"}]}')
+    with pytest.raises(SystemExit) as e:
+        main(["index", "build", "--model", str(tmp_path), "--data", str(local), "--split", "test",
+              "--out", str(tmp_path / "ix")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "local paths file" in err and str(tmp_path / "split.json") in err
+    assert not (tmp_path / "ix").exists()
