@@ -87,7 +87,9 @@ def pair_flip_errors(reference: np.ndarray, reduced: np.ndarray, pairs: int = ma
     change where this exceeds the gap. (N * pairs,) float64."""
     ref, red = _unit(reference), _unit(reduced)
     ids, s32 = topk_neighbours(ref, ref, pairs + 1, exclude_diagonal=True)
-    sq = np.einsum("nd,nkd->nk", red, ref[ids])  # the reduced query against the same fp32 neighbours
+    sq = np.empty_like(s32)
+    for s in range(0, len(ids), 4096):  # the reduced query against the same fp32 neighbours, (c, pairs+1, D) at a time
+        sq[s:s + 4096] = np.einsum("nd,nkd->nk", red[s:s + 4096], ref[ids[s:s + 4096]])
     return np.abs(np.diff(sq.astype(np.float64), axis=1) - np.diff(s32.astype(np.float64), axis=1)).ravel()
 
 
