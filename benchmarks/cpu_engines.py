@@ -3,7 +3,8 @@ static INT8, OpenVINO fp32 / bf16 / NNCF INT8 — throughput at batch 1 and 32 a
 R@1 and class-balanced R@1.
 
 The model: an existing run (``--run``), or ``--image-size 128|224``: a full-width MONAI ResNet18 or ResNet50
-(``--backbone``; the isic_dsl bundle, ``widen_factor`` 1) trained for ``--epochs`` on ``--dataset-dir`` (HAM10000) into ``--work``.
+(``--backbone``; the isic_dsl bundle, ``widen_factor`` 1) trained for ``--epochs`` on ``--dataset-dir`` (HAM10000)
+into ``--work``.
 
 Steps:
 
@@ -357,12 +358,13 @@ def render_md(doc: dict[str, Any]) -> str:
     rec = doc.get("recheck") or {}
     if rec:
         ks = list(next(iter(rec.values()))["by_k"])
-        out += ["", "fp32 recheck (`medsim search --precision bf16|int8` against an index built at fp32): queries whose "
+        out += ["", "fp32 recheck (`medsim search --precision bf16|int8` against an index built at fp32): queries "
+                "whose "
                 "k-th and (k+1)-th hits are closer than the export's margin (calibrated on the validation split) "
                 "are embedded again in fp32. Per k: the share of this split's queries with fp32's top-k set "
                 "without → with the recheck, and the share rechecked.", "",
-                "| engine | margin (method, calibration images) | " + " | ".join(f"k={k}: same set → rechecked (share)"
-                                                                         for k in ks) + " |",
+                "| engine | margin (method, calibration images) | "
+                + " | ".join(f"k={k}: same set → rechecked (share)" for k in ks) + " |",
                 "|---|---|" + "---|" * len(ks)]
         for e, r in rec.items():
             cells = [f"{v['same_set']:.1%} → {v['same_set_rechecked']:.1%} ({v['recheck_share']:.1%})"

@@ -29,7 +29,8 @@ from ham_recipe import command_line, write_results  # noqa: E402  benchmarks/ham
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="an export folder (medsim export) with OpenVINO checks")
-    ap.add_argument("--data", required=True, help="a split JSON (or dataset) whose --split cases are indexed and queried")
+    ap.add_argument("--data", required=True,
+                    help="a split JSON (or dataset) whose --split cases are indexed and queried")
     ap.add_argument("--split", default="test")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--backend", default="openvino")

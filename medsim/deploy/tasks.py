@@ -22,8 +22,8 @@ from medsim.errors import atomic_write_text
 from medsim.runtime.errors import DeployError
 from medsim.runtime.manifest import manifest_embedding_dim
 
-__all__ = ["read_cases", "build_index", "search_images", "SearchHits", "search_embeddings", "localize_images", "recall_from_hits", "case_names",
-           "local_case_paths", "LOCAL_CASES"]
+__all__ = ["read_cases", "build_index", "search_images", "SearchHits", "search_embeddings", "localize_images",
+           "recall_from_hits", "case_names", "local_case_paths", "LOCAL_CASES"]
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ The margin is calibrated when the export is made (:func:`calibrate_recheck`), on
 reduced precision against the split's fp32 embeddings (leave-one-out, as a search of an index built from the same
 cases), the smallest margin that makes the top-k *set* equal fp32's for ``target`` of the queries, the largest such
 margin over k = 1, 5, 10; on a split too small to show that miss rate, a conservative bound from how far the
-precision moves neighbours' score differences, and below 100 images every query. The manifest records it with the share of queries it sends to fp32
-(that share costs time: an fp32 forward pass each).
+precision moves neighbours' score differences, and below 100 images every query. The manifest records it with the
+share of queries it sends to fp32 (that share costs time: an fp32 forward pass each).
 
 This is the idea of faiss's refinement step (``IndexRefine``: re-rank approximate candidates with exact
 distances), applied to the query embedding's precision instead of the index's compression.
@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["RECHECK_KS", "RECHECK_TARGET", "MARGIN_SLACK", "RECHECK_ALL", "MIN_PAIR_BOUND_IMAGES", "topk_neighbours", "boundary_gaps", "pair_flip_errors",
-           "calibrate_recheck", "recheck_outcome", "min_images", "near_ties"]
+__all__ = ["RECHECK_KS", "RECHECK_TARGET", "MARGIN_SLACK", "RECHECK_ALL", "MIN_PAIR_BOUND_IMAGES", "topk_neighbours",
+           "boundary_gaps", "pair_flip_errors", "calibrate_recheck", "recheck_outcome", "min_images", "near_ties"]
 
 #: the k at which the margin is calibrated; a search uses the largest margin of them (k beyond 10 included)
 RECHECK_KS = (1, 5, 10)
@@ -158,7 +158,8 @@ def recheck_outcome(reference: np.ndarray, reduced: np.ndarray, margin: float, *
     recheck (``same_set``) and with it (``same_set_rechecked``), and the share rechecked (``recheck_share``)."""
     ref, red = _unit(reference), _unit(reduced)
     ks = sorted({int(k) for k in ks if 1 <= int(k) <= len(ref) - 2})
-    return {str(k): _outcome(same, gaps, margin) for k, (same, gaps) in (_same_sets(ref, red, ks) if ks else {}).items()}
+    sets = _same_sets(ref, red, ks) if ks else {}
+    return {str(k): _outcome(same, gaps, margin) for k, (same, gaps) in sets.items()}
 
 
 def _outcome(same: np.ndarray, gaps: np.ndarray, margin: float) -> dict[str, float]:
