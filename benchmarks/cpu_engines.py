@@ -72,10 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def topk_ids(emb: np.ndarray, k: int) -> np.ndarray:
     """(N, k) the k nearest other items of each item by cosine (self excluded), best first."""
-    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    sim = e @ e.T
-    np.fill_diagonal(sim, -np.inf)
-    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    from medsim.runtime.ties import topk_neighbours
+
+    return topk_neighbours(emb, emb, k, exclude_diagonal=True)[0]
 
 
 def topk_agreement(emb: np.ndarray, ref: np.ndarray, k: int) -> dict[str, float]:

@@ -46,29 +46,24 @@ def _unit(e: np.ndarray) -> np.ndarray:
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
-def topk_neighbours(queries: np.ndarray, gallery: np.ndarray, k: int, *, exclude_diagonal: bool = False,
-                    chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def topk_neighbours(queries: np.ndarray, gallery: np.ndarray, k: int, *, exclude_diagonal: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best gallery items of each query by cosine, best first: ``(ids (Q, k) int64, scores (Q, k)
-    float32)``. ``exclude_diagonal``: query i is gallery item i and is left out (leave-one-out). Queries are scored
-    ``chunk`` at a time, so memory is ``chunk x G``, not ``Q x G``. Ties in score are broken by the lower id."""
+    float32)``, from faiss' exact inner-product k-NN (``faiss.knn``, what a flat :class:`CaseIndex` searches) on
+    L2-normalised rows. ``exclude_diagonal``: query i is gallery item i and is left out (leave-one-out)."""
+    import faiss
+
     q, g = _unit(queries), _unit(gallery)
     k = min(int(k), len(g) - int(exclude_diagonal))
     if k < 1:
         raise ValueError(f"topk_neighbours needs at least one gallery item besides the query, got {len(g)}")
-    ids = np.empty((len(q), k), np.int64)
-    scores = np.empty((len(q), k), np.float32)
-    for s in range(0, len(q), chunk):
-        sc = q[s:s + chunk] @ g.T  # (c, G)
-        if exclude_diagonal:
-            r = np.arange(len(sc))
-            sc[r, s + r] = -np.inf
-        part = np.argpartition(-sc, k - 1, axis=1)[:, :k] if k < sc.shape[1] else np.tile(np.arange(sc.shape[1]),
-                                                                                           (len(sc), 1))
-        ps = np.take_along_axis(sc, part, 1)
-        order = np.lexsort((part, -ps), axis=1)  # score descending, then id ascending
-        ids[s:s + chunk] = np.take_along_axis(part, order, 1)
-        scores[s:s + chunk] = np.take_along_axis(ps, order, 1)
-    return ids, scores
+    scores, ids = faiss.knn(q, g, k + int(exclude_diagonal), metric=faiss.METRIC_INNER_PRODUCT)
+    if exclude_diagonal:  # drop the query's own row; where it fell outside (exact duplicates), drop the last
+        drop = ids == np.arange(len(q))[:, None]
+        drop[~drop.any(1), -1] = True
+        keep = ~drop
+        ids, scores = ids[keep].reshape(len(q), k), scores[keep].reshape(len(q), k)
+    return ids.astype(np.int64), scores.astype(np.float32)
 
 
 def boundary_gaps(scores: np.ndarray, k: int) -> np.ndarray:

@@ -33,7 +33,7 @@ def _brute_sets(q, g, k):
 def test_topk_neighbours_equal_brute_force(exclude):
     rng = np.random.default_rng(1)
     q, g = rng.normal(size=(50, 8)), rng.normal(size=(50, 8))
-    ids, sc = topk_neighbours(q, g, 7, exclude_diagonal=exclude, chunk=16)  # several chunks
+    ids, sc = topk_neighbours(q, g, 7, exclude_diagonal=exclude)
     s = _unit(q) @ _unit(g).T
     if exclude:
         np.fill_diagonal(s, -np.inf)
@@ -47,6 +47,9 @@ def test_topk_neighbours_whole_gallery_and_too_small():
     g = np.eye(3, dtype=np.float32)
     ids, _ = topk_neighbours(g, g, 10, exclude_diagonal=True)  # asks more than there are: every other item
     assert ids.shape == (3, 2)
+    same = np.ones((5, 4), np.float32)  # exact duplicates: every score ties, the query itself is still left out
+    ids, _ = topk_neighbours(same, same, 2, exclude_diagonal=True)
+    assert ids.shape == (5, 2) and not (ids == np.arange(5)[:, None]).any()
     with pytest.raises(ValueError, match="at least one gallery item"):
         topk_neighbours(g[:1], g[:1], 1, exclude_diagonal=True)
 
