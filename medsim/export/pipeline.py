@@ -303,8 +303,9 @@ def _recheck_text(check: dict[str, Any]) -> str:
         return ""
     if rec["method"] == "all":
         return f", fp32 recheck of every query ({rec['images']} validation images are too few to calibrate)"
-    share = (rec["by_k"].get("5") or next(iter(rec["by_k"].values())))["recheck_share"]
-    return f", fp32 recheck margin {rec['margin']:.2g} ({rec['method']}: {share:.0%} of top-5 queries)"
+    k = "5" if "5" in rec["by_k"] else next(iter(rec["by_k"]))
+    share = rec["by_k"][k]["recheck_share"]
+    return f", fp32 recheck margin {rec['margin']:.2g} ({rec['method']}: {share:.0%} of top-{k} queries)"
 
 
 def _calibration_images(run: Any, calib: str | os.PathLike | None, split: str, limit: int
