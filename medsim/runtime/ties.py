@@ -17,7 +17,7 @@ share of queries it sends to fp32 (that share costs time: an fp32 forward pass e
 This is the idea of faiss's refinement step (``IndexRefine``: re-rank approximate candidates with exact
 distances), applied to the query embedding's precision instead of the index's compression.
 
-Pure numpy: :mod:`medsim.deploy` uses it without torch.
+numpy and faiss (imported when searching), no torch: :mod:`medsim.deploy` uses it without torch.
 """
 
 from __future__ import annotations
